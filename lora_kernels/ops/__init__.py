@@ -1,0 +1,1 @@
+"""Functional ops: validation, torch.library registration, autograd, backend dispatch."""

@@ -1,0 +1,63 @@
+"""Input validation shared by the ops: every message names the tensor, what it is, and what was expected."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t, ndim: int | None = None, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} ({describe(t)}) must be floating point, one of {FLOAT_DTYPES}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} ({describe(t)}) must be {ndim}-D")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{name} ({describe(t)}) must have shape {expected}: {meaning}")
+
+
+def check_same_dtype_and_device(reference_name: str, tensors: dict[str, torch.Tensor | None]) -> None:
+    reference = tensors[reference_name]
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device != reference.device:
+            raise ValueError(f"{name} ({describe(t)}) is on {t.device} but {reference_name} is on "
+                             f"{reference.device}: all tensors must be on one device")
+        if t.dtype != reference.dtype:
+            raise TypeError(f"{name} ({describe(t)}) has dtype {t.dtype} but {reference_name} has "
+                            f"{reference.dtype}: all tensors must share one dtype")
+
+
+def check_dropout_p(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_scale(scale) -> float:
+    """A python number or a 0-d tensor (read once on the host: a device sync for a CUDA tensor)."""
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0:
+            raise ValueError(f"scale ({describe(scale)}) must be a python float or a 0-d tensor")
+        if scale.requires_grad:
+            raise ValueError("scale must not require grad: LoRA scaling is a constant, not a parameter")
+        return float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a python float or a 0-d tensor, got {type(scale).__name__}")
+    return float(scale)

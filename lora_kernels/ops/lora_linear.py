@@ -1,0 +1,186 @@
+"""lora_linear: y = x W0ᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ.
+
+Layers: public function (validate, flatten, draw the dropout seed) -> torch.library custom ops
+``lora_kernels::lora_linear`` / ``lora_kernels::lora_linear_backward`` (fake impls for
+torch.compile, autograd registered between them) -> backend (Triton launcher or torch fallback).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import fallback
+from .._backend import resolve_backend
+from ._checks import (
+    check_dropout_p,
+    check_same_dtype_and_device,
+    check_scale,
+    check_shape,
+    check_tensor,
+)
+
+SEED_BOUND = 2**31 - 1
+
+
+def _backend_module(t: Tensor):
+    """The module holding lora_linear_forward / lora_linear_backward for this tensor."""
+    if resolve_backend(t.device, t.dtype) == "triton":
+        from ..triton import lora_linear as triton_lora_linear   # imports triton: only here
+
+        return triton_lora_linear
+    return fallback
+
+
+@torch.library.custom_op("lora_kernels::lora_linear", mutates_args=())
+def lora_linear_op(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+    scale: float, dropout_p: float, seed: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """x (M, K) last stride 1 -> (y (M, N), lora_hidden = scale · dropout(x) Aᵀ (M, r) fp32).
+    seed: 0-d int64 CPU tensor; the dropout mask is a function of it alone."""
+    m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
+    if m == 0 or n == 0:
+        return x.new_empty((m, n)), x.new_zeros((m, r), dtype=torch.float32)
+    return _backend_module(x).lora_linear_forward(
+        x, weight, bias, lora_a, lora_b, scale, dropout_p, int(seed))
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(
+    grad_y: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor], lora_hidden: Optional[Tensor], scale: float, dropout_p: float, seed: Tensor,
+    need_x: bool, need_a: bool, need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX (M, K), dA (r, K), dB (N, r)); a gradient not asked for comes back as an empty tensor."""
+    m = grad_y.shape[0]
+    grads = (None, None, None)
+    if m > 0:
+        grads = _backend_module(grad_y).lora_linear_backward(
+            grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p, int(seed),
+            need_x, need_a, need_b)
+    shapes = _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b)
+    return tuple(g if g is not None else grad_y.new_zeros(shape) for g, shape in zip(grads, shapes))
+
+
+def _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b):
+    m, n = grad_y.shape
+    shape_x = (m, weight.shape[1]) if need_x else (0,)
+    shape_a = (lora_b.shape[1], x.shape[1]) if need_a else (0,)
+    shape_b = (n, lora_hidden.shape[1]) if need_b else (0,)
+    return shape_x, shape_a, shape_b
+
+
+@lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p, seed, need_x, need_a, need_b):
+    shapes = _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b)
+    return tuple(grad_y.new_empty(shape) for shape in shapes)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    ctx.mark_non_differentiable(output[1])
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.need = (need_x, need_w, need_bias, need_a, need_b)
+    # save only what the requested gradients read
+    ctx.save_for_backward(
+        x if (need_a or need_w) else None,
+        weight if need_x else None,
+        lora_a if need_x else None,
+        lora_b if (need_x or need_a) else None,
+        output[1] if need_b else None,
+        seed,
+    )
+
+
+def _backward(ctx, grad_y, _grad_hidden):
+    x, weight, lora_a, lora_b, lora_hidden, seed = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.need
+    if grad_y.stride(-1) != 1:
+        grad_y = grad_y.contiguous()
+    grad_x = grad_a = grad_b = grad_w = grad_bias = None
+    if need_x or need_a or need_b:
+        grad_x, grad_a, grad_b = lora_linear_backward_op(
+            grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
+            need_x, need_a, need_b)
+    # the frozen layer's own gradients, for the rare caller who trains it too: plain GEMMs
+    if need_w:
+        grad_w = grad_y.T @ x                                 # (N, K)
+    if need_bias:
+        grad_bias = grad_y.sum(dim=0)                         # (N,)
+    return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
+            grad_b if need_b else None, None, None, None)
+
+
+lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+_no_seed: Tensor | None = None
+
+
+def _dropout_seed(dropout_p: float) -> Tensor:
+    """A 0-d int64 CPU tensor: drawn from torch's default CPU generator when dropout is on (so
+    torch.manual_seed and activation checkpointing's RNG restore reproduce it), else a fixed 0."""
+    global _no_seed
+    if dropout_p > 0.0:
+        return torch.randint(SEED_BOUND, (), dtype=torch.int64)
+    if _no_seed is None:
+        _no_seed = torch.zeros((), dtype=torch.int64)
+    return _no_seed
+
+
+def validate_lora_linear(x, weight, bias, lora_a, lora_b) -> None:
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("bias", bias, ndim=1, optional=True)
+    check_tensor("lora_a", lora_a, ndim=2)
+    check_tensor("lora_b", lora_b, ndim=2)
+    n, k = weight.shape
+    rank = lora_a.shape[0]
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x (shape {tuple(x.shape)}) must have last dim K={k}, the in_features of "
+                         f"weight (shape {tuple(weight.shape)})")
+    if rank < 1:
+        raise ValueError(f"lora_a (shape {tuple(lora_a.shape)}) must have rank r >= 1 rows")
+    check_shape("lora_a", lora_a, (rank, k), "(r, K) with K = weight.shape[1]")
+    check_shape("lora_b", lora_b, (n, rank), "(N, r) with N = weight.shape[0] and r = lora_a.shape[0]")
+    if bias is not None:
+        check_shape("bias", bias, (n,), "(N,) with N = weight.shape[0]")
+    check_same_dtype_and_device(
+        "x", {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b})
+
+
+def lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+    scale: float | Tensor = 1.0, *, dropout_p: float = 0.0,
+) -> Tensor:
+    """y = x W0ᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ, fused; differentiable in every input that
+    requires grad, computing only the gradients asked for.
+
+    x (..., K), weight (N, K), bias (N,) | None, lora_a (r, K), lora_b (N, r) -> y (..., N).
+    dropout_p > 0 drops entries of x on the LoRA branch only (PEFT semantics), always: the caller
+    decides training vs eval. The mask derives from a seed drawn from torch's CPU generator.
+
+    >>> import torch, lora_kernels
+    >>> x, w, a, b = torch.randn(3, 5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    >>> y = lora_kernels.lora_linear(x, w, None, a, b, 0.5)
+    >>> torch.allclose(y, x @ w.T + 0.5 * (x @ a.T) @ b.T, atol=1e-5)
+    True
+    """
+    validate_lora_linear(x, weight, bias, lora_a, lora_b)
+    scale = check_scale(scale)
+    dropout_p = check_dropout_p(dropout_p)
+    k = weight.shape[1]
+    x2d = x.reshape(-1, k)                                  # (M, K), a view when strides allow
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    y2d, _ = lora_linear_op(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, _dropout_seed(dropout_p))
+    return y2d.reshape(*x.shape[:-1], weight.shape[0])

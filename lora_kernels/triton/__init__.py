@@ -1,0 +1,1 @@
+"""Triton launchers. Importing this package imports triton: only the op layer does, lazily."""

@@ -1,0 +1,1 @@
+"""Pure ``@triton.jit`` code: no torch, no launch logic. Importing this module imports triton."""

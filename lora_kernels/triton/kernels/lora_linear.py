@@ -1,0 +1,194 @@
+"""Triton kernels of the single-adapter fused LoRA linear (forward and backward).
+
+Three kernels serve every matmul of ``y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` and of its backward:
+
+* ``lora_shrink_kernel``        partial[s] = dropout(X)[:, k in split s] · Aᵀ      (M, K) x (K, R) -> (M, R)
+* ``lora_fused_matmul_kernel``  out = X · W + b + (scale · Σ_s partial[s]) · V      (M, K) x (K, N) + (M, R) x (R, N)
+* ``lora_rows_matmul_kernel``   partial[s] = Lᵀ · dropout(Rm) over the rows m of split s   (P, M) x (M, Q)
+
+Every operand is addressed through its strides, so transposed views (W0ᵀ, Bᵀ) are read in place.
+Accumulation is fp32; the rank-R intermediate stays fp32; each output is cast once, at the store.
+Split reductions write fp32 partials that a later step sums in a fixed order: no atomics, so
+results are bit-identical from run to run.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dropout_keep(seed, offs_m, offs_k, row_length, dropout_p):
+    """Keep-mask of LoRA dropout for the tile rows offs_m (BM,) x columns offs_k (BK,) of an
+    (M, row_length) matrix: element (m, k) is kept iff philox(seed, m * row_length + k) >= dropout_p.
+    The same (seed, m, k) gives the same bit in every kernel, which is how backward regenerates
+    the forward mask without storing it. Offsets are int64: M * K may pass 2**31."""
+    offsets = offs_m.to(tl.int64)[:, None] * row_length + offs_k[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def lora_shrink_kernel(
+    x_ptr, a_ptr, out_ptr,
+    M, K, R, k_per_split,
+    stride_xm, stride_xk,      # x: (M, K)
+    stride_ar, stride_ak,      # a: (R, K)   (Bᵀ in backward: a (R, N) view of lora_b (N, R))
+    stride_os, stride_om,      # out: (SPLIT_K, M, R) fp32, last stride 1
+    seed, dropout_p, dropout_scale,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # grid: (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R), SPLIT_K); program (i, j, s) sums k in [s*k_per_split, ...)
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)
+    k_start = pid_s * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)      # (BM, BK)
+        if DROPOUT:
+            keep = dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+            x = tl.where(keep, x.to(tl.float32) * dropout_scale, 0.0).to(x.dtype)
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=(offs_r[None, :] < R) & k_mask[:, None], other=0.0)      # (BK, BR)
+        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+
+    out = out_ptr + pid_s * stride_os + rows[:, None] * stride_om + offs_r[None, :]
+    tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
+@triton.jit
+def lora_fused_matmul_kernel(
+    x_ptr, w_ptr, bias_ptr, t_ptr, v_ptr, out_ptr, t_sum_ptr,
+    M, N, K, R, num_t_splits,
+    stride_xm, stride_xk,      # x: (M, K)
+    stride_wk, stride_wn,      # w: (K, N)   (W0ᵀ in forward, W0 in backward)
+    stride_ts, stride_tm,      # t: (num_t_splits, M, R) fp32 partials of the rank-R intermediate, last stride 1
+    stride_vr, stride_vn,      # v: (R, N)   (Bᵀ in forward, A in backward)
+    stride_om, stride_on,      # out: (M, N)
+    stride_sm,                 # t_sum: (M, R) fp32, last stride 1
+    scale, seed, dropout_p, dropout_scale,
+    HAS_BIAS: tl.constexpr, STORE_T_SUM: tl.constexpr, EPILOGUE_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_DOT_PRECISION: tl.constexpr,
+):
+    """out = x·w + bias + mask ⊙ ((scale · Σ_s t[s]) · v), with the LoRA term added to the fp32
+    accumulator before the one cast at the store: no (M, N) intermediate besides out.
+    Forward: x, W0ᵀ, bias, xAᵀ partials, Bᵀ -> y.   Backward: dY, W0, none, dY·B partials, A -> dX
+    (the dropout mask then applies to the LoRA term of dX, EPILOGUE_DROPOUT)."""
+    # grouped ordering: GROUP_M row-blocks share each column-block of w while it is in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    # main GEMM: (BM, BK) x (BK, BN), fp32 accumulator
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + cols[None, :] * stride_wn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+
+    # LoRA epilogue: (BM, R) x (R, BN) in chunks of BLOCK_R, rank intermediate kept in fp32
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        t_offsets = rows[:, None] * stride_tm + offs_r[None, :]
+        tile_mask = m_mask[:, None] & r_mask[None, :]
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in range(0, num_t_splits):   # fixed order: deterministic
+            t += tl.load(t_ptr + s * stride_ts + t_offsets, mask=tile_mask, other=0.0)
+        t = t * scale
+        if STORE_T_SUM:   # one column-block stores the reduced intermediate for the backward pass
+            if pid_n == 0:
+                tl.store(t_sum_ptr + rows[:, None] * stride_sm + offs_r[None, :], t, mask=tile_mask)
+        v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        lora = tl.dot(t, v, lora, input_precision=LORA_DOT_PRECISION)
+    if EPILOGUE_DROPOUT:
+        keep = dropout_keep(seed, offs_m, offs_n, N, dropout_p)
+        lora = tl.where(keep, lora * dropout_scale, 0.0)
+    acc += lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def lora_rows_matmul_kernel(
+    l_ptr, r_ptr, out_ptr,
+    M, P, Q, rows_per_split,
+    stride_lm, stride_lp,      # l: (M, P)
+    stride_rm, stride_rq,      # r: (M, Q)
+    stride_os, stride_op,      # out: (SPLIT_M, P, Q) fp32, last stride 1
+    seed, dropout_p, dropout_scale,
+    DROPOUT_R: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """partial[s] = Σ_{m in split s} l[m, :]ᵀ r[m, :]  -> (P, Q), the weight gradients
+    dA = dTᵀ · dropout(x) (P = R, Q = K) and dB = dYᵀ · (s·T) (P = N, Q = R). One operand is the fp32
+    rank intermediate, so both are taken in fp32 (tf32 tensor cores unless fp32 exactness is asked)."""
+    # grid: (cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q), SPLIT_M)
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_mask = offs_p < P
+    q_mask = offs_q < Q
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows = offs_m.to(tl.int64)
+        m_mask = offs_m < m_end
+        lt = tl.load(l_ptr + rows[None, :] * stride_lm + offs_p[:, None] * stride_lp,
+                     mask=p_mask[:, None] & m_mask[None, :], other=0.0).to(tl.float32)   # (BP, BM)
+        r = tl.load(r_ptr + rows[:, None] * stride_rm + offs_q[None, :] * stride_rq,
+                    mask=m_mask[:, None] & q_mask[None, :], other=0.0).to(tl.float32)    # (BM, BQ)
+        if DROPOUT_R:
+            keep = dropout_keep(seed, offs_m, offs_q, Q, dropout_p)
+            r = tl.where(keep, r * dropout_scale, 0.0)
+        acc = tl.dot(lt, r, acc, input_precision=DOT_PRECISION)
+
+    out = out_ptr + pid_s * stride_os + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :]
+    tl.store(out, acc, mask=p_mask[:, None] & q_mask[None, :])
+
+
+@triton.jit
+def dropout_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Writes the keep-mask (M, K) int8 that the kernels above regenerate: for tests and debugging."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
