@@ -35,5 +35,3 @@ def skip_unless_backend_serves(backend: str, dtype: torch.dtype) -> None:
         reason = triton_unavailable_reason(DEVICE, dtype)
         if reason is not None:
             pytest.skip(f"triton backend on {DEVICE}: {reason}")
-    if DEVICE.type == "cpu" and dtype == torch.float16 and backend == "torch":
-        return
