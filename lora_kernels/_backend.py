@@ -35,6 +35,8 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str |
     """None when the Triton backend can serve tensors of this device and dtype, else why not."""
     if not _triton_installed():
         return "triton is not installed (pip install 'lora-kernels[triton]')"
+    if dtype == torch.float64:
+        return "float64 has no Triton kernels (the torch backend serves it: gradcheck, references)"
     if device.type == "cuda":
         return None
     if device.type == "cpu":

@@ -11,10 +11,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import lora_kernels  # noqa: E402
-from lora_kernels._backend import triton_unavailable_reason  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
+from tests.helpers import DEVICE, skip_unless_backend_serves  # noqa: E402,F401
 
 @pytest.fixture(autouse=True)
 def _restore_backend():
@@ -28,10 +25,3 @@ def backend(request):
     lora_kernels.set_backend(request.param)
     return request.param
 
-
-def skip_unless_backend_serves(backend: str, dtype: torch.dtype) -> None:
-    """Skip (with the backend's own reason) when `backend` cannot serve `dtype` on DEVICE."""
-    if backend == "triton":
-        reason = triton_unavailable_reason(DEVICE, dtype)
-        if reason is not None:
-            pytest.skip(f"triton backend on {DEVICE}: {reason}")
