@@ -52,7 +52,7 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
     """ "triton" or "torch" for one call; raises NotImplementedError when "triton" was forced
     and cannot serve these tensors."""
     requested = get_backend()
-    if requested == "torch":
+    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
         return "torch"
     reason = triton_unavailable_reason(device, dtype)
     if requested == "triton":

@@ -43,6 +43,8 @@ def check_same_dtype_and_device(reference_name: str, tensors: dict[str, torch.Te
 
 
 def check_dropout_p(dropout_p) -> float:
+    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0:   # the common case, without abc checks
+        return dropout_p
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:
@@ -52,6 +54,8 @@ def check_dropout_p(dropout_p) -> float:
 
 def check_scale(scale) -> float:
     """A python number or a 0-d tensor (read once on the host: a device sync for a CUDA tensor)."""
+    if type(scale) is float:   # the common case, without abc checks
+        return scale
     if isinstance(scale, torch.Tensor):
         if scale.dim() != 0:
             raise ValueError(f"scale ({describe(scale)}) must be a python float or a 0-d tensor")

@@ -34,8 +34,7 @@ def _backend_module(t: Tensor):
     return fallback
 
 
-@torch.library.custom_op("lora_kernels::lora_linear", mutates_args=())
-def lora_linear_op(
+def _forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
     scale: float, dropout_p: float, seed: Tensor,
 ) -> tuple[Tensor, Tensor]:
@@ -45,17 +44,10 @@ def lora_linear_op(
     if m == 0 or n == 0:
         return x.new_empty((m, n)), x.new_zeros((m, r), dtype=torch.float32)
     return _backend_module(x).lora_linear_forward(
-        x, weight, bias, lora_a, lora_b, scale, dropout_p, int(seed))
+        x, weight, bias, lora_a, lora_b, scale, dropout_p, int(seed) if dropout_p > 0.0 else 0)
 
 
-@lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
-    return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32))
-
-
-@torch.library.custom_op("lora_kernels::lora_linear_backward", mutates_args=())
-def lora_linear_backward_op(
+def _backward_grads(
     grad_y: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_a: Optional[Tensor],
     lora_b: Optional[Tensor], lora_hidden: Optional[Tensor], scale: float, dropout_p: float, seed: Tensor,
     need_x: bool, need_a: bool, need_b: bool,
@@ -65,10 +57,23 @@ def lora_linear_backward_op(
     grads = (None, None, None)
     if m > 0:
         grads = _backend_module(grad_y).lora_linear_backward(
-            grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p, int(seed),
+            grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p,
+            int(seed) if dropout_p > 0.0 else 0,
             need_x, need_a, need_b)
     shapes = _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b)
     return tuple(g if g is not None else grad_y.new_zeros(shape) for g, shape in zip(grads, shapes))
+
+
+# The registered ops: what torch.compile traces, opcheck checks and the profiler names.
+lora_linear_op = torch.library.custom_op("lora_kernels::lora_linear", _forward, mutates_args=())
+lora_linear_backward_op = torch.library.custom_op(
+    "lora_kernels::lora_linear_backward", _backward_grads, mutates_args=())
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32))
 
 
 def _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b):
@@ -109,7 +114,9 @@ def _backward(ctx, grad_y, _grad_hidden):
         grad_y = grad_y.contiguous()
     grad_x = grad_a = grad_b = grad_w = grad_bias = None
     if need_x or need_a or need_b:
-        grad_x, grad_a, grad_b = lora_linear_backward_op(
+        registered = torch.compiler.is_compiling() or torch.autograd._profiler_enabled()
+        grads_fn = lora_linear_backward_op if registered else _backward_grads
+        grad_x, grad_a, grad_b = grads_fn(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
             need_x, need_a, need_b)
     # the frozen layer's own gradients, for the rare caller who trains it too: plain GEMMs
@@ -122,6 +129,22 @@ def _backward(ctx, grad_y, _grad_hidden):
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """The eager fast path: the same forward, context and backward as the registered op, without
+    the dispatcher's round trips (about 16 µs a call forward, 50 µs with autograd, measured on this
+    CPU: it matters at decode sizes). torch.compile and the profiler take the registered op."""
+
+    # forward(ctx, ...) rather than a separate setup_context: with the latter, apply() binds the
+    # arguments through inspect.signature on every call (about 30 µs).
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
 
 _no_seed: Tensor | None = None
 
@@ -182,5 +205,11 @@ def lora_linear(
     x2d = x.reshape(-1, k)                                  # (M, K), a view when strides allow
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    y2d, _ = lora_linear_op(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, _dropout_seed(dropout_p))
+    args = (x2d, weight, bias, lora_a, lora_b, scale, dropout_p, _dropout_seed(dropout_p))
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        y2d, _ = lora_linear_op(*args)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+        y2d, _ = _LoRALinearFunction.apply(*args)
+    else:
+        y2d, _ = _forward(*args)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])

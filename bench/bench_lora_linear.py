@@ -1,0 +1,486 @@
+"""Single-adapter LoRA linear benchmark: y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ.
+
+    python bench/bench_lora_linear.py                  # default config (CPU: about a minute)
+    python bench/bench_lora_linear.py --full           # Llama-3-8B + SmolLM2 sweep (for a GPU)
+    python bench/bench_lora_linear.py --device cpu --no-out --tokens 1,64 --ranks 16
+
+Providers, each a function of the same x, W0, b, A, B, s:
+    base        F.linear(x, W0, b)                                   the floor: no LoRA at all
+    ours        lora_kernels.lora_linear
+    peft        a real peft.tuners.lora.Linear (get_peft_model), eager forward
+    lean_torch  y = F.linear(x, W0, b); y.addmm_(x @ Aᵀ, Bᵀ, alpha=s)  the strongest plain composition
+
+Modes: fwd (torch.no_grad, PEFT in eval mode) and fwd_bwd (x, A, B require grad, W0 and b frozen;
+torch.autograd.grad of y against a fixed random dY). Every provider is checked against the float64
+reference (lora_kernels.lora_linear_reference) before it is timed; see README.md for the columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR.parent))      # benchmark this checkout's lora_kernels
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import harness  # noqa: E402
+import lora_kernels  # noqa: E402
+
+PROVIDERS = ("base", "ours", "peft", "lean_torch")
+MODES = ("fwd", "fwd_bwd")
+# LoRA scale s = lora_alpha / r with lora_alpha = 2r, as PEFT computes it.
+ALPHA_OVER_R = 2.0
+# Loose tolerances on max|out - ref64| / max|ref64|: real bugs (a missing term, a wrong scale, a
+# transposed operand) are O(1) off, because A and B are drawn so the LoRA term is as large as the base.
+# fp32 leaves room for TF32 (2^-11 ≈ 4.9e-4 per operand); 16-bit for intermediates rounded to 16 bits.
+REL_TOL = {torch.float64: 1e-9, torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+FLOPS_NOTE = ("FLOPs (counted for TFLOP/s): fwd = 2·M·K·N + 2·M·r·(K+N); "
+              "fwd_bwd = 4·M·K·N + 6·M·r·(K+N) (W0 frozen: no dW0 GEMM; dX = dY·W0 + (s·dY·B)·A, "
+              "dA = (s·dY·B)ᵀ·x, dB = dYᵀ·(s·x·Aᵀ)); dropout's elementwise work is not counted.")
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    k: int          # in_features
+    n: int          # out_features
+
+
+SMOL_QO = Shape("SmolLM2-135M q/o", 576, 576)
+SMOL_UP = Shape("SmolLM2-135M gate/up", 576, 1536)
+LLAMA_QO = Shape("Llama-3-8B q/o", 4096, 4096)
+LLAMA_KV = Shape("Llama-3-8B k/v", 4096, 1024)
+LLAMA_UP = Shape("Llama-3-8B gate/up", 4096, 14336)
+LLAMA_DOWN = Shape("Llama-3-8B down", 14336, 4096)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Every combination of these ranks, token counts, dropout rates and modes on one shape.
+    fwd rows are run with dropout 0 only: nobody runs dropout at inference."""
+    shape: Shape
+    ranks: tuple[int, ...]
+    tokens: tuple[int, ...]
+    dropouts: tuple[float, ...] = (0.0,)
+    modes: tuple[str, ...] = MODES
+
+
+def default_groups(device: torch.device) -> list[Group]:
+    """Small enough for a 2-core CPU in fp32 in about a minute; on a GPU the same shapes with more tokens."""
+    if device.type == "cuda":
+        many = (1, 16, 256, 1024, 4096)
+        return [Group(SMOL_QO, (16,), many), Group(SMOL_UP, (16, 64), many),
+                Group(LLAMA_KV, (16,), many), Group(LLAMA_QO, (16,), many)]
+    return [
+        Group(SMOL_QO, (16,), (1, 16, 256, 1024)),
+        Group(SMOL_UP, (16, 64), (1, 16, 256, 1024)),
+        Group(LLAMA_KV, (16,), (1, 16, 256)),
+        Group(LLAMA_QO, (16,), (1, 16, 64)),
+    ]
+
+
+def full_groups(device: torch.device) -> list[Group]:
+    tokens = (1, 4, 16, 64, 256, 1024, 4096, 8192)
+    ranks = (8, 16, 64, 128)
+    return [Group(shape, ranks, tokens, (0.0, 0.1))
+            for shape in (LLAMA_QO, LLAMA_KV, LLAMA_UP, LLAMA_DOWN, SMOL_QO, SMOL_UP)]
+
+
+def flops(mode: str, m: int, k: int, n: int, r: int) -> int:
+    if mode == "fwd":
+        return 2 * m * k * n + 2 * m * r * (k + n)
+    return 4 * m * k * n + 6 * m * r * (k + n)
+
+
+# ----------------------------------------------------------------------------- inputs and providers
+
+
+@dataclass
+class Weights:
+    """W0 and b frozen; A and B leaves that require grad. scale = lora_alpha / r."""
+    weight: Tensor          # (N, K)
+    bias: Tensor            # (N,)
+    lora_a: Tensor          # (r, K)
+    lora_b: Tensor          # (N, r)
+    scale: float
+
+
+def make_weights(shape: Shape, r: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Weights:
+    """nn.Linear-like magnitudes, and B non-zero (PEFT would start it at zero) and scaled so the
+    LoRA term s·(x Aᵀ) Bᵀ is as large as x W0ᵀ: a wrong LoRA branch cannot hide under the base."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, std):
+        return (torch.randn(*size, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
+
+    k, n = shape.k, shape.n
+    return Weights(
+        weight=randn(n, k, std=k ** -0.5),
+        bias=randn(n, std=0.1),
+        lora_a=randn(r, k, std=k ** -0.5).requires_grad_(True),
+        lora_b=randn(n, r, std=r ** -0.5 / ALPHA_OVER_R).requires_grad_(True),
+        scale=ALPHA_OVER_R,
+    )
+
+
+def make_activations(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, seed: int = 1):
+    """x (M, K) and the fixed upstream gradient dY (M, N)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, k, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    grad_y = torch.randn(m, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    return x, grad_y
+
+
+@dataclass
+class Provider:
+    forward: Callable[[Tensor], Tensor]     # x (M, K) -> y (M, N)
+    params: list[Tensor]                    # what fwd_bwd differentiates besides x: [A, B], or [] for base
+    train: Callable[[bool], None] = lambda mode: None   # PEFT: module.train(mode)
+
+
+def provider_base(w: Weights, dropout_p: float) -> Provider:
+    return Provider(lambda x: F.linear(x, w.weight, w.bias), [])
+
+
+def provider_ours(w: Weights, dropout_p: float) -> Provider:
+    return Provider(lambda x: lora_kernels.lora_linear(x, w.weight, w.bias, w.lora_a, w.lora_b, w.scale,
+                                                       dropout_p=dropout_p), [w.lora_a, w.lora_b])
+
+
+def provider_lean_torch(w: Weights, dropout_p: float) -> Provider:
+    def forward(x: Tensor) -> Tensor:
+        y = F.linear(x, w.weight, w.bias)                                       # (M, N)
+        x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+        return y.addmm_(x_lora @ w.lora_a.T, w.lora_b.T, alpha=w.scale)         # += s·(x Aᵀ) Bᵀ
+
+    return Provider(forward, [w.lora_a, w.lora_b])
+
+
+class _OneLinear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def provider_peft(w: Weights, dropout_p: float) -> Provider:
+    """get_peft_model on a module holding one nn.Linear(W0, b); its lora_A / lora_B weights replaced
+    by copies of A and B (same dtype: autocast_adapter_dtype=False keeps PEFT from upcasting them)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    n, k = w.weight.shape
+    r = w.lora_a.shape[0]
+    linear = torch.nn.utils.skip_init(nn.Linear, k, n, device=w.weight.device, dtype=w.weight.dtype)
+    linear.weight = nn.Parameter(w.weight, requires_grad=False)
+    linear.bias = nn.Parameter(w.bias, requires_grad=False)
+    config = LoraConfig(r=r, lora_alpha=int(ALPHA_OVER_R * r), target_modules=["proj"], lora_dropout=dropout_p)
+    model = get_peft_model(_OneLinear(linear), config, autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    if not isinstance(layer, PeftLoraLinear):
+        raise TypeError(f"get_peft_model gave {type(layer).__name__}, not peft.tuners.lora.Linear")
+    if not math.isclose(layer.scaling["default"], w.scale):
+        raise ValueError(f"PEFT scaling {layer.scaling['default']} != {w.scale}")
+    lora_a = nn.Parameter(w.lora_a.detach().clone())
+    lora_b = nn.Parameter(w.lora_b.detach().clone())
+    layer.lora_A["default"].weight = lora_a
+    layer.lora_B["default"].weight = lora_b
+    return Provider(layer, [lora_a, lora_b], train=layer.train)
+
+
+MAKERS = {"base": provider_base, "ours": provider_ours, "peft": provider_peft, "lean_torch": provider_lean_torch}
+
+
+def step_fn(provider: Provider, mode: str, x: Tensor, grad_y: Tensor) -> Callable[[], object]:
+    """What is timed: one forward, or one forward + backward to the requested gradients."""
+    provider.train(mode == "fwd_bwd")
+    if mode == "fwd":
+        x = x.detach()
+
+        def step():
+            with torch.no_grad():
+                return provider.forward(x)
+        return step
+
+    x = x.detach().requires_grad_(True)
+    targets = [x, *provider.params]
+
+    def step():
+        return torch.autograd.grad(provider.forward(x), targets, grad_y)
+    return step
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+class Reference:
+    """float64 outputs and gradients of the reference for one (weights, x, dY), computed once."""
+
+    def __init__(self, w: Weights, x: Tensor, grad_y: Tensor):
+        self.w, self.x, self.grad_y = w, x, grad_y
+        self._cache: dict[tuple[bool, str], list[Tensor]] = {}
+
+    def get(self, lora: bool, mode: str) -> list[Tensor]:
+        """lora=False: the base layer only. fwd: [y]; fwd_bwd: [y, dX, dA, dB] (or [y, dX])."""
+        key = (lora, mode)
+        if key not in self._cache:
+            w = self.w
+            x64 = self.x.detach().double().requires_grad_(mode == "fwd_bwd")
+            a64 = w.lora_a.detach().double().requires_grad_(mode == "fwd_bwd")
+            b64 = w.lora_b.detach().double().requires_grad_(mode == "fwd_bwd")
+            with torch.set_grad_enabled(mode == "fwd_bwd"):
+                if lora:
+                    y64 = lora_kernels.lora_linear_reference(x64, w.weight.double(), w.bias.double(), a64, b64, w.scale)
+                else:
+                    y64 = F.linear(x64, w.weight.double(), w.bias.double())
+            out = [y64.detach()]
+            if mode == "fwd_bwd":
+                out += list(torch.autograd.grad(y64, [x64, a64, b64] if lora else [x64], self.grad_y.double()))
+            self._cache[key] = out
+        return self._cache[key]
+
+
+def check(name: str, provider: Provider, mode: str, ref: Reference) -> str | None:
+    """None when every output of one step is within the dtype's loose tolerance of float64, else why not."""
+    step = step_fn(provider, mode, ref.x, ref.grad_y)
+    out = step()
+    outs = [out] if mode == "fwd" else [None, *out]     # fwd_bwd returns grads only: get y separately
+    if mode == "fwd_bwd":
+        with torch.no_grad():
+            provider.train(False)
+            outs[0] = provider.forward(ref.x)
+            provider.train(True)
+    expected = ref.get(name != "base", mode)
+    labels = ["y", "dX", "dA", "dB"]
+    tol = REL_TOL[ref.x.dtype]
+    for label, got, want in zip(labels, outs, expected):
+        if got.shape != want.shape:
+            return f"{label}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        if not torch.isfinite(got).all():
+            return f"{label}: non-finite values"
+        err = (got.double() - want).abs().max().item()
+        magnitude = max(want.abs().max().item(), 1e-30)
+        if err > tol * magnitude:
+            return f"{label}: max abs error {err:.3e} = {err / magnitude:.2e} of max|ref| {magnitude:.3e} > {tol:.0e}"
+    return None
+
+
+def check_finite(provider: Provider, mode: str, x: Tensor, grad_y: Tensor) -> str | None:
+    """With dropout on, outputs are random: only ask that they exist and are finite."""
+    out = step_fn(provider, mode, x, grad_y)()
+    for t in ([out] if mode == "fwd" else out):
+        if not torch.isfinite(t).all():
+            return "non-finite output with dropout on"
+    return None
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+TABLE_COLUMNS = [
+    ("shape", "shape"), ("m", "M"), ("k", "K"), ("n", "N"), ("r", "r"), ("dropout_p", "p"), ("mode", "mode"),
+    ("base_ms", "base ms"), ("ours_ms", "ours ms"), ("peft_ms", "peft ms"), ("lean_torch_ms", "lean ms"),
+    ("overhead_pct", "ours/base-1 %"), ("speedup_vs_peft", "× vs peft"), ("speedup_vs_lean_torch", "× vs lean"),
+    ("ours_tflops", "ours TFLOP/s"),
+]
+CUDA_COLUMNS = [("ours_peak_mib", "ours MiB"), ("peft_peak_mib", "peft MiB")]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, dtype: torch.dtype,
+        min_run_time: float) -> list[dict]:
+    rows: list[dict] = []
+    cases = [(g, r, m, p, mode) for g in groups for r in g.ranks for m in g.tokens
+             for p in g.dropouts for mode in g.modes if not (mode == "fwd" and p > 0)]
+    total, done, t_start = len(cases), 0, time.perf_counter()
+    for group in groups:
+        shape = group.shape
+        for r in group.ranks:
+            w = make_weights(shape, r, dtype, device)
+            built: dict[tuple[str, float], Provider | str] = {}     # (provider, p) -> Provider or the error
+
+            def build(name: str, p: float) -> Provider | str:
+                if (name, p) not in built:
+                    try:
+                        built[(name, p)] = MAKERS[name](w, p)
+                    except Exception as e:  # noqa: BLE001 - report and go on with the other providers
+                        built[(name, p)] = f"{name} could not be built: {type(e).__name__}: {e}"
+                return built[(name, p)]
+
+            for m in group.tokens:
+                x, grad_y = make_activations(m, shape.k, shape.n, dtype, device)
+                ref = Reference(w, x, grad_y)
+                verdicts: dict[tuple[str, str], str | None] = {}     # (provider, mode) -> error at p = 0
+                for p in group.dropouts:
+                    for mode in group.modes:
+                        if mode == "fwd" and p > 0:
+                            continue
+                        done += 1
+                        t_case = time.perf_counter()
+                        row = {"shape": shape.name, "m": m, "k": shape.k, "n": shape.n, "r": r,
+                               "dropout_p": p, "mode": mode}
+                        errors = []
+                        for name in providers:
+                            provider = build(name, p)
+                            error = provider if isinstance(provider, str) else None
+                            if error is None and (name, mode) not in verdicts:
+                                clean = build(name, 0.0)      # checked without dropout: then it is deterministic
+                                verdicts[(name, mode)] = clean if isinstance(clean, str) else _safe(
+                                    lambda: check(name, clean, mode, ref))
+                            if error is None:
+                                error = verdicts[(name, mode)]
+                            if error is None and p > 0:
+                                error = _safe(lambda: check_finite(provider, mode, x, grad_y))
+                            if error is not None:
+                                harness.progress(f"  !! {name} {shape.name} M={m} r={r} p={p} {mode}: {error}")
+                                errors.append(f"{name}: {error}")
+                                row[f"{name}_ms"] = None
+                                continue
+                            step = step_fn(provider, mode, x, grad_y)
+                            timing = harness.time_fn(step, device, min_run_time=min_run_time)
+                            row[f"{name}_ms"] = timing.median_ms
+                            row[f"{name}_p20_ms"] = timing.p20_ms
+                            row[f"{name}_p80_ms"] = timing.p80_ms
+                            if device.type == "cuda":
+                                row[f"{name}_peak_mib"] = harness.peak_memory_mib(step, device)
+                        if row.get("ours_ms") is None and "ours" in providers:
+                            harness.progress(f"  !! row aborted: ours failed ({shape.name} M={m} r={r} p={p} {mode})")
+                        ours, base = row.get("ours_ms"), row.get("base_ms")
+                        row["overhead_pct"] = (ours / base - 1) * 100 if ours is not None and base else None
+                        row["speedup_vs_peft"] = _ratio(row.get("peft_ms"), ours)
+                        row["speedup_vs_lean_torch"] = row_lean = _ratio(row.get("lean_torch_ms"), ours)
+                        row["flops"] = flops(mode, m, shape.k, shape.n, r)
+                        row["ours_tflops"] = row["flops"] / (ours * 1e-3) / 1e12 if ours else None
+                        row["errors"] = "; ".join(errors) or None
+                        rows.append(row)
+                        harness.progress(
+                            f"[{done}/{total}] {shape.name} M={m} K={shape.k} N={shape.n} r={r} p={p} {mode}: "
+                            + " ".join(f"{n}={row.get(f'{n}_ms'):.3g}ms" if row.get(f"{n}_ms") is not None
+                                       else f"{n}=-" for n in providers)
+                            + (f" (×{row_lean:.2f} vs lean)" if row_lean else "")
+                            + f" [{time.perf_counter() - t_case:.1f}s, total {time.perf_counter() - t_start:.0f}s]")
+            del built
+    return rows
+
+
+def _safe(fn: Callable[[], str | None]) -> str | None:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported with its type
+        return f"raised {type(e).__name__}: {e}"
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true",
+                        help="Llama-3-8B and SmolLM2 shapes, ranks 8/16/64/128, tokens 1..8192, dropout 0 and 0.1")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--out", action=argparse.BooleanOptionalAction, default=True,
+                        help="write bench/results/<name>-<device>.json and .md (default: yes)")
+    parser.add_argument("--results-dir", type=Path, default=harness.RESULTS_DIR)
+    parser.add_argument("--name", help="result file stem (default: lora_linear, or lora_linear_full with --full)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--modes", default=",".join(MODES), help="fwd, fwd_bwd or both")
+    parser.add_argument("--tokens", type=_int_list, help="override the token counts M, e.g. 1,64,1024")
+    parser.add_argument("--ranks", type=_int_list, help="override the ranks, e.g. 16,64")
+    parser.add_argument("--dropouts", type=_float_list, help="override the dropout rates, e.g. 0,0.1")
+    parser.add_argument("--min-run-time", type=float, default=harness.CPU_MIN_RUN_TIME_S,
+                        help="CPU only: seconds blocked_autorange measures each provider for")
+    args = parser.parse_args(argv)
+    for option, values, allowed in (("--providers", args.providers, PROVIDERS), ("--modes", args.modes, MODES)):
+        bad = [v for v in values.split(",") if v not in allowed]
+        if bad:
+            parser.error(f"{option}: unknown {bad}; expected a comma list of {allowed}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    providers = tuple(p for p in PROVIDERS if p in args.providers.split(","))
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    groups = full_groups(device) if args.full else default_groups(device)
+    groups = [Group(g.shape, args.ranks or g.ranks, args.tokens or g.tokens, args.dropouts or g.dropouts, modes)
+              for g in groups]
+
+    stamp = harness.environment_stamp(device, dtype)
+    try:
+        from lora_kernels._backend import resolve_backend     # internal: which backend served "ours"
+        stamp["lora_kernels_backend"] = resolve_backend(device, dtype)
+    except Exception as e:  # noqa: BLE001
+        stamp["lora_kernels_backend"] = f"unknown ({type(e).__name__}: {e})"
+    harness.progress(f"lora_linear benchmark on {stamp['device_name']} ({dtype}, {stamp['torch_threads']} threads, "
+                     f"ours via {stamp['lora_kernels_backend']}); providers {', '.join(providers)}")
+
+    t0 = time.perf_counter()
+    rows = run(groups, providers, device, dtype, args.min_run_time)
+    wall = time.perf_counter() - t0
+
+    columns = [c for c in TABLE_COLUMNS if c[0] in ("shape", "m", "k", "n", "r", "dropout_p", "mode")
+               or not c[0].endswith("_ms") or c[0][:-3] in providers]
+    if device.type == "cuda":
+        columns += [c for c in CUDA_COLUMNS if c[0].rsplit("_peak", 1)[0] in providers]
+    notes = [
+        f"Times are medians in ms ({'triton.testing.do_bench' if device.type == 'cuda' else 'torch.utils.benchmark blocked_autorange'}; "
+        "p20/p80 in the JSON). ours/base-1 % = LoRA overhead of ours over the base layer alone; "
+        "× vs peft / × vs lean = their time / ours (> 1: ours is faster).",
+        FLOPS_NOTE,
+        "fwd: torch.no_grad, PEFT in eval mode. fwd_bwd: dX, dA, dB (base: dX) against a fixed dY; W0, b frozen. "
+        "Rows with dropout are checked at p = 0 (the masks differ between providers) and for finiteness at p.",
+    ]
+    if any(row.get("errors") for row in rows):
+        columns.append(("errors", "errors"))
+    print()
+    harness.print_table(rows, columns)
+    print()
+    for note in notes:
+        print(note)
+    print(f"\n{len(rows)} rows in {wall:.0f} s")
+    if args.out:
+        name = args.name or ("lora_linear_full" if args.full else "lora_linear")
+        stamp["wall_s"] = round(wall, 1)
+        paths = harness.write_results(name, rows, stamp, notes=notes, columns=columns, results_dir=args.results_dir)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 1 if any(row.get("ours_ms") is None for row in rows if "ours" in providers) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
