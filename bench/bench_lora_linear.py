@@ -339,8 +339,8 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                         t_case = time.perf_counter()
                         row = {"shape": shape.name, "m": m, "k": shape.k, "n": shape.n, "r": r,
                                "dropout_p": p, "mode": mode}
-                        errors = []
-                        for name in providers:
+                        errors, ready = [], {}
+                        for name in providers:       # build and check every provider first, then time them
                             provider = build(name, p)
                             error = provider if isinstance(provider, str) else None
                             if error is None and (name, mode) not in verdicts:
@@ -351,12 +351,16 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                                 error = verdicts[(name, mode)]
                             if error is None and p > 0:
                                 error = _safe(lambda: check_finite(provider, mode, x, grad_y))
-                            if error is not None:
+                            if error is None:
+                                ready[name] = provider
+                            else:
                                 harness.progress(f"  !! {name} {shape.name} M={m} r={r} p={p} {mode}: {error}")
                                 errors.append(f"{name}: {error}")
-                                row[f"{name}_ms"] = None
+                        for name in providers:
+                            row[f"{name}_ms"] = None
+                            if name not in ready:
                                 continue
-                            step = step_fn(provider, mode, x, grad_y)
+                            step = step_fn(ready[name], mode, x, grad_y)
                             timing = harness.time_fn(step, device, min_run_time=min_run_time)
                             row[f"{name}_ms"] = timing.median_ms
                             row[f"{name}_p20_ms"] = timing.p20_ms
@@ -451,6 +455,7 @@ def main(argv=None) -> int:
                      f"ours via {stamp['lora_kernels_backend']}); providers {', '.join(providers)}")
 
     t0 = time.perf_counter()
+    harness.warm_up(device)
     rows = run(groups, providers, device, dtype, args.min_run_time)
     wall = time.perf_counter() - t0
 

@@ -17,9 +17,9 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, Tuple, Union
@@ -115,6 +115,18 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: 
             fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=[0.5, 0.2, 0.8])
         return Timing(median, p20, p80, -1)
     return _time_cpu(fn, min_run_time)
+
+
+def warm_up(device: torch.device | str, seconds: float = 0.3) -> None:
+    """Matmuls for a moment before the first measurement: wakes the thread pool / the GPU clocks
+    and pays one-time library initialisation outside any timing."""
+    device = torch.device(device)
+    a = torch.randn(512, 512, device=device)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a = (a @ a).tanh_()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_memory_mib(fn: Callable[[], Any], device: torch.device | str) -> float | None:
