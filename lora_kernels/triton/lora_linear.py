@@ -6,6 +6,7 @@ stride 1, weight (N, K), bias (N,) | None, lora_a (r, K), lora_b (N, r), all on 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ from .kernels.lora_linear import (
 # Enough programs to fill an H100 (132 SMs) about twice; the split heuristics aim at it.
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 32
+# Column blocks wanted at decode sizes: about one per SM of an H100 (132).
+DECODE_PROGRAMS = 128
 
 
 @dataclass(frozen=True)
@@ -57,11 +60,16 @@ def rank_block(rank: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(rank)))
 
 
+@functools.lru_cache(maxsize=1024)
 def fused_matmul_config(m: int, n: int, k: int, rank: int) -> MatmulConfig:
-    """Heuristic by M: decode sizes are bound by reading W0, so small M tiles and many column
-    blocks; prefill/training sizes are compute bound, so large square tiles."""
+    """Heuristic by M: decode sizes are bound by reading W0, so small M tiles, long K steps and
+    column blocks narrow enough for about one program per SM (N = 4096 -> 32 wide, 128 programs);
+    prefill/training sizes are compute bound, so large square tiles."""
     if m <= 16:
-        return MatmulConfig(16, 64, 128, rank_block(rank, 64), 8, 4, 4)
+        block_n = 64
+        while block_n > 16 and triton.cdiv(n, block_n) < DECODE_PROGRAMS:
+            block_n //= 2
+        return MatmulConfig(16, block_n, 256, rank_block(rank, 64), 8, 4, 4)
     if m <= 64:
         return MatmulConfig(64, 64, 64, rank_block(rank, 64), 8, 4, 4)
     if m <= 256:
@@ -69,12 +77,14 @@ def fused_matmul_config(m: int, n: int, k: int, rank: int) -> MatmulConfig:
     return MatmulConfig(128, 128, 64, rank_block(rank, 32), 8, 8, 3)
 
 
+@functools.lru_cache(maxsize=1024)
 def shrink_config(m: int, k: int, rank: int) -> ShrinkConfig:
     if m <= 16:
         return ShrinkConfig(16, rank_block(rank, 64), 128, 4, 3)
     return ShrinkConfig(64, rank_block(rank, 64), 64, 4, 3)
 
 
+@functools.lru_cache(maxsize=1024)
 def rows_config(p: int, q: int) -> RowsConfig:
     """Weight-gradient tiles: one side is the rank (small), the other K or N (large)."""
     block_p = 16 if p <= 16 else (32 if p <= 32 else 64)
@@ -82,6 +92,7 @@ def rows_config(p: int, q: int) -> RowsConfig:
     return RowsConfig(block_p, block_q, 64, 4, 3)
 
 
+@functools.lru_cache(maxsize=1024)
 def _splits(length: int, block: int, programs: int) -> tuple[int, int]:
     """(number of splits, elements per split) of a reduction of `length`, so that `programs`
     programs per split times the splits reach about TARGET_PROGRAMS. Every split is non-empty."""
