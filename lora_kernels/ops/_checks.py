@@ -60,7 +60,8 @@ def check_scale(scale) -> float:
         if scale.dim() != 0:
             raise ValueError(f"scale ({describe(scale)}) must be a python float or a 0-d tensor")
         if scale.requires_grad:
-            raise ValueError("scale must not require grad: LoRA scaling is a constant, not a parameter")
+            raise ValueError(f"scale ({describe(scale)}) must not require grad: LoRA scaling is a constant, "
+                             "not a parameter")
         return float(scale)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a python float or a 0-d tensor, got {type(scale).__name__}")

@@ -20,6 +20,7 @@ from ._checks import (
     check_scale,
     check_shape,
     check_tensor,
+    describe,
 )
 
 SEED_BOUND = 2**31 - 1
@@ -114,8 +115,10 @@ def _backward(ctx, grad_y, _grad_hidden):
         grad_y = grad_y.contiguous()
     grad_x = grad_a = grad_b = grad_w = grad_bias = None
     if need_x or need_a or need_b:
-        registered = torch.compiler.is_compiling() or torch.autograd._profiler_enabled()
-        grads_fn = lora_linear_backward_op if registered else _backward_grads
+        # the registered op whenever something may trace or profile (torch.compile, opcheck's
+        # aot_dispatch, the profiler); the direct call only on the eager fast path
+        fast = getattr(ctx, "eager_fast_path", False) and not torch.autograd._profiler_enabled()
+        grads_fn = _backward_grads if fast else lora_linear_backward_op
         grad_x, grad_a, grad_b = grads_fn(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
             need_x, need_a, need_b)
@@ -142,22 +145,22 @@ class _LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _forward(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.eager_fast_path = True
         return output
 
     backward = staticmethod(_backward)
 
-_no_seed: Tensor | None = None
+# The seed of calls without dropout: one 8-byte CPU tensor made at import (a lazily made one would
+# be a guard that torch.compile trips over on the first call: one needless recompile).
+_NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
 def _dropout_seed(dropout_p: float) -> Tensor:
     """A 0-d int64 CPU tensor: drawn from torch's default CPU generator when dropout is on (so
     torch.manual_seed and activation checkpointing's RNG restore reproduce it), else a fixed 0."""
-    global _no_seed
     if dropout_p > 0.0:
         return torch.randint(SEED_BOUND, (), dtype=torch.int64)
-    if _no_seed is None:
-        _no_seed = torch.zeros((), dtype=torch.int64)
-    return _no_seed
+    return _NO_SEED
 
 
 def validate_lora_linear(x, weight, bias, lora_a, lora_b) -> None:
@@ -168,11 +171,13 @@ def validate_lora_linear(x, weight, bias, lora_a, lora_b) -> None:
     check_tensor("lora_b", lora_b, ndim=2)
     n, k = weight.shape
     rank = lora_a.shape[0]
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"x (shape {tuple(x.shape)}) must have last dim K={k}, the in_features of "
-                         f"weight (shape {tuple(weight.shape)})")
+    if x.dim() == 0:
+        raise ValueError(f"x ({describe(x)}) must have at least 1 dim, the last being K={k}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x ({describe(x)}) must have last dim K={k}, the in_features of "
+                         f"weight ({describe(weight)})")
     if rank < 1:
-        raise ValueError(f"lora_a (shape {tuple(lora_a.shape)}) must have rank r >= 1 rows")
+        raise ValueError(f"lora_a ({describe(lora_a)}) must have rank r >= 1 rows")
     check_shape("lora_a", lora_a, (rank, k), "(r, K) with K = weight.shape[1]")
     check_shape("lora_b", lora_b, (n, rank), "(N, r) with N = weight.shape[0] and r = lora_a.shape[0]")
     if bias is not None:

@@ -21,7 +21,9 @@ from .kernels.lora_linear import (
 
 # Enough programs to fill an H100 (132 SMs) about twice; the split heuristics aim at it.
 TARGET_PROGRAMS = 256
-MAX_SPLITS = 32
+# Split reductions write fp32 partials that every consumer re-reads: keep them few (8 x 16 rows
+# x r of rank partials per column block at decode, against 4096 x 32 of W0 it streams).
+MAX_SPLITS = 8
 # Column blocks wanted at decode sizes: about one per SM of an H100 (132).
 DECODE_PROGRAMS = 128
 
@@ -243,9 +245,9 @@ def lora_linear_backward(
         else:
             grad_t = du_partials.sum(dim=0) * scale
         if need_a:
-            grad_a = rows_matmul(grad_t, x, lora_b.dtype, dropout_p, seed)   # (r, K)
+            grad_a = rows_matmul(grad_t, x, grad_y.dtype, dropout_p, seed)   # (r, K)
     if need_b:
-        grad_b = rows_matmul(grad_y, lora_hidden, lora_b.dtype)           # (N, r)
+        grad_b = rows_matmul(grad_y, lora_hidden, grad_y.dtype)           # (N, r)
     return grad_x, grad_a, grad_b
 
 
