@@ -29,11 +29,10 @@ def lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (M, N) and lora_hidden = scale · dropout(x) Aᵀ (M, r) in fp32."""
+    """y (M, N) and lora_hidden T = dropout(x) Aᵀ (M, r) in fp32 (no copy for fp32 inputs)."""
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T    # (M, N)
     hidden = dropped(x, dropout_p, seed) @ lora_a.T                             # (M, r)
-    hidden.mul_(scale)
-    y.addmm_(hidden, lora_b.T)
+    y.addmm_(hidden, lora_b.T, alpha=scale)
     return y, hidden.float()
 
 
@@ -43,11 +42,11 @@ def lora_linear_backward(
     scale: float, dropout_p: float, seed: int,
     need_x: bool, need_a: bool, need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dX, dA, dB): dT = scale·dY·B;  dX = dY·W0 + mask ⊙ (dT·A);  dA = dTᵀ·dropout(x);  dB = dYᵀ·U."""
+    """(dX, dA, dB): dT = s·dY·B;  dX = dY·W0 + mask ⊙ (dT·A);  dA = dTᵀ·dropout(x);  dB = dYᵀ·(s·T).
+    The scale multiplies the (M, r) factors, the smallest tensors in play."""
     grad_x = grad_a = grad_b = None
     if need_x or need_a:
-        grad_t = grad_y @ lora_b                                                # (M, r)
-        grad_t.mul_(scale)
+        grad_t = (grad_y @ lora_b).mul_(scale)                                  # (M, r)
         if need_x:
             grad_x = grad_y @ weight                                            # (M, K)
             if dropout_p == 0.0:
@@ -57,5 +56,5 @@ def lora_linear_backward(
         if need_a:
             grad_a = grad_t.T @ dropped(x, dropout_p, seed)                     # (r, K)
     if need_b:
-        grad_b = grad_y.T @ lora_hidden.to(grad_y.dtype)                        # (N, r)
+        grad_b = grad_y.T @ (lora_hidden * scale).to(grad_y.dtype)              # (N, r)
     return grad_x, grad_a, grad_b

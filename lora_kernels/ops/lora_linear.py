@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import fallback
 from .._backend import resolve_backend
 from ._checks import (
+    FLOAT_DTYPES,
     check_dropout_p,
     check_same_dtype_and_device,
     check_scale,
@@ -39,7 +40,7 @@ def _forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
     scale: float, dropout_p: float, seed: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """x (M, K) last stride 1 -> (y (M, N), lora_hidden = scale · dropout(x) Aᵀ (M, r) fp32).
+    """x (M, K) last stride 1 -> (y (M, N), lora_hidden T = dropout(x) Aᵀ (M, r) fp32).
     seed: 0-d int64 CPU tensor; the dropout mask is a function of it alone."""
     m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
     if m == 0 or n == 0:
@@ -163,7 +164,26 @@ def _dropout_seed(dropout_p: float) -> Tensor:
     return _NO_SEED
 
 
+def _obviously_valid(x, weight, bias, lora_a, lora_b) -> bool:
+    """The common case in a handful of attribute reads (a decode step pays for every µs); anything
+    else goes through the checks that name what is wrong."""
+    try:
+        dtype, device = x.dtype, x.device
+        n, k = weight.shape
+        rank, k_a = lora_a.shape
+        n_b, rank_b = lora_b.shape
+        return (dtype in FLOAT_DTYPES and x.dim() > 0 and x.shape[-1] == k == k_a and n == n_b
+                and rank == rank_b > 0
+                and weight.dtype is dtype and lora_a.dtype is dtype and lora_b.dtype is dtype
+                and weight.device == device and lora_a.device == device and lora_b.device == device
+                and (bias is None or (bias.dtype is dtype and bias.shape == (n,) and bias.device == device)))
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def validate_lora_linear(x, weight, bias, lora_a, lora_b) -> None:
+    if _obviously_valid(x, weight, bias, lora_a, lora_b):
+        return
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=2)
     check_tensor("bias", bias, ndim=1, optional=True)

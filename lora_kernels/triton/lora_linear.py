@@ -157,8 +157,8 @@ def fused_matmul(
     epilogue_dropout_p: float = 0.0,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """out (M, N) = x·w + bias + dropout_mask ⊙ ((scale · Σ_s t_partials[s]) · v), and, when
-    store_t_sum, the reduced (M, R) fp32 intermediate scale · Σ_s t_partials[s]."""
+    """out (M, N) = x·w + bias + dropout_mask ⊙ (scale · (Σ_s t_partials[s]) · v), and, when
+    store_t_sum, the reduced (M, R) fp32 intermediate Σ_s t_partials[s]."""
     m, k = x.shape
     n = w.shape[1]
     splits, _, rank = t_partials.shape
@@ -187,10 +187,11 @@ def rows_matmul(
     left: torch.Tensor,    # (M, P)
     right: torch.Tensor,   # (M, Q)
     out_dtype: torch.dtype,
+    alpha: float,
     dropout_p: float = 0.0,
     seed: int = 0,
 ) -> torch.Tensor:
-    """leftᵀ · dropout(right) -> (P, Q) in out_dtype, reduced over the M rows in fixed order."""
+    """alpha · leftᵀ · dropout(right) -> (P, Q) in out_dtype, reduced over the M rows in fixed order."""
     m, p = left.shape
     q = right.shape[1]
     cfg = rows_config(p, q)
@@ -204,7 +205,7 @@ def rows_matmul(
         m, p, q, rows_per_split,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         partials.stride(0), partials.stride(1),
-        *_dropout_args(dropout_p, seed),
+        alpha, *_dropout_args(dropout_p, seed),
         DROPOUT_R=dropout_p > 0.0,
         BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
         DOT_PRECISION=lora_precision(compute_dtype),
@@ -218,7 +219,7 @@ def lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (M, N) and lora_hidden = scale · dropout(x) Aᵀ (M, r) fp32, saved for dB."""
+    """y (M, N) and lora_hidden T = dropout(x) Aᵀ (M, r) fp32, saved for dB."""
     t_partials = shrink(x, lora_a, dropout_p, seed)                       # (S, M, r)
     y, lora_hidden = fused_matmul(x, weight.T, bias, t_partials, lora_b.T, scale, store_t_sum=True)
     return y, lora_hidden
@@ -230,24 +231,24 @@ def lora_linear_backward(
     weight: torch.Tensor | None,   # (N, K), needed for dX
     lora_a: torch.Tensor | None,   # (r, K), needed for dX
     lora_b: torch.Tensor,          # (N, r)
-    lora_hidden: torch.Tensor | None,   # (M, r) fp32 = scale · dropout(x) Aᵀ, needed for dB
+    lora_hidden: torch.Tensor | None,   # (M, r) fp32 T = dropout(x) Aᵀ, needed for dB
     scale: float, dropout_p: float, seed: int,
     need_x: bool, need_a: bool, need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dX, dA, dB) for the grads asked for.
-    dU = dY·B (M, r);  dT = scale·dU;  dX = dY·W0 + mask ⊙ (dT·A);  dA = dTᵀ·dropout(x);  dB = dYᵀ·U."""
+    dU = dY·B (M, r);  dX = dY·W0 + mask ⊙ (s·dU·A);  dA = s·dUᵀ·dropout(x);  dB = s·dYᵀ·T."""
     grad_x = grad_a = grad_b = None
     if need_x or need_a:
         du_partials = shrink(grad_y, lora_b.T)                            # (S, M, r)
         if need_x:
-            grad_x, grad_t = fused_matmul(grad_y, weight, None, du_partials, lora_a, scale,
+            grad_x, grad_u = fused_matmul(grad_y, weight, None, du_partials, lora_a, scale,
                                           store_t_sum=need_a, epilogue_dropout_p=dropout_p, seed=seed)
         else:
-            grad_t = du_partials.sum(dim=0) * scale
+            grad_u = du_partials[0] if du_partials.shape[0] == 1 else du_partials.sum(dim=0)
         if need_a:
-            grad_a = rows_matmul(grad_t, x, grad_y.dtype, dropout_p, seed)   # (r, K)
+            grad_a = rows_matmul(grad_u, x, grad_y.dtype, scale, dropout_p, seed)   # (r, K)
     if need_b:
-        grad_b = rows_matmul(grad_y, lora_hidden, grad_y.dtype)           # (N, r)
+        grad_b = rows_matmul(grad_y, lora_hidden, grad_y.dtype, scale)           # (N, r)
     return grad_x, grad_a, grad_b
 
 

@@ -4,7 +4,7 @@ Three kernels serve every matmul of ``y = x W0ᵀ + b + s · (dropout(x) Aᵀ) B
 
 * ``lora_shrink_kernel``        partial[s] = dropout(X)[:, k in split s] · Aᵀ      (M, K) x (K, R) -> (M, R)
 * ``lora_fused_matmul_kernel``  out = X · W + b + (scale · Σ_s partial[s]) · V      (M, K) x (K, N) + (M, R) x (R, N)
-* ``lora_rows_matmul_kernel``   partial[s] = Lᵀ · dropout(Rm) over the rows m of split s   (P, M) x (M, Q)
+* ``lora_rows_matmul_kernel``   partial[s] = alpha · Lᵀ · dropout(Rm) over the rows m of split s   (P, M) x (M, Q)
 
 Every operand is addressed through its strides, so transposed views (W0ᵀ, Bᵀ) are read in place.
 Accumulation is fp32; the rank-R intermediate stays fp32; each output is cast once, at the store.
@@ -80,9 +80,9 @@ def lora_fused_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_DOT_PRECISION: tl.constexpr,
 ):
-    """out = x·w + bias + mask ⊙ ((scale · Σ_s t[s]) · v), with the LoRA term added to the fp32
-    accumulator before the one cast at the store: no (M, N) intermediate besides out.
-    Forward: x, W0ᵀ, bias, xAᵀ partials, Bᵀ -> y.   Backward: dY, W0, none, dY·B partials, A -> dX
+    """out = x·w + bias + mask ⊙ (scale · (Σ_s t[s]) · v), with the LoRA term added to the fp32
+    accumulator before the one cast at the store: no (M, N) intermediate besides out; t_sum = Σ_s t[s].
+    Forward: x, W0ᵀ, bias, xAᵀ partials, Bᵀ -> y, T.   Backward: dY, W0, none, dY·B partials, A -> dX, dU
     (the dropout mask then applies to the LoRA term of dX, EPILOGUE_DROPOUT)."""
     # grouped ordering: GROUP_M row-blocks share each column-block of w while it is in L2
     pid = tl.program_id(0)
@@ -122,13 +122,12 @@ def lora_fused_matmul_kernel(
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for s in range(0, num_t_splits):   # fixed order: deterministic
             t += tl.load(t_ptr + s * stride_ts + t_offsets, mask=tile_mask, other=0.0)
-        t = t * scale
         if STORE_T_SUM:   # one column-block stores the reduced intermediate for the backward pass
             if pid_n == 0:
                 tl.store(t_sum_ptr + rows[:, None] * stride_sm + offs_r[None, :], t, mask=tile_mask)
         v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        lora = tl.dot(t, v, lora, input_precision=LORA_DOT_PRECISION)
+        lora = tl.dot(t * scale, v, lora, input_precision=LORA_DOT_PRECISION)
     if EPILOGUE_DROPOUT:
         keep = dropout_keep(seed, offs_m, offs_n, N, dropout_p)
         lora = tl.where(keep, lora * dropout_scale, 0.0)
@@ -147,13 +146,13 @@ def lora_rows_matmul_kernel(
     stride_lm, stride_lp,      # l: (M, P)
     stride_rm, stride_rq,      # r: (M, Q)
     stride_os, stride_op,      # out: (SPLIT_M, P, Q) fp32, last stride 1
-    seed, dropout_p, dropout_scale,
+    alpha, seed, dropout_p, dropout_scale,
     DROPOUT_R: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """partial[s] = Σ_{m in split s} l[m, :]ᵀ r[m, :]  -> (P, Q), the weight gradients
-    dA = dTᵀ · dropout(x) (P = R, Q = K) and dB = dYᵀ · (s·T) (P = N, Q = R). One operand is the fp32
+    """partial[s] = alpha · Σ_{m in split s} l[m, :]ᵀ r[m, :]  -> (P, Q), the weight gradients
+    dA = s · dUᵀ · dropout(x) (P = R, Q = K) and dB = s · dYᵀ · T (P = N, Q = R). One operand is the fp32
     rank intermediate, so both are taken in fp32 (tf32 tensor cores unless fp32 exactness is asked)."""
     # grid: (cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q), SPLIT_M)
     pid_p = tl.program_id(0)
@@ -181,7 +180,7 @@ def lora_rows_matmul_kernel(
         acc = tl.dot(lt, r, acc, input_precision=DOT_PRECISION)
 
     out = out_ptr + pid_s * stride_os + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :]
-    tl.store(out, acc, mask=p_mask[:, None] & q_mask[None, :])
+    tl.store(out, acc * alpha, mask=p_mask[:, None] & q_mask[None, :])
 
 
 @triton.jit
