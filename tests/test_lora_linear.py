@@ -200,3 +200,16 @@ def test_gradcheck_float64_fallback():
         return lora_linear(*tensors, 0.8, dropout_p=0.3)
 
     assert torch.autograd.gradcheck(with_dropout, (x, w, bias, a, b))
+
+
+def test_double_backward_raises_rather_than_silently_zero(backend):
+    skip_unless_backend_serves(backend, torch.float32)
+    gen = torch.Generator().manual_seed(9)
+    x = make_x(6, 16, "2d", torch.float32, gen).requires_grad_(True)
+    w, bias, a, b = make_params(10, 16, 4, torch.float32, True, gen)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    y = lora_linear(x, w, bias, a, b, 0.5)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad_x.sum(), [a])

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import fallback
 from .._backend import resolve_backend
@@ -149,7 +150,9 @@ class _LoRALinearFunction(torch.autograd.Function):
         ctx.eager_fast_path = True
         return output
 
-    backward = staticmethod(_backward)
+    # the kernels' gradients are not themselves differentiable: double backward raises, never zeros
+    backward = staticmethod(once_differentiable(_backward))
+
 
 # The seed of calls without dropout: one 8-byte CPU tensor made at import (a lazily made one would
 # be a guard that torch.compile trips over on the first call: one needless recompile).
