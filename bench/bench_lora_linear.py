@@ -423,6 +423,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=_int_list, help="override the token counts M, e.g. 1,64,1024")
     parser.add_argument("--ranks", type=_int_list, help="override the ranks, e.g. 16,64")
     parser.add_argument("--dropouts", type=_float_list, help="override the dropout rates, e.g. 0,0.1")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (default: torch's choice)")
     parser.add_argument("--min-run-time", type=float, default=harness.CPU_MIN_RUN_TIME_S,
                         help="CPU only: seconds blocked_autorange measures each provider for")
     args = parser.parse_args(argv)
@@ -438,6 +439,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     providers = tuple(p for p in PROVIDERS if p in args.providers.split(","))
     modes = tuple(m for m in MODES if m in args.modes.split(","))
@@ -459,12 +462,14 @@ def main(argv=None) -> int:
     rows = run(groups, providers, device, dtype, args.min_run_time)
     wall = time.perf_counter() - t0
 
-    columns = [c for c in TABLE_COLUMNS if c[0] in ("shape", "m", "k", "n", "r", "dropout_p", "mode")
-               or not c[0].endswith("_ms") or c[0][:-3] in providers]
+    needs = {"base_ms": "base", "ours_ms": "ours", "peft_ms": "peft", "lean_torch_ms": "lean_torch",
+             "overhead_pct": "base", "speedup_vs_peft": "peft", "speedup_vs_lean_torch": "lean_torch"}
+    columns = [c for c in TABLE_COLUMNS if needs.get(c[0], "ours") in providers]
     if device.type == "cuda":
         columns += [c for c in CUDA_COLUMNS if c[0].rsplit("_peak", 1)[0] in providers]
+    timer = "triton.testing.do_bench" if device.type == "cuda" else "torch.utils.benchmark blocked_autorange"
     notes = [
-        f"Times are medians in ms ({'triton.testing.do_bench' if device.type == 'cuda' else 'torch.utils.benchmark blocked_autorange'}; "
+        f"Times are medians in ms ({timer}; "
         "p20/p80 in the JSON). ours/base-1 % = LoRA overhead of ours over the base layer alone; "
         "× vs peft / × vs lean = their time / ours (> 1: ours is faster).",
         FLOPS_NOTE,
@@ -482,6 +487,7 @@ def main(argv=None) -> int:
     if args.out:
         name = args.name or ("lora_linear_full" if args.full else "lora_linear")
         stamp["wall_s"] = round(wall, 1)
+        stamp["load_average_1m_end"] = harness._load_average()
         paths = harness.write_results(name, rows, stamp, notes=notes, columns=columns, results_dir=args.results_dir)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if any(row.get("ours_ms") is None for row in rows if "ours" in providers) else 0

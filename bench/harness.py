@@ -184,6 +184,13 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def device_kind(device: torch.device | str) -> str:
     return torch.device(device).type
 
@@ -206,6 +213,7 @@ def environment_stamp(device: torch.device | str = "cpu", dtype: torch.dtype | N
         "date_utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_average_1m": _load_average(),     # > ~0.5 before a CPU run: something else is competing
     }
     if device.type == "cuda":
         stamp["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
@@ -279,7 +287,7 @@ def progress(message: str) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -294,7 +302,7 @@ def write_results(
     stem = f"{name}-{stamp.get('device_kind', 'unknown')}"
     json_path, md_path = results_dir / f"{stem}.json", results_dir / f"{stem}.md"
     _write_atomic(json_path, json.dumps({"benchmark": name, "environment": stamp, "notes": list(notes),
-                                         "rows": list(rows)}, indent=1) + "\n")
+                                         "rows": list(rows)}, indent=1, ensure_ascii=False) + "\n")
     md = [f"# {name} ({stamp.get('device_kind')})", ""]
     md += [f"- **{k}**: {v}" for k, v in stamp.items()]
     for note in notes:

@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 
 
+def hidden_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved rank intermediate T: fp32 for 16-bit and fp32 inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def dropout_keep_mask(m: int, k: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
     """(M, K) bool keep-mask derived from `seed` alone, so backward regenerates what forward used.
     Drawn by a private CPU generator: the global generator's state is untouched."""
@@ -29,11 +34,11 @@ def lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (M, N) and lora_hidden T = dropout(x) Aᵀ (M, r) in fp32 (no copy for fp32 inputs)."""
+    """y (M, N) and lora_hidden T = dropout(x) Aᵀ (M, r) in hidden_dtype (no copy for fp32/fp64)."""
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T    # (M, N)
     hidden = dropped(x, dropout_p, seed) @ lora_a.T                             # (M, r)
     y.addmm_(hidden, lora_b.T, alpha=scale)
-    return y, hidden.float()
+    return y, hidden.to(hidden_dtype(hidden.dtype))
 
 
 def lora_linear_backward(

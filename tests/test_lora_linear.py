@@ -213,3 +213,19 @@ def test_double_backward_raises_rather_than_silently_zero(backend):
     (grad_x,) = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(grad_x.sum(), [a])
+
+
+def test_float64_is_float64_exact_everywhere():
+    """float64 (the torch backend) keeps every intermediate in float64: dB included."""
+    lora_kernels.set_backend("torch")
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(37, 64, dtype=torch.float64, generator=gen, requires_grad=True)
+    w, bias, a, b = (torch.randn(*s, dtype=torch.float64, generator=gen) for s in ((48, 64), (48,), (8, 64), (48, 8)))
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    grad_y = torch.randn(37, 48, dtype=torch.float64, generator=gen)
+    y = lora_linear(x, w, bias, a, b, 1.7)
+    y_ref = lora_linear_reference(x, w, bias, a, b, 1.7)
+    for ours, ref in zip((y, *torch.autograd.grad(y, [x, a, b], grad_y)),
+                         (y_ref, *torch.autograd.grad(y_ref, [x, a, b], grad_y))):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)

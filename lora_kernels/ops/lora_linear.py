@@ -41,11 +41,11 @@ def _forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
     scale: float, dropout_p: float, seed: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """x (M, K) last stride 1 -> (y (M, N), lora_hidden T = dropout(x) Aᵀ (M, r) fp32).
+    """x (M, K) last stride 1 -> (y (M, N), lora_hidden T = dropout(x) Aᵀ (M, r), fp32 (fp64 for fp64 x)).
     seed: 0-d int64 CPU tensor; the dropout mask is a function of it alone."""
     m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
     if m == 0 or n == 0:
-        return x.new_empty((m, n)), x.new_zeros((m, r), dtype=torch.float32)
+        return x.new_empty((m, n)), x.new_zeros((m, r), dtype=fallback.hidden_dtype(x.dtype))
     return _backend_module(x).lora_linear_forward(
         x, weight, bias, lora_a, lora_b, scale, dropout_p, int(seed) if dropout_p > 0.0 else 0)
 
@@ -76,7 +76,7 @@ lora_linear_backward_op = torch.library.custom_op(
 @lora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
     return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32))
+            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=fallback.hidden_dtype(x.dtype)))
 
 
 def _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b):
