@@ -230,7 +230,7 @@ def lora_linear(
     scale = check_scale(scale)
     dropout_p = check_dropout_p(dropout_p)
     k = weight.shape[1]
-    x2d = x.reshape(-1, k)                                  # (M, K), a view when strides allow
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)          # (M, K), a view when strides allow
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     args = (x2d, weight, bias, lora_a, lora_b, scale, dropout_p, _dropout_seed(dropout_p))
@@ -240,4 +240,4 @@ def lora_linear(
         y2d, _ = _LoRALinearFunction.apply(*args)
     else:
         y2d, _ = _forward(*args)
-    return y2d.reshape(*x.shape[:-1], weight.shape[0])
+    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], weight.shape[0])
