@@ -64,14 +64,16 @@ def rank_block(rank: int, cap: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def fused_matmul_config(m: int, n: int, k: int, rank: int) -> MatmulConfig:
-    """Heuristic by M: decode sizes are bound by reading W0, so small M tiles, long K steps and
+    """Heuristic by M: decode sizes are bound by reading W0, so small M tiles and
     column blocks narrow enough for about one program per SM (N = 4096 -> 32 wide, 128 programs);
     prefill/training sizes are compute bound, so large square tiles."""
     if m <= 16:
         block_n = 64
         while block_n > 16 and triton.cdiv(n, block_n) < DECODE_PROGRAMS:
             block_n //= 2
-        return MatmulConfig(16, block_n, 256, rank_block(rank, 64), 8, 4, 4)
+        # BLOCK_K 128: 3 stages in flight of 16 KB (bf16, BLOCK_N 64); fp32 needs 122 KB of shared
+        # memory, where BLOCK_K 256 needed 240 KB, past both sm_80 (163 KB) and sm_90 (227 KB)
+        return MatmulConfig(16, block_n, 128, rank_block(rank, 64), 8, 4, 4)
     if m <= 64:
         return MatmulConfig(64, 64, 64, rank_block(rank, 64), 8, 4, 4)
     if m <= 256:
