@@ -38,7 +38,9 @@ def lora_linear_forward(
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T    # (M, N)
     hidden = dropped(x, dropout_p, seed) @ lora_a.T                             # (M, r)
     y.addmm_(hidden, lora_b.T, alpha=scale)
-    return y, hidden.to(hidden_dtype(hidden.dtype))
+    if hidden.dtype in (torch.float16, torch.bfloat16):      # fp32 / fp64 are kept as they are
+        hidden = hidden.float()
+    return y, hidden
 
 
 def lora_linear_backward(
