@@ -1,6 +1,7 @@
 """lora_linear on every backend against the float64 reference: forward and every gradient.
 
-Grid: K in {1, 17, 64, 255, 4095}, N in {1, 11, 64, 130}, r in {1, 8, 12, 16, 64}, M in {0, 1, 7, 64, 300},
+Grid: K in {1, 17, 64, 255, 4095}, N in {1, 11, 64, 130}, r in {1, 8, 12, 16, 64, 72, 100},
+M in {0, 1, 7, 64, 300},
 2-D / 3-D / transposed / row-sliced x, bias or None, scale 0.5 / 0 / negative. Shapes are small
 enough for the Triton interpreter; on a GPU the same grid runs with bf16 too.
 """
@@ -31,6 +32,8 @@ SHAPES = [
     (300, 17, 130, 8),
     (300, 64, 1, 16),
     (33, 64, 64, 16),
+    (100, 40, 50, 100),   # rank past one rank tile: the shrink and the epilogue loop over r
+    (300, 33, 20, 72),
 ]
 LAYOUTS = ["2d", "3d", "transposed", "row_sliced"]
 
