@@ -370,7 +370,7 @@ def _fused_args(usage: str, dt: str, flags: dict) -> dict:
                 stride_xm=k, stride_xk=1, stride_wk=w_strides[0], stride_wn=w_strides[1],
                 stride_ts=M * R, stride_tm=R, stride_vr=v_strides[0], stride_vn=v_strides[1],
                 stride_om=n, stride_on=1, stride_sm=R if flags["STORE_T_SUM"] else 0,
-                scale=2.0, **DROP)
+                stride_bias=1 if flags["HAS_BIAS"] else 0, scale=2.0, **DROP)
 
 
 def _rows_args(usage: str, dt: str) -> dict:

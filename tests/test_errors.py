@@ -322,3 +322,8 @@ def test_import_does_not_import_triton_or_touch_cuda():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_dropout_p_that_rounds_to_one_in_float32():
+    with pytest.raises(ValueError, match=r"dropout_p=0.99999999.*rounds to 1.0 in float32"):
+        _call(dropout_p=0.99999999)

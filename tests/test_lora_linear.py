@@ -232,3 +232,17 @@ def test_float64_is_float64_exact_everywhere():
     for ours, ref in zip((y, *torch.autograd.grad(y, [x, a, b], grad_y)),
                          (y_ref, *torch.autograd.grad(y_ref, [x, a, b], grad_y))):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias_layout", ["strided", "expanded"])
+def test_bias_any_stride(backend, bias_layout):
+    """A bias that is a strided view or an expanded scalar is read through its stride."""
+    skip_unless_backend_serves(backend, torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    x = make_x(5, 32, "2d", torch.float32, gen)
+    w, _, a, b = make_params(24, 32, 4, torch.float32, False, gen)
+    if bias_layout == "strided":
+        bias = torch.randn(24, 2, generator=gen).to(DEVICE)[:, 0]
+    else:
+        bias = torch.randn(1, generator=gen).to(DEVICE).expand(24)
+    check_against_reference(x, w, bias, a, b, 0.5)

@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+# Masks compare fp32 uniforms with fp32(dropout_p): larger p round to 1.0 and drop everything.
+MAX_DROPOUT_P = 1.0 - 2.0**-24
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -43,12 +45,15 @@ def check_same_dtype_and_device(reference_name: str, tensors: dict[str, torch.Te
 
 
 def check_dropout_p(dropout_p) -> float:
-    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0:   # the common case, without abc checks
+    if type(dropout_p) is float and 0.0 <= dropout_p <= MAX_DROPOUT_P:   # common case, no abc checks
         return dropout_p
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if float(dropout_p) > MAX_DROPOUT_P:
+        raise ValueError(f"dropout_p={dropout_p!r} rounds to 1.0 in float32, where the masks compare it: "
+                         f"at most {MAX_DROPOUT_P!r} (1 - 2**-24)")
     return float(dropout_p)
 
 

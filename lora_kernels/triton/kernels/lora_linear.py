@@ -17,13 +17,17 @@ import triton.language as tl
 
 
 @triton.jit
-def dropout_keep(seed, offs_m, offs_k, row_length, dropout_p):
-    """Keep-mask of LoRA dropout for the tile rows offs_m (BM,) x columns offs_k (BK,) of an
-    (M, row_length) matrix: element (m, k) is kept iff philox(seed, m * row_length + k) >= dropout_p.
+def dropout_keep(seed, offs_m, offs_k, dropout_p):
+    """Keep-mask of LoRA dropout for rows offs_m (BM,) x columns offs_k (BK,) of an (M, K) matrix:
+    element (m, k) is kept iff uniform(philox(seed; counter = (k, m, 0, 0))) >= dropout_p.
     The same (seed, m, k) gives the same bit in every kernel, which is how backward regenerates
-    the forward mask without storing it. Offsets are int64: M * K may pass 2**31."""
-    offsets = offs_m.to(tl.int64)[:, None] * row_length + offs_k[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+    the forward mask without storing it. Two 32-bit counters rather than one 64-bit offset m*K + k:
+    unique up to 2**32 rows and columns, and 32-bit Philox keeps the dX epilogue (two live fp32
+    accumulators) from spilling registers (~1 KB per thread at 128x128 with 64-bit Philox, sm_90)."""
+    rows, cols = tl.broadcast(offs_m.to(tl.uint32)[:, None], offs_k.to(tl.uint32)[None, :])
+    zero = rows * 0
+    random_bits, _, _, _ = tl.philox(seed, cols, rows, zero, zero)
+    return tl.uint_to_uniform_float(random_bits) >= dropout_p
 
 
 @triton.jit
@@ -55,13 +59,13 @@ def lora_shrink_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)      # (BM, BK)
         if DROPOUT:
-            keep = dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+            keep = dropout_keep(seed, offs_m, offs_k, dropout_p)
             x = tl.where(keep, x.to(tl.float32) * dropout_scale, 0.0).to(x.dtype)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=(offs_r[None, :] < R) & k_mask[:, None], other=0.0)      # (BK, BR)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
 
-    out = out_ptr + pid_s * stride_os + rows[:, None] * stride_om + offs_r[None, :]
+    out = out_ptr + pid_s.to(tl.int64) * stride_os + rows[:, None] * stride_om + offs_r[None, :]
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
@@ -75,6 +79,7 @@ def lora_fused_matmul_kernel(
     stride_vr, stride_vn,      # v: (R, N)   (Bᵀ in forward, A in backward)
     stride_om, stride_on,      # out: (M, N)
     stride_sm,                 # t_sum: (M, R) fp32, last stride 1
+    stride_bias,               # bias: (N,), any stride (0 for an expanded one)
     scale, seed, dropout_p, dropout_scale,
     HAS_BIAS: tl.constexpr, STORE_T_SUM: tl.constexpr, EPILOGUE_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -120,8 +125,10 @@ def lora_fused_matmul_kernel(
         t_offsets = rows[:, None] * stride_tm + offs_r[None, :]
         tile_mask = m_mask[:, None] & r_mask[None, :]
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for s in range(0, num_t_splits):   # fixed order: deterministic
-            t += tl.load(t_ptr + s * stride_ts + t_offsets, mask=tile_mask, other=0.0)
+        t_split_ptr = t_ptr + t_offsets   # pointer increments: 64-bit, whatever split * stride_ts
+        for _ in range(0, num_t_splits):   # fixed order: deterministic
+            t += tl.load(t_split_ptr, mask=tile_mask, other=0.0)
+            t_split_ptr += stride_ts
         if STORE_T_SUM:   # one column-block stores the reduced intermediate for the backward pass
             if pid_n == 0:
                 tl.store(t_sum_ptr + rows[:, None] * stride_sm + offs_r[None, :], t, mask=tile_mask)
@@ -129,11 +136,11 @@ def lora_fused_matmul_kernel(
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
         lora = tl.dot(t * scale, v, lora, input_precision=LORA_DOT_PRECISION)
     if EPILOGUE_DROPOUT:
-        keep = dropout_keep(seed, offs_m, offs_n, N, dropout_p)
+        keep = dropout_keep(seed, offs_m, offs_n, dropout_p)
         lora = tl.where(keep, lora * dropout_scale, 0.0)
     acc += lora
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -175,11 +182,11 @@ def lora_rows_matmul_kernel(
         r = tl.load(r_ptr + rows[:, None] * stride_rm + offs_q[None, :] * stride_rq,
                     mask=m_mask[:, None] & q_mask[None, :], other=0.0).to(tl.float32)    # (BM, BQ)
         if DROPOUT_R:
-            keep = dropout_keep(seed, offs_m, offs_q, Q, dropout_p)
+            keep = dropout_keep(seed, offs_m, offs_q, dropout_p)
             r = tl.where(keep, r * dropout_scale, 0.0)
         acc = tl.dot(lt, r, acc, input_precision=DOT_PRECISION)
 
-    out = out_ptr + pid_s * stride_os + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :]
+    out = out_ptr + pid_s.to(tl.int64) * stride_os + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :]
     tl.store(out, acc * alpha, mask=p_mask[:, None] & q_mask[None, :])
 
 
@@ -188,6 +195,6 @@ def dropout_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, B
     """Writes the keep-mask (M, K) int8 that the kernels above regenerate: for tests and debugging."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(seed, offs_m, offs_k, K, dropout_p)
+    keep = dropout_keep(seed, offs_m, offs_k, dropout_p)
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
