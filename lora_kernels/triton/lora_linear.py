@@ -107,6 +107,11 @@ def _splits(length: int, block: int, programs: int) -> tuple[int, int]:
     return triton.cdiv(max(length, 1), per_split), per_split
 
 
+def _sum_splits(partials: torch.Tensor) -> torch.Tensor:
+    """(S, ...) fp32 partials -> (...): summed in a fixed order (deterministic), no copy when S = 1."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's own switch (torch.backends.cuda.matmul.allow_tf32, off by
     default): exact fp32 unless the user allowed tf32. 16-bit inputs use their own tensor cores."""
@@ -215,8 +220,7 @@ def rows_matmul(
         DOT_PRECISION=lora_precision(compute_dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    reduced = partials[0] if splits == 1 else partials.sum(dim=0)
-    return reduced.to(out_dtype)
+    return _sum_splits(partials).to(out_dtype)
 
 
 def lora_linear_forward(
@@ -234,7 +238,7 @@ def lora_linear_backward(
     x: torch.Tensor | None,        # (M, K), needed for dA
     weight: torch.Tensor | None,   # (N, K), needed for dX
     lora_a: torch.Tensor | None,   # (r, K), needed for dX
-    lora_b: torch.Tensor,          # (N, r)
+    lora_b: torch.Tensor | None,   # (N, r), needed for dX and dA
     lora_hidden: torch.Tensor | None,   # (M, r) fp32 T = dropout(x) Aᵀ, needed for dB
     scale: float, dropout_p: float, seed: int,
     need_x: bool, need_a: bool, need_b: bool,
@@ -248,7 +252,7 @@ def lora_linear_backward(
             grad_x, grad_u = fused_matmul(grad_y, weight, None, du_partials, lora_a, scale,
                                           store_t_sum=need_a, epilogue_dropout_p=dropout_p, seed=seed)
         else:
-            grad_u = du_partials[0] if du_partials.shape[0] == 1 else du_partials.sum(dim=0)
+            grad_u = _sum_splits(du_partials)
         if need_a:
             grad_a = rows_matmul(grad_u, x, grad_y.dtype, scale, dropout_p, seed)   # (r, K)
     if need_b:
