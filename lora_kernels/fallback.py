@@ -12,7 +12,7 @@ import torch
 
 def hidden_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the saved rank intermediate T: fp32 for 16-bit and fp32 inputs, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def dropout_keep_mask(m: int, k: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -38,9 +38,7 @@ def lora_linear_forward(
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T    # (M, N)
     hidden = dropped(x, dropout_p, seed) @ lora_a.T                             # (M, r)
     y.addmm_(hidden, lora_b.T, alpha=scale)
-    if hidden.dtype in (torch.float16, torch.bfloat16):      # fp32 / fp64 are kept as they are
-        hidden = hidden.float()
-    return y, hidden
+    return y, hidden.to(hidden_dtype(hidden.dtype))             # fp32 / fp64: no copy
 
 
 def lora_linear_backward(

@@ -142,7 +142,7 @@ def test_only_requested_gradients(backend):
     a.requires_grad_(True)
     y = lora_linear(x, w, bias, a, b, 1.5)
     (grad_a,) = torch.autograd.grad(y.sum(), [a])
-    expected = (1.5 * (torch.ones(9, 14, dtype=torch.float64) @ b.double()).T @ x.double()).to(dtype)
+    expected = (1.5 * (torch.ones(9, 14, dtype=torch.float64, device=DEVICE) @ b.double()).T @ x.double()).to(dtype)
     assert_close(grad_a, expected.double(), expected, "dA with frozen x, B")
     assert x.grad is None and b.grad is None
 
