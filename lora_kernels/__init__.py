@@ -1,11 +1,23 @@
-"""lora-kernels: fused LoRA linear layers, y = x W0ᵀ + b + s · (x Aᵀ) Bᵀ.
+"""lora-kernels: fused LoRA linear layers, y = x W0ᵀ + b + s · (x Aᵀ) Bᵀ, with one adapter or a
+different adapter per row (multi_lora_linear).
 
 Importing this package never imports triton and never touches a GPU.
 """
 
 from ._backend import get_backend, set_backend
+from .metadata import AdapterBatch, set_check_adapter_ids
 from .ops.lora_linear import lora_linear
-from .reference import lora_linear_reference
+from .ops.multi_lora_linear import multi_lora_linear
+from .reference import lora_linear_reference, multi_lora_linear_reference
 
-__all__ = ["lora_linear", "lora_linear_reference", "set_backend", "get_backend"]
+__all__ = [
+    "AdapterBatch",
+    "get_backend",
+    "lora_linear",
+    "lora_linear_reference",
+    "multi_lora_linear",
+    "multi_lora_linear_reference",
+    "set_backend",
+    "set_check_adapter_ids",
+]
 __version__ = "0.1.0"

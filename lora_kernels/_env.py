@@ -19,3 +19,16 @@ def backend_from_env() -> str:
 def triton_interpreter_enabled() -> bool:
     """``TRITON_INTERPRET=1`` runs Triton kernels on CPU tensors (slow; for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def check_ids_from_env(default: bool) -> bool:
+    """``LORA_KERNELS_CHECK_IDS``: ``1`` checks adapter ids when an AdapterBatch is built (one host
+    sync per batch on CUDA), ``0`` skips the check; unset: `default`."""
+    value = os.environ.get("LORA_KERNELS_CHECK_IDS", "").strip().lower()
+    if value == "":
+        return default
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"LORA_KERNELS_CHECK_IDS={value!r}: expected 0 or 1")

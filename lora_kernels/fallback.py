@@ -63,3 +63,68 @@ def lora_linear_backward(
     if need_b:
         grad_b = grad_y.T @ (lora_hidden * scale).to(grad_y.dtype)              # (N, r)
     return grad_x, grad_a, grad_b
+
+
+# ---- multi-adapter: one pass over the active adapters, rows gathered once per adapter ----------
+# x (M, K), lora_a (L, R, K), lora_b (L, N, R), scales (L,); the AdapterBatch's by-adapter view:
+# sorted_rows (M,), adapter_starts (L + 1,), ranks (L,) | None (read on the host once per call).
+# Never a per-row weight gather: each adapter's rows are index_select-ed, go through two dense
+# matmuls with that adapter's (rank-trimmed) weights, and are index_add-ed back. Rows of no
+# adapter are never touched.
+
+def _adapter_groups(sorted_rows, adapter_starts, ranks, max_rank: int):
+    """(adapter j, its rows (m_j,) int64, its rank r_j) for every adapter with rows and rank > 0."""
+    starts = adapter_starts.tolist()
+    host_ranks = None if ranks is None else ranks.tolist()
+    sorted_rows = sorted_rows.long()
+    for j in range(len(starts) - 1):
+        start, end = starts[j], starts[j + 1]
+        rank = max_rank if host_ranks is None else min(host_ranks[j], max_rank)
+        if end > start and rank > 0:
+            yield j, sorted_rows[start:end], rank
+
+
+def multi_lora_linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+    sorted_rows: torch.Tensor, adapter_starts: torch.Tensor, ranks: torch.Tensor | None, need_hidden: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (M, N), and when need_hidden the rank intermediate T (M, R) in hidden_dtype, unscaled,
+    zero on rows of no adapter and past each adapter's rank (else an empty (M, 0))."""
+    m, max_rank = x.shape[0], lora_a.shape[1]
+    y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T       # (M, N)
+    hidden = x.new_zeros((m, max_rank if need_hidden else 0), dtype=hidden_dtype(x.dtype))
+    scales = scales.tolist()
+    for j, rows, rank in _adapter_groups(sorted_rows, adapter_starts, ranks, max_rank):
+        t = x.index_select(0, rows) @ lora_a[j, :rank].T                          # (m_j, r_j)
+        y.index_add_(0, rows, (t * scales[j]) @ lora_b[j, :, :rank].T)           # (m_j, N)
+        if need_hidden:
+            hidden[rows, :rank] = t.to(hidden.dtype)
+    return y, hidden
+
+
+def multi_lora_linear_backward(
+    grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, lora_hidden: torch.Tensor | None,
+    scales: torch.Tensor, sorted_rows: torch.Tensor, adapter_starts: torch.Tensor, ranks: torch.Tensor | None,
+    need_x: bool, need_a: bool, need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Per adapter j over its rows:  dU_j = s_j·dY_j·B_j;  dX_j += dU_j·A_j;  dA_j = dU_jᵀ·X_j;
+    dB_j = s_j·dY_jᵀ·T_j.  dX = dY·W0 first; unused adapters (and padded ranks) get zero gradients."""
+    max_rank = lora_a.shape[1]
+    scales = scales.tolist()
+    grad_x = grad_y @ weight if need_x else None                                    # (M, K)
+    grad_a = lora_a.new_zeros(lora_a.shape) if need_a else None                     # (L, R, K)
+    grad_b = lora_b.new_zeros(lora_b.shape) if need_b else None                     # (L, N, R)
+    for j, rows, rank in _adapter_groups(sorted_rows, adapter_starts, ranks, max_rank):
+        grad_y_j = grad_y.index_select(0, rows)                                      # (m_j, N)
+        if need_x or need_a:
+            grad_u = (grad_y_j @ lora_b[j, :, :rank]).mul_(scales[j])               # (m_j, r_j)
+            if need_x:
+                grad_x.index_add_(0, rows, grad_u @ lora_a[j, :rank])
+            if need_a:
+                grad_a[j, :rank] = grad_u.T @ x.index_select(0, rows)
+        if need_b:
+            hidden = lora_hidden.index_select(0, rows)[:, :rank] * scales[j]
+            grad_b[j, :, :rank] = grad_y_j.T @ hidden.to(grad_y.dtype)
+    return grad_x, grad_a, grad_b

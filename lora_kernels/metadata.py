@@ -1,0 +1,191 @@
+"""AdapterBatch: which rows of a batch go through which adapter, built once per batch.
+
+Every layer of a model reuses one AdapterBatch (build it once per forward, pass it to every
+multi_lora_linear). Construction runs on the ids' device and needs no host synchronisation, except
+the optional id check (see ``check_adapter_ids``).
+
+Two views of the same grouping:
+
+* **by adapter** (``sorted_rows``, ``adapter_starts``): row indices sorted by adapter id (stable:
+  rows keep their order within an adapter); adapter j's rows are
+  ``sorted_rows[adapter_starts[j]:adapter_starts[j + 1]]``; rows with no adapter (-1) come last.
+  The weight gradients (dA[j], dB[j]) and the torch backend read this view.
+* **segments** (``segment_rows``, ``segment_starts``, ``segment_adapters``): what the Triton forward
+  kernels walk. Segment s covers positions ``segment_starts[s]:segment_starts[s + 1]`` of
+  ``segment_rows`` and uses adapter ``segment_adapters[s]`` (-1: none). From ids, the segments are
+  the adapters (S = L) over ``sorted_rows`` and ``segment_adapters`` is None; from ``from_segments``, they are the caller's own
+  segments over the rows in place (no gather, no sort on the forward path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._env import check_ids_from_env
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+_check_override: bool | None = None
+
+
+def set_check_adapter_ids(enabled: bool | None) -> None:
+    """Turn the adapter-id check on or off for every later AdapterBatch (None: back to the default).
+
+    On (the default, unless ``LORA_KERNELS_CHECK_IDS=0`` or ``python -O``): ids outside [-1, L) and
+    malformed segments raise ValueError when the batch is built. On CUDA that costs one host
+    synchronisation per batch (not per layer). Off, or while a CUDA graph is being captured or
+    torch.compile traces: nothing is read back, and out-of-range ids are treated as -1 (base layer
+    only): the kernels never address memory outside the adapter stacks."""
+    global _check_override
+    _check_override = enabled
+
+
+def check_adapter_ids_enabled(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    if _check_override is not None:
+        return _check_override
+    return check_ids_from_env(default=__debug__)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_index_tensor(name: str, t, ndim: int = 1) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int32/int64, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} ({_describe(t)}) must be int32 or int64")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} ({_describe(t)}) must be {ndim}-D")
+
+
+def _check_num_adapters(num_adapters) -> int:
+    if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
+        raise ValueError(f"num_adapters must be an int >= 1, got {num_adapters!r}")
+    return num_adapters
+
+
+def _checked_ranks(ranks, num_adapters: int, device: torch.device, check: bool) -> torch.Tensor | None:
+    """(L,) int32 true ranks on `device`, or None (every adapter uses the stack's full rank)."""
+    if ranks is None:
+        return None
+    if isinstance(ranks, (list, tuple)):
+        ranks = torch.tensor(ranks, dtype=torch.int32)
+    _check_index_tensor("ranks", ranks)
+    if ranks.shape[0] != num_adapters:
+        raise ValueError(f"ranks ({_describe(ranks)}) must have one entry per adapter: shape ({num_adapters},)")
+    if check and bool((ranks < 0).any()):
+        raise ValueError(f"ranks ({_describe(ranks)}) must be >= 0, got {ranks.min().item()}")
+    return ranks.to(device=device, dtype=torch.int32)
+
+
+def _group_by_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_rows (M,) int32, adapter_starts (L + 1,) int32) on the ids' device, no sync.
+    Ids outside [0, L) sort last, past adapter_starts[L]: they get no adapter."""
+    ids = adapter_ids.to(torch.int64)
+    key = torch.where((ids >= 0) & (ids < num_adapters), ids, num_adapters)       # (M,)
+    sorted_key, sorted_rows = torch.sort(key, stable=True)
+    bounds = torch.arange(num_adapters + 1, device=ids.device, dtype=torch.int64)
+    adapter_starts = torch.searchsorted(sorted_key, bounds)                         # first row >= j
+    return sorted_rows.to(torch.int32), adapter_starts.to(torch.int32)
+
+
+class AdapterBatch:
+    """Rows of a batch grouped by adapter; see the module docstring for the two views.
+
+    >>> import torch, lora_kernels
+    >>> batch = lora_kernels.AdapterBatch(torch.tensor([2, -1, 0, 2]), num_adapters=3)
+    >>> batch.sorted_rows.tolist(), batch.adapter_starts.tolist(), batch.counts.tolist()
+    ([2, 0, 3, 1], [0, 1, 1, 3], [1, 0, 2])
+    """
+
+    def __init__(self, adapter_ids: torch.Tensor, num_adapters: int, ranks=None):
+        """adapter_ids (M,) int32/int64, -1 = no adapter; ranks: per-adapter true ranks (L,) or None."""
+        _check_index_tensor("adapter_ids", adapter_ids)
+        num_adapters = _check_num_adapters(num_adapters)
+        check = check_adapter_ids_enabled(adapter_ids.device)
+        if check and adapter_ids.numel():
+            bad = (adapter_ids < -1) | (adapter_ids >= num_adapters)
+            if bool(bad.any()):
+                first = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"adapter_ids ({_describe(adapter_ids)}) must be in [-1, {num_adapters}) "
+                    f"(-1 = no adapter, L = {num_adapters} adapters): adapter_ids[{first}] = "
+                    f"{int(adapter_ids[first])}")
+        self.num_rows = adapter_ids.shape[0]
+        self.num_adapters = num_adapters
+        self.device = adapter_ids.device
+        self.ranks = _checked_ranks(ranks, num_adapters, self.device, check)
+        self.adapter_ids = adapter_ids.to(torch.int32)
+        self.sorted_rows, self.adapter_starts = _group_by_adapter(adapter_ids, num_adapters)
+        # the forward kernels' segments: one per adapter (segment_adapters None: segment s is adapter s)
+        self.segment_rows = self.sorted_rows
+        self.segment_starts = self.adapter_starts
+        self.segment_adapters: torch.Tensor | None = None
+
+    @classmethod
+    def from_segments(cls, segment_starts: torch.Tensor, segment_adapters: torch.Tensor, num_adapters: int,
+                      *, num_rows: int | None = None, ranks=None) -> AdapterBatch:
+        """Rows already grouped: segment s is rows segment_starts[s]:segment_starts[s + 1] of x and uses
+        adapter segment_adapters[s] (-1: none); an adapter may own several segments. segment_starts
+        (S + 1,) starts at 0 and ends at num_rows (read from it, one sync, when num_rows is None).
+
+        >>> import torch, lora_kernels
+        >>> batch = lora_kernels.AdapterBatch.from_segments(torch.tensor([0, 2, 3, 5]), torch.tensor([1, -1, 1]), 2)
+        >>> batch.adapter_ids.tolist(), batch.counts.tolist()
+        ([1, 1, -1, 1, 1], [0, 4])
+        """
+        _check_index_tensor("segment_starts", segment_starts)
+        _check_index_tensor("segment_adapters", segment_adapters)
+        num_adapters = _check_num_adapters(num_adapters)
+        num_segments = segment_adapters.shape[0]
+        if segment_starts.shape[0] != num_segments + 1:
+            raise ValueError(f"segment_starts ({_describe(segment_starts)}) must have one more entry than "
+                             f"segment_adapters ({_describe(segment_adapters)}): shape ({num_segments + 1},)")
+        if segment_starts.device != segment_adapters.device:
+            raise ValueError(f"segment_starts is on {segment_starts.device} but segment_adapters is on "
+                             f"{segment_adapters.device}: both must be on one device")
+        if num_rows is None:
+            num_rows = int(segment_starts[-1])
+        check = check_adapter_ids_enabled(segment_starts.device)
+        if check:
+            lengths = segment_starts[1:] - segment_starts[:-1]
+            if int(segment_starts[0]) != 0 or int(segment_starts[-1]) != num_rows or bool((lengths < 0).any()):
+                raise ValueError(f"segment_starts ({_describe(segment_starts)}) must rise from 0 to num_rows="
+                                 f"{num_rows}, got {segment_starts.tolist()[:16]}")
+        lengths = (segment_starts[1:] - segment_starts[:-1]).clamp_(min=0)
+        # per-row ids (sync-free: the output size is given) give the by-adapter view; with the check
+        # on, the constructor also rejects out-of-range segment adapters
+        adapter_ids = torch.repeat_interleave(segment_adapters, lengths, output_size=num_rows)
+        if check and num_segments and bool(((segment_adapters < -1) | (segment_adapters >= num_adapters)).any()):
+            raise ValueError(f"segment_adapters ({_describe(segment_adapters)}) must be in [-1, {num_adapters}), "
+                             f"got {segment_adapters.tolist()[:16]}")
+        batch = cls(adapter_ids, num_adapters, ranks)
+        batch.segment_rows = torch.arange(num_rows, device=batch.device, dtype=torch.int32)
+        batch.segment_starts = segment_starts.to(torch.int32)
+        # out-of-range adapters (check off) mean "none", as for ids
+        adapters = segment_adapters.to(torch.int32)
+        batch.segment_adapters = torch.where((adapters >= 0) & (adapters < num_adapters), adapters, -1)
+        return batch
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(L,) int32: rows per adapter."""
+        return self.adapter_starts[1:] - self.adapter_starts[:-1]
+
+    @property
+    def active(self) -> torch.Tensor:
+        """(L,) bool: adapters with at least one row."""
+        return self.counts > 0
+
+    @property
+    def num_segments(self) -> int:
+        return self.segment_starts.shape[0] - 1
+
+    def __repr__(self) -> str:
+        return (f"AdapterBatch(num_rows={self.num_rows}, num_adapters={self.num_adapters}, "
+                f"segments={self.num_segments}, device={self.device})")

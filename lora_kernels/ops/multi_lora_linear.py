@@ -1,0 +1,224 @@
+"""multi_lora_linear: y[i] = x[i] W0ᵀ + b + scales[j] · (x[i] A[j]ᵀ) B[j]ᵀ, j = adapter_ids[i] (-1: none).
+
+Layers: public function (validate, flatten, group rows by adapter) -> torch.library custom ops
+``lora_kernels::multi_lora_linear`` / ``lora_kernels::multi_lora_linear_backward`` (fake impls,
+autograd registered between them) -> backend (Triton launcher or torch fallback). The base layer
+is torch's own GEMM in both backends, so rows of no adapter equal F.linear's output bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import fallback
+from .._backend import resolve_backend
+from ..metadata import AdapterBatch
+from ._checks import check_same_dtype_and_device, check_shape, check_tensor, describe
+
+
+def _backend_module(t: Tensor):
+    if resolve_backend(t.device, t.dtype) == "triton":
+        from ..triton import multi_lora_linear as triton_multi_lora_linear   # imports triton: only here
+
+        return triton_multi_lora_linear
+    return fallback
+
+
+def _forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scales: Tensor,
+    sorted_rows: Tensor, adapter_starts: Tensor, segment_rows: Tensor, segment_starts: Tensor,
+    segment_adapters: Optional[Tensor], ranks: Optional[Tensor], need_hidden: bool,
+) -> tuple[Tensor, Tensor]:
+    """x (M, K) last stride 1 -> (y (M, N), T = x A[j]ᵀ (M, R) in hidden dtype when need_hidden, else (M, 0)).
+    The AdapterBatch comes as its tensors (see lora_kernels.metadata)."""
+    m, n, max_rank = x.shape[0], weight.shape[0], lora_a.shape[1]
+    if m == 0 or n == 0:
+        return (x.new_empty((m, n)),
+                x.new_zeros((m, max_rank if need_hidden else 0), dtype=fallback.hidden_dtype(x.dtype)))
+    backend = _backend_module(x)
+    if backend is fallback:
+        return fallback.multi_lora_linear_forward(
+            x, weight, bias, lora_a, lora_b, scales, sorted_rows, adapter_starts, ranks, need_hidden)
+    return backend.multi_lora_linear_forward(
+        x, weight, bias, lora_a, lora_b, scales, segment_rows, segment_starts, segment_adapters, ranks,
+        need_hidden)
+
+
+def _backward_grads(
+    grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+    lora_hidden: Optional[Tensor], scales: Tensor, sorted_rows: Tensor, adapter_starts: Tensor,
+    ranks: Optional[Tensor], need_x: bool, need_a: bool, need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX (M, K), dA (L, R, K), dB (L, N, R)); a gradient not asked for comes back empty."""
+    grads = (None, None, None)
+    if grad_y.shape[0] > 0:
+        grads = _backend_module(grad_y).multi_lora_linear_backward(
+            grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
+            need_x, need_a, need_b)
+    shapes = _grad_shapes(grad_y, weight, lora_a, lora_b, need_x, need_a, need_b)
+    return tuple(g if g is not None else grad_y.new_zeros(shape) for g, shape in zip(grads, shapes))
+
+
+multi_lora_linear_op = torch.library.custom_op("lora_kernels::multi_lora_linear", _forward, mutates_args=())
+multi_lora_linear_backward_op = torch.library.custom_op(
+    "lora_kernels::multi_lora_linear_backward", _backward_grads, mutates_args=())
+
+
+@multi_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scales, sorted_rows, adapter_starts, segment_rows, segment_starts,
+      segment_adapters, ranks, need_hidden):
+    hidden_width = lora_a.shape[1] if need_hidden else 0
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], hidden_width), dtype=fallback.hidden_dtype(x.dtype)))
+
+
+def _grad_shapes(grad_y, weight, lora_a, lora_b, need_x, need_a, need_b):
+    return ((grad_y.shape[0], weight.shape[1]) if need_x else (0,),
+            tuple(lora_a.shape) if need_a else (0,),
+            tuple(lora_b.shape) if need_b else (0,))
+
+
+@multi_lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
+      need_x, need_a, need_b):
+    shapes = _grad_shapes(grad_y, weight, lora_a, lora_b, need_x, need_a, need_b)
+    return tuple(grad_y.new_empty(shape) for shape in shapes)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scales, sorted_rows, adapter_starts, _, _, _, ranks, _ = inputs
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    ctx.mark_non_differentiable(output[1])
+    ctx.need = (need_x, need_w, need_bias, need_a, need_b)
+    # weight and the adapter stacks are parameters (saving them costs no memory); of the
+    # activations, only what the requested gradients read
+    ctx.save_for_backward(
+        x if (need_a or need_w) else None, weight, lora_a, lora_b,
+        output[1] if need_b else None, scales, sorted_rows, adapter_starts, ranks)
+
+
+def _backward(ctx, grad_y, _grad_hidden):
+    x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.need
+    if grad_y.stride(-1) != 1:
+        grad_y = grad_y.contiguous()
+    grad_x = grad_a = grad_b = grad_w = grad_bias = None
+    if need_x or need_a or need_b:
+        fast = getattr(ctx, "eager_fast_path", False) and not torch.autograd._profiler_enabled()
+        grads_fn = _backward_grads if fast else multi_lora_linear_backward_op
+        grad_x, grad_a, grad_b = grads_fn(
+            grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
+            need_x, need_a, need_b)
+    if need_w:
+        grad_w = grad_y.T @ x                                 # (N, K)
+    if need_bias:
+        grad_bias = grad_y.sum(dim=0)                         # (N,)
+    return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
+            grad_b if need_b else None) + (None,) * 8
+
+
+multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MultiLoRALinearFunction(torch.autograd.Function):
+    """The eager fast path, as lora_linear's: the same forward, context and backward without the
+    dispatcher's round trips."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.eager_fast_path = True
+        return output
+
+    backward = staticmethod(once_differentiable(_backward))
+
+
+def validate_multi_lora_linear(x, weight, bias, lora_a, lora_b, scales) -> None:
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("bias", bias, ndim=1, optional=True)
+    check_tensor("lora_a", lora_a, ndim=3)
+    check_tensor("lora_b", lora_b, ndim=3)
+    check_tensor("scales", scales, ndim=1)
+    n, k = weight.shape
+    num_adapters, max_rank = lora_a.shape[0], lora_a.shape[1]
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x ({describe(x)}) must have last dim K={k}, the in_features of "
+                         f"weight ({describe(weight)})")
+    if num_adapters < 1 or max_rank < 1:
+        raise ValueError(f"lora_a ({describe(lora_a)}) must be (L, r_max, K) with L >= 1 adapters and r_max >= 1")
+    check_shape("lora_a", lora_a, (num_adapters, max_rank, k), "(L, r_max, K) with K = weight.shape[1]")
+    check_shape("lora_b", lora_b, (num_adapters, n, max_rank),
+                "(L, N, r_max) with L, r_max from lora_a (L, r_max, K) and N = weight.shape[0]")
+    check_shape("scales", scales, (num_adapters,), "(L,), one scale per adapter of lora_a (L, r_max, K)")
+    if bias is not None:
+        check_shape("bias", bias, (n,), "(N,) with N = weight.shape[0]")
+    check_same_dtype_and_device(
+        "x", {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b})
+    if scales.device != x.device:
+        raise ValueError(f"scales ({describe(scales)}) is on {scales.device} but x is on {x.device}: "
+                         "all tensors must be on one device")
+    if scales.requires_grad:
+        raise ValueError(f"scales ({describe(scales)}) must not require grad: LoRA scaling is a constant, "
+                         "not a parameter")
+
+
+def _adapter_batch(adapter_ids, num_rows: int, num_adapters: int, device: torch.device) -> AdapterBatch:
+    batch = adapter_ids if isinstance(adapter_ids, AdapterBatch) else AdapterBatch(adapter_ids, num_adapters)
+    if batch.num_adapters != num_adapters:
+        raise ValueError(f"{batch!r} was built for {batch.num_adapters} adapters but lora_a stacks "
+                         f"L={num_adapters}")
+    if batch.num_rows != num_rows:
+        raise ValueError(f"adapter_ids ({batch!r}) has {batch.num_rows} rows but x has M={num_rows} rows "
+                         "(x flattened to (M, K)): one id per row")
+    if batch.device != device:
+        raise ValueError(f"adapter_ids ({batch!r}) is on {batch.device} but x is on {device}: "
+                         "all tensors must be on one device")
+    return batch
+
+
+def multi_lora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
+    adapter_ids: Tensor | AdapterBatch,
+) -> Tensor:
+    """y[i] = x[i] W0ᵀ + b + scales[j] · (x[i] A[j]ᵀ) B[j]ᵀ with j = adapter_ids[i]; j = -1 leaves
+    row i exactly as the base layer (F.linear) computes it. Differentiable in x, lora_a, lora_b
+    (adapters with no rows get zero gradients), and in weight / bias when they require grad.
+
+    x (..., K), weight (N, K), bias (N,) | None, lora_a (L, r_max, K), lora_b (L, N, r_max),
+    scales (L,) floating tensor, adapter_ids (M,) int32/int64 over x's rows flattened to (M, K),
+    or an AdapterBatch built once per batch (with per-adapter true ranks, or from segments).
+
+    >>> import torch, lora_kernels
+    >>> x, w = torch.randn(4, 8), torch.randn(6, 8)
+    >>> a, b, s = torch.randn(3, 2, 8), torch.randn(3, 6, 2), torch.tensor([0.5, 1.0, 2.0])
+    >>> y = lora_kernels.multi_lora_linear(x, w, None, a, b, s, torch.tensor([2, -1, 0, 2]))
+    >>> torch.allclose(y[0], x[0] @ w.T + 2.0 * (x[0] @ a[2].T) @ b[2].T, atol=1e-5)
+    True
+    >>> torch.equal(y[1], (x @ w.T)[1])
+    True
+    """
+    validate_multi_lora_linear(x, weight, bias, lora_a, lora_b, scales)
+    num_adapters, _, k = lora_a.shape
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)          # (M, K), a view when strides allow
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    batch = _adapter_batch(adapter_ids, x2d.shape[0], num_adapters, x.device)
+    scales = scales.to(fallback.hidden_dtype(x.dtype))       # fp32 (fp64 for fp64 x)
+    tensors = (x2d, weight, bias, lora_a, lora_b)
+    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    need_hidden = grad_wanted and lora_b.requires_grad
+    args = (*tensors, scales, batch.sorted_rows, batch.adapter_starts, batch.segment_rows,
+            batch.segment_starts, batch.segment_adapters, batch.ranks, need_hidden)
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        y2d, _ = multi_lora_linear_op(*args)
+    elif grad_wanted:
+        y2d, _ = _MultiLoRALinearFunction.apply(*args)
+    else:
+        y2d, _ = _forward(*args)
+    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], weight.shape[0])
