@@ -76,7 +76,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from lora_kernels.triton import lora_linear as launch  # noqa: E402
+from lora_kernels.triton import multi_lora_linear as multi_launch  # noqa: E402
 from lora_kernels.triton.kernels import lora_linear as kernels  # noqa: E402
+from lora_kernels.triton.kernels import multi_lora_linear as multi_kernels  # noqa: E402
 
 pytestmark = pytest.mark.aot
 
@@ -314,6 +316,9 @@ SHRINK_CONFIGS = _unique(launch.shrink_config(m, k, r) for m in M_VALUES for k i
 FUSED_CONFIGS = _unique(launch.fused_matmul_config(m, n, k, r)
                         for m in M_VALUES for n in WIDTHS for k in WIDTHS for r in RANKS)
 ROWS_CONFIGS = _unique(launch.rows_config(p, q) for p in ROWS_SIZES for q in ROWS_SIZES)
+SEGMENT_COUNTS = (1, 8, 64, 1024)   # adapters (ids) or caller segments
+SEGMENTED_CONFIGS = _unique(multi_launch.segmented_config(m, s, r)
+                            for m in M_VALUES for s in SEGMENT_COUNTS for r in RANKS)
 
 
 @dataclass(frozen=True)
@@ -385,6 +390,45 @@ def _rows_args(usage: str, dt: str) -> dict:
                 alpha=2.0, **DROP)
 
 
+# multi-adapter kernels: L adapter stacks, S segments; index tensors are int32
+L = 8
+INDEX_ARGS = dict(rows_ptr="*i32", seg_starts_ptr="*i32", seg_adapters_ptr="*i32", ranks_ptr="*i32")
+
+
+def _seg_shrink_args(usage: str, dt: str) -> dict:
+    """multi_lora_linear.segmented_shrink: fwd (x (M, K), lora_a (L, R, K));
+    bwd (grad_y (M, N), lora_b.transpose(1, 2) = (L, R, N) view of (L, N, R))."""
+    k = K if usage == "fwd" else N
+    a_strides = (R * K, K, 1) if usage == "fwd" else (N * R, 1, R)
+    return dict(x_ptr=f"*{dt}", a_ptr=f"*{dt}", out_ptr="*fp32", **INDEX_ARGS,
+                K=k, R=R, S=S, k_per_split=k // S, stride_xm=k, stride_xk=1,
+                stride_al=a_strides[0], stride_ar=a_strides[1], stride_ak=a_strides[2],
+                stride_os=M * R, stride_om=R)
+
+
+def _seg_expand_args(usage: str, dt: str, flags: dict) -> dict:
+    """multi_lora_linear.segmented_expand_: fwd (y (M, N) += T · lora_b.transpose(1, 2), (L, R, N) view);
+    bwd (dX (M, K) += dU · lora_a (L, R, K))."""
+    n, v_strides = (N, (N * R, 1, R)) if usage == "fwd" else (K, (R * K, K, 1))
+    return dict(t_ptr="*fp32", v_ptr=f"*{dt}", out_ptr=f"*{dt}", t_sum_ptr="*fp32", **INDEX_ARGS,
+                scales_ptr="*fp32", N=n, R=R, S=S, num_t_splits=S, stride_ts=M * R, stride_tm=R,
+                stride_vl=v_strides[0], stride_vr=v_strides[1], stride_vn=v_strides[2],
+                stride_om=n, stride_on=1, stride_sm=R if flags["STORE_T_SUM"] else 0)
+
+
+def _seg_rows_args(usage: str, dt: str) -> dict:
+    """multi_lora_linear.segmented_rows_matmul: dA[j] = s_j dUᵀ (fp32 (M, R)) · x ((M, K), input dtype);
+    dB[j] = s_j dYᵀ ((M, N), input dtype) · T (fp32 (M, R)); out (SPLITS, L, P, Q) fp32."""
+    if usage == "dA":
+        left, right, p, q = "*fp32", f"*{dt}", R, K
+    else:
+        left, right, p, q = f"*{dt}", "*fp32", N, R
+    return dict(l_ptr=left, r_ptr=right, out_ptr="*fp32", rows_ptr="*i32", adapter_starts_ptr="*i32",
+                ranks_ptr="*i32", scales_ptr="*fp32", P=p, Q=q, R=R, num_splits=S,
+                stride_lm=p, stride_lp=1, stride_rm=q, stride_rq=1,
+                stride_os=L * p * q, stride_ol=p * q, stride_op=q)
+
+
 def _flag_sets(**choices) -> list[dict]:
     """Every combination of the given flags: FLAG=(values...)."""
     combos = [{}]
@@ -409,6 +453,22 @@ KERNELS = {
         "dB": _flag_sets(DROPOUT_R=(False,)),                           # dB = dYᵀ · hidden
     }),
     "dropout_mask": (kernels.dropout_mask_kernel, [DropoutMaskConfig()], {"mask": [{}]}),
+    # BLOCK_S: the segment scan's width, 1 to MAX_BLOCK_S (a power of two)
+    "seg_shrink": (multi_kernels.segmented_shrink_kernel, SEGMENTED_CONFIGS, {
+        "fwd": _flag_sets(SEGMENT_IS_ADAPTER=(False, True), HAS_RANKS=(True, False),
+                          BLOCK_S=(multi_launch.MAX_BLOCK_S, 1)),
+        "bwd": _flag_sets(SEGMENT_IS_ADAPTER=(True,), HAS_RANKS=(True, False), BLOCK_S=(64,)),
+    }),
+    "seg_expand": (multi_kernels.segmented_expand_kernel, SEGMENTED_CONFIGS, {
+        "bwd": _flag_sets(SEGMENT_IS_ADAPTER=(True,), HAS_RANKS=(True, False), STORE_T_SUM=(True, False),
+                          BLOCK_S=(multi_launch.MAX_BLOCK_S,)),
+        "fwd": _flag_sets(SEGMENT_IS_ADAPTER=(False, True), HAS_RANKS=(True, False), STORE_T_SUM=(True, False),
+                          BLOCK_S=(1, 64)),
+    }),
+    "seg_rows": (multi_kernels.segmented_rows_matmul_kernel, ROWS_CONFIGS, {
+        "dA": _flag_sets(HAS_RANKS=(True, False), RANK_ON_P=(True,)),
+        "dB": _flag_sets(HAS_RANKS=(True, False), RANK_ON_P=(False,)),
+    }),
 }
 
 
@@ -450,6 +510,18 @@ class Case:
         elif self.kernel == "rows":
             args = _rows_args(self.usage, dt)
             # rows_matmul passes lora_precision(compute dtype) = lora_precision(input dtype)
+            const = dict(flags, BLOCK_P=c.block_p, BLOCK_Q=c.block_q, BLOCK_M=c.block_m,
+                         DOT_PRECISION=self.precision[1])
+        elif self.kernel == "seg_shrink":
+            args = _seg_shrink_args(self.usage, dt)
+            const = dict(flags, BLOCK_M=c.block_m, BLOCK_R=c.block_r, BLOCK_K=c.block_k,
+                         DOT_PRECISION=self.precision[0])
+        elif self.kernel == "seg_expand":
+            args = _seg_expand_args(self.usage, dt, flags)
+            const = dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=multi_launch.EXPAND_BLOCK_R,
+                         LORA_DOT_PRECISION=self.precision[1])
+        elif self.kernel == "seg_rows":
+            args = _seg_rows_args(self.usage, dt)
             const = dict(flags, BLOCK_P=c.block_p, BLOCK_Q=c.block_q, BLOCK_M=c.block_m,
                          DOT_PRECISION=self.precision[1])
         else:

@@ -20,7 +20,7 @@ from .kernels.multi_lora_linear import (
     segmented_rows_matmul_kernel,
     segmented_shrink_kernel,
 )
-from .lora_linear import TARGET_PROGRAMS, _splits, _sum_splits, dot_precision, lora_precision, rank_block
+from .lora_linear import _splits, _sum_splits, dot_precision, lora_precision, rank_block, rows_config
 
 # Segment lengths scanned per step by every program to find its segment (S <= this: one step).
 MAX_BLOCK_S = 1024
@@ -121,14 +121,6 @@ def segmented_expand_(
     return t_sum
 
 
-@functools.lru_cache(maxsize=1024)
-def rows_tiles(p: int, q: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_Q, BLOCK_M) of the weight-gradient kernel: one side is the rank (small)."""
-    block_p = 16 if p <= 16 else (32 if p <= 32 else 64)
-    block_q = 16 if q <= 16 else (32 if q <= 32 else 64)
-    return block_p, block_q, 64
-
-
 def segmented_rows_matmul(
     left: torch.Tensor,              # (M, P)
     right: torch.Tensor,             # (M, Q)
@@ -140,10 +132,10 @@ def segmented_rows_matmul(
     m, p = left.shape
     q = right.shape[1]
     num_adapters = adapter_starts.shape[0] - 1
-    block_p, block_q, block_m = rows_tiles(p, q)
-    tiles_pq = triton.cdiv(p, block_p) * triton.cdiv(q, block_q)
+    cfg = rows_config(p, q)   # the single-adapter weight-gradient tiles: one side is the rank (small)
+    tiles_pq = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
     # split each adapter's rows when there are few programs; M / L rows per adapter on average
-    splits, _ = _splits(triton.cdiv(m, num_adapters), block_m, num_adapters * tiles_pq)
+    splits, _ = _splits(triton.cdiv(m, num_adapters), cfg.block_m, num_adapters * tiles_pq)
     partials = torch.empty((splits, num_adapters, p, q), device=left.device, dtype=torch.float32)
     compute_dtype = left.dtype if left.dtype != torch.float32 else right.dtype
     segmented_rows_matmul_kernel[(num_adapters, tiles_pq, splits)](
@@ -152,9 +144,9 @@ def segmented_rows_matmul(
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         partials.stride(0), partials.stride(1), partials.stride(2),
         HAS_RANKS=ranks is not None, RANK_ON_P=rank_on_p,
-        BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_M=block_m,
+        BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
         DOT_PRECISION=lora_precision(compute_dtype),
-        num_warps=4, num_stages=3,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return _sum_splits(partials).to(out_dtype)
 
