@@ -294,15 +294,17 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_results(
     name: str, rows: Sequence[dict[str, Any]], stamp: dict[str, Any], *,
     notes: Sequence[str] = (), columns: Columns | None = None, results_dir: Path | str = RESULTS_DIR,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write <results_dir>/<name>-<device kind>.json (stamp, notes, rows) and .md (stamp, notes,
-    table). Returns both paths."""
+    table). extra: more top-level JSON fields (e.g. derived summaries), not written to the .md.
+    Returns both paths."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{stamp.get('device_kind', 'unknown')}"
     json_path, md_path = results_dir / f"{stem}.json", results_dir / f"{stem}.md"
     _write_atomic(json_path, json.dumps({"benchmark": name, "environment": stamp, "notes": list(notes),
-                                         "rows": list(rows)}, indent=1, ensure_ascii=False) + "\n")
+                                         "rows": list(rows), **(extra or {})}, indent=1, ensure_ascii=False) + "\n")
     md = [f"# {name} ({stamp.get('device_kind')})", ""]
     md += [f"- **{k}**: {v}" for k, v in stamp.items()]
     for note in notes:

@@ -7,11 +7,12 @@ Importing this package never imports triton and never touches a GPU.
 from ._backend import get_backend, set_backend
 from .metadata import AdapterBatch, set_check_adapter_ids
 from .ops.lora_linear import lora_linear
-from .ops.multi_lora_linear import multi_lora_linear
+from .ops.multi_lora_linear import add_multi_lora_, multi_lora_linear
 from .reference import lora_linear_reference, multi_lora_linear_reference
 
 __all__ = [
     "AdapterBatch",
+    "add_multi_lora_",
     "get_backend",
     "lora_linear",
     "lora_linear_reference",

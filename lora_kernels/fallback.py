@@ -84,6 +84,21 @@ def _adapter_groups(sorted_rows, adapter_starts, ranks, max_rank: int):
             yield j, sorted_rows[start:end], rank
 
 
+def multi_lora_add_(
+    out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+    sorted_rows: torch.Tensor, adapter_starts: torch.Tensor, ranks: torch.Tensor | None,
+    hidden: torch.Tensor | None = None,
+) -> None:
+    """out[rows of j] += scales[j] · (x A[j]ᵀ) B[j]ᵀ in place (out (M, N), any strides); when hidden
+    (M, R) is given, its rows of adapter j get the unscaled T = x A[j]ᵀ."""
+    scales = scales.tolist()
+    for j, rows, rank in _adapter_groups(sorted_rows, adapter_starts, ranks, lora_a.shape[1]):
+        t = x.index_select(0, rows) @ lora_a[j, :rank].T                          # (m_j, r_j)
+        out.index_add_(0, rows, (t * scales[j]) @ lora_b[j, :, :rank].T)         # (m_j, N)
+        if hidden is not None:
+            hidden[rows, :rank] = t.to(hidden.dtype)
+
+
 def multi_lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
@@ -94,12 +109,8 @@ def multi_lora_linear_forward(
     m, max_rank = x.shape[0], lora_a.shape[1]
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T       # (M, N)
     hidden = x.new_zeros((m, max_rank if need_hidden else 0), dtype=hidden_dtype(x.dtype))
-    scales = scales.tolist()
-    for j, rows, rank in _adapter_groups(sorted_rows, adapter_starts, ranks, max_rank):
-        t = x.index_select(0, rows) @ lora_a[j, :rank].T                          # (m_j, r_j)
-        y.index_add_(0, rows, (t * scales[j]) @ lora_b[j, :, :rank].T)           # (m_j, N)
-        if need_hidden:
-            hidden[rows, :rank] = t.to(hidden.dtype)
+    multi_lora_add_(y, x, lora_a, lora_b, scales, sorted_rows, adapter_starts, ranks,
+                    hidden if need_hidden else None)
     return y, hidden
 
 

@@ -598,3 +598,57 @@ def test_batch_reused_for_two_layers(backend):
     # the batch is not consumed: a third call gives the first layer's output again, bit for bit
     h_again = multi_lora_linear(x, *layer1, batch)
     assert torch.equal(h_again, multi_lora_linear(x, *layer1, batch))
+
+
+# ---------------------------------------------------------------------------------------------
+# strided parameters and metadata
+# ---------------------------------------------------------------------------------------------
+
+def _strided_params(gen, num_adapters, n, k, r, dtype):
+    """weight a transposed view, bias a strided view, lora_a a slice of a wider buffer, lora_b a
+    transposed view: none of them contiguous."""
+    w = (torch.randn(k, n, generator=gen) / k**0.5).to(DEVICE, dtype).T
+    bias = torch.randn(n, 2, generator=gen).to(DEVICE, dtype)[:, 0]
+    a = (torch.randn(num_adapters, r + 3, k + 2, generator=gen) / k**0.5).to(DEVICE, dtype)[:, 1:r + 1, 2:]
+    b = (torch.randn(num_adapters, r, n, generator=gen) / r**0.5).to(DEVICE, dtype).transpose(1, 2)
+    assert not any(t.is_contiguous() for t in (w, bias, a, b))
+    return w, bias, a, b
+
+
+def test_strided_weight_bias_and_stacks(backend):
+    skip_unless_backend_serves(backend, FP32)
+    gen = torch.Generator().manual_seed(700)
+    ids = ids_for("random", 40, 4, gen)
+    x = make_x(40, 24, "row_sliced", FP32, gen)
+    w, bias, a, b = _strided_params(gen, 4, 20, 24, 8, FP32)
+    scales = torch.tensor([0.5, -1.25, 2.0, 0.75], device=DEVICE)
+    check_against_reference(x, w, bias, a, b, scales, ids, grad_w=True)
+
+
+@pytest.mark.parametrize("scales_layout", ["strided", "expanded"])
+def test_strided_scales(backend, scales_layout):
+    """scales a strided view (every other entry of a longer tensor) or an expanded scalar (stride 0):
+    read through its stride, like every other input."""
+    skip_unless_backend_serves(backend, FP32)
+    gen = torch.Generator().manual_seed(710)
+    ids = ids_for("random", 40, 4, gen)
+    x = make_x(40, 24, "2d", FP32, gen)
+    w, bias, a, b, _ = make_stacks(4, 20, 24, 8, FP32, True, gen)
+    if scales_layout == "strided":
+        scales = torch.tensor([0.5, 9.0, -1.25, 9.0, 2.0, 9.0, 0.75, 9.0], device=DEVICE)[::2]
+    else:
+        scales = torch.tensor([0.75], device=DEVICE).expand(4)
+    check_against_reference(x, w, bias, a, b, scales, ids)
+
+
+def test_strided_int32_ranks(backend):
+    """ranks an int32 strided view (AdapterBatch keeps int32 ranks without a copy)."""
+    skip_unless_backend_serves(backend, FP32)
+    gen = torch.Generator().manual_seed(720)
+    ranks_view = torch.tensor([8, 99, 3, 99, 5, 99, 1, 99], dtype=torch.int32)[::2]
+    ranks = ranks_view.tolist()
+    ids = ids_for("random", 40, 4, gen)
+    x = make_x(40, 24, "2d", FP32, gen)
+    w, bias, a, b, scales = make_stacks(4, 20, 24, 8, FP32, True, gen, ranks)
+    check_against_reference(x, w, bias, a, b, scales, ids, adapters=AdapterBatch(ids, 4, ranks=ranks_view),
+                            ranks=ranks)

@@ -142,24 +142,28 @@ def validate_multi_lora_linear(x, weight, bias, lora_a, lora_b, scales) -> None:
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=2)
     check_tensor("bias", bias, ndim=1, optional=True)
-    check_tensor("lora_a", lora_a, ndim=3)
-    check_tensor("lora_b", lora_b, ndim=3)
-    check_tensor("scales", scales, ndim=1)
     n, k = weight.shape
-    num_adapters, max_rank = lora_a.shape[0], lora_a.shape[1]
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x ({describe(x)}) must have last dim K={k}, the in_features of "
                          f"weight ({describe(weight)})")
-    if num_adapters < 1 or max_rank < 1:
-        raise ValueError(f"lora_a ({describe(lora_a)}) must be (L, r_max, K) with L >= 1 adapters and r_max >= 1")
-    check_shape("lora_a", lora_a, (num_adapters, max_rank, k), "(L, r_max, K) with K = weight.shape[1]")
-    check_shape("lora_b", lora_b, (num_adapters, n, max_rank),
-                "(L, N, r_max) with L, r_max from lora_a (L, r_max, K) and N = weight.shape[0]")
-    check_shape("scales", scales, (num_adapters,), "(L,), one scale per adapter of lora_a (L, r_max, K)")
     if bias is not None:
         check_shape("bias", bias, (n,), "(N,) with N = weight.shape[0]")
-    check_same_dtype_and_device(
-        "x", {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b})
+    _validate_adapters(x, lora_a, lora_b, scales, n, k, {"weight": weight, "bias": bias})
+
+
+def _validate_adapters(x, lora_a, lora_b, scales, n: int, k: int, others: dict) -> None:
+    """lora_a (L, r_max, K), lora_b (L, N, r_max), scales (L,) against x and the layer's N, K."""
+    check_tensor("lora_a", lora_a, ndim=3)
+    check_tensor("lora_b", lora_b, ndim=3)
+    check_tensor("scales", scales, ndim=1)
+    num_adapters, max_rank = lora_a.shape[0], lora_a.shape[1]
+    if num_adapters < 1 or max_rank < 1:
+        raise ValueError(f"lora_a ({describe(lora_a)}) must be (L, r_max, K) with L >= 1 adapters and r_max >= 1")
+    check_shape("lora_a", lora_a, (num_adapters, max_rank, k), f"(L, r_max, K) with K = {k}, x's last dim")
+    check_shape("lora_b", lora_b, (num_adapters, n, max_rank),
+                f"(L, N, r_max) with L, r_max from lora_a (L, r_max, K) and N = {n}, the layer's out_features")
+    check_shape("scales", scales, (num_adapters,), "(L,), one scale per adapter of lora_a (L, r_max, K)")
+    check_same_dtype_and_device("x", {"x": x, **others, "lora_a": lora_a, "lora_b": lora_b})
     if scales.device != x.device:
         raise ValueError(f"scales ({describe(scales)}) is on {scales.device} but x is on {x.device}: "
                          "all tensors must be on one device")
@@ -222,3 +226,67 @@ def multi_lora_linear(
     else:
         y2d, _ = _forward(*args)
     return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ---- the LoRA term alone, added in place into an existing base output (serving) ---------------
+
+def _add(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor, sorted_rows: Tensor,
+         adapter_starts: Tensor, segment_rows: Tensor, segment_starts: Tensor,
+         segment_adapters: Optional[Tensor], ranks: Optional[Tensor]) -> None:
+    if x.shape[0] == 0 or out.shape[1] == 0:
+        return
+    backend = _backend_module(x)
+    if backend is fallback:
+        fallback.multi_lora_add_(out, x, lora_a, lora_b, scales, sorted_rows, adapter_starts, ranks)
+    else:
+        backend.multi_lora_add_(out, x, lora_a, lora_b, scales, segment_rows, segment_starts,
+                                segment_adapters, ranks)
+
+
+add_multi_lora_op = torch.library.custom_op("lora_kernels::add_multi_lora_", _add, mutates_args=("out",))
+
+
+def add_multi_lora_(
+    out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor, adapter_ids: Tensor | AdapterBatch,
+) -> Tensor:
+    """out[i] += scales[j] · (x[i] A[j]ᵀ) B[j]ᵀ in place, j = adapter_ids[i]; rows with j = -1 are not
+    touched. For serving: `out` may be any strided view with the base output already in it, such as
+    one projection's column slice of a fused qkv GEMM's output; it is updated without a copy.
+    Inference only (no autograd): multi_lora_linear is the differentiable op.
+
+    out (..., N) with the leading dims of x (..., K); lora_a (L, r_max, K), lora_b (L, N, r_max),
+    scales (L,), adapter_ids (M,) or an AdapterBatch. Returns out.
+
+    >>> import torch, lora_kernels
+    >>> x, w = torch.randn(4, 8), torch.randn(18, 8)
+    >>> a, b, s = torch.randn(3, 2, 8), torch.randn(3, 6, 2), torch.tensor([0.5, 1.0, 2.0])
+    >>> qkv = x @ w.T                                       # fused q, k, v projections: (4, 3 * 6)
+    >>> ids = torch.tensor([2, -1, 0, 2])
+    >>> _ = lora_kernels.add_multi_lora_(qkv[:, 6:12], x, a, b, s, ids)   # LoRA on k only
+    >>> torch.allclose(qkv[0, 6:12], x[0] @ w[6:12].T + 2.0 * (x[0] @ a[2].T) @ b[2].T, atol=1e-5)
+    True
+    """
+    check_tensor("out", out)
+    check_tensor("x", x)
+    if out.dim() != x.dim() or out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"out ({describe(out)}) must have the leading dims of x ({describe(x)}): one output "
+                         "row per row of x")
+    _validate_adapters(x, lora_a, lora_b, scales, out.shape[-1], x.shape[-1], {"out": out})
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, lora_a, lora_b)):
+        raise ValueError("add_multi_lora_ is inference-only (no autograd through an in-place update): "
+                         "call it under torch.no_grad(), or use multi_lora_linear to train")
+    num_adapters, _, k = lora_a.shape
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    try:
+        out2d = out if out.dim() == 2 else out.view(-1, out.shape[-1])   # must be a view: updated in place
+    except RuntimeError as exc:
+        raise ValueError(f"out ({describe(out)}, strides {out.stride()}) cannot be viewed as (M, N) rows "
+                         "without a copy; pass it 2-D") from exc
+    batch = _adapter_batch(adapter_ids, x2d.shape[0], num_adapters, x.device)
+    scales = scales.to(fallback.hidden_dtype(x.dtype))
+    fn = add_multi_lora_op if torch.compiler.is_compiling() or torch.autograd._profiler_enabled() else _add
+    fn(out2d, x2d, lora_a, lora_b, scales, batch.sorted_rows, batch.adapter_starts, batch.segment_rows,
+       batch.segment_starts, batch.segment_adapters, batch.ranks)
+    return out

@@ -156,6 +156,19 @@ def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
 
 
+def multi_lora_add_(
+    out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+    segment_rows: torch.Tensor, segment_starts: torch.Tensor, segment_adapters: torch.Tensor | None,
+    ranks: torch.Tensor | None, store_hidden: bool = False,
+) -> torch.Tensor | None:
+    """out[rows of j] += scales[j] · (x A[j]ᵀ) B[j]ᵀ in place (out (M, N), any strides: a column
+    slice of a fused qkv output, a transposed view); returns T (M, R) fp32 when store_hidden."""
+    segments = (segment_rows, segment_starts, segment_adapters, ranks)
+    t_partials = segmented_shrink(x, lora_a, *segments)                             # (S_k, M, R)
+    return segmented_expand_(out, t_partials, lora_b.transpose(1, 2), scales, *segments,
+                             store_t_sum=store_hidden)
+
+
 def multi_lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
@@ -164,10 +177,8 @@ def multi_lora_linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (M, N) and, when need_hidden, T = x A[j]ᵀ (M, R) fp32 for dB (else an empty (M, 0))."""
     y = _base(x, weight, bias)                                                       # (M, N)
-    segments = (segment_rows, segment_starts, segment_adapters, ranks)
-    t_partials = segmented_shrink(x, lora_a, *segments)                             # (S_k, M, R)
-    hidden = segmented_expand_(y, t_partials, lora_b.transpose(1, 2), scales, *segments,
-                               store_t_sum=need_hidden)
+    hidden = multi_lora_add_(y, x, lora_a, lora_b, scales, segment_rows, segment_starts, segment_adapters,
+                             ranks, store_hidden=need_hidden)
     return y, hidden if need_hidden else x.new_empty((x.shape[0], 0), dtype=torch.float32)
 
 
