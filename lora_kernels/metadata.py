@@ -74,13 +74,16 @@ def _checked_ranks(ranks, num_adapters: int, device: torch.device, check: bool) 
     if ranks is None:
         return None
     if isinstance(ranks, (list, tuple)):
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+            raise TypeError(f"ranks must hold ints (or be an int32/int64 tensor), got {list(ranks)[:16]}")
         ranks = torch.tensor(ranks, dtype=torch.int32)
     _check_index_tensor("ranks", ranks)
     if ranks.shape[0] != num_adapters:
         raise ValueError(f"ranks ({_describe(ranks)}) must have one entry per adapter: shape ({num_adapters},)")
     if check and bool((ranks < 0).any()):
         raise ValueError(f"ranks ({_describe(ranks)}) must be >= 0, got {ranks.min().item()}")
-    return ranks.to(device=device, dtype=torch.int32)
+    # the kernels index it as a dense array: contiguous, whatever view came in
+    return ranks.to(device=device, dtype=torch.int32).contiguous()
 
 
 def _group_by_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +123,11 @@ class AdapterBatch:
         self.num_adapters = num_adapters
         self.device = adapter_ids.device
         self.ranks = _checked_ranks(ranks, num_adapters, self.device, check)
-        self.adapter_ids = adapter_ids.to(torch.int32)
+        # the largest true rank, read once per batch with the check on (None when unchecked or no ranks):
+        # multi_lora_linear then rejects ranks past the stacks' r_max instead of clamping them
+        self.max_rank = int(self.ranks.max()) if check and self.ranks is not None else None
+        valid = (adapter_ids >= 0) & (adapter_ids < num_adapters)
+        self.adapter_ids = torch.where(valid, adapter_ids, -1).to(torch.int32)   # unchecked bad ids: -1
         self.sorted_rows, self.adapter_starts = _group_by_adapter(adapter_ids, num_adapters)
         # the forward kernels' segments: one per adapter (segment_adapters None: segment s is adapter s)
         self.segment_rows = self.sorted_rows
@@ -158,15 +165,18 @@ class AdapterBatch:
                 raise ValueError(f"segment_starts ({_describe(segment_starts)}) must rise from 0 to num_rows="
                                  f"{num_rows}, got {segment_starts.tolist()[:16]}")
         lengths = (segment_starts[1:] - segment_starts[:-1]).clamp_(min=0)
-        # per-row ids (sync-free: the output size is given) give the by-adapter view; with the check
-        # on, the constructor also rejects out-of-range segment adapters
-        adapter_ids = torch.repeat_interleave(segment_adapters, lengths, output_size=num_rows)
+        # per-row ids (sync-free: the output size is given) give the by-adapter view
+        try:
+            adapter_ids = torch.repeat_interleave(segment_adapters, lengths, output_size=num_rows)
+        except RuntimeError as exc:   # only reachable with the check off
+            raise ValueError(f"segment_starts ({_describe(segment_starts)}) does not cover num_rows={num_rows} "
+                             "rows (it must rise from 0 to num_rows)") from exc
         if check and num_segments and bool(((segment_adapters < -1) | (segment_adapters >= num_adapters)).any()):
             raise ValueError(f"segment_adapters ({_describe(segment_adapters)}) must be in [-1, {num_adapters}), "
                              f"got {segment_adapters.tolist()[:16]}")
         batch = cls(adapter_ids, num_adapters, ranks)
         batch.segment_rows = torch.arange(num_rows, device=batch.device, dtype=torch.int32)
-        batch.segment_starts = segment_starts.to(torch.int32)
+        batch.segment_starts = segment_starts.to(torch.int32).contiguous()   # kernels index it densely
         # out-of-range adapters (check off) mean "none", as for ids
         adapters = segment_adapters.to(torch.int32)
         batch.segment_adapters = torch.where((adapters >= 0) & (adapters < num_adapters), adapters, -1)

@@ -207,9 +207,12 @@ def test_scales_requiring_grad():
         _call(scales=torch.ones(L, device=DEVICE, requires_grad=True))
 
 
-@pytest.mark.skip(reason="scales on another device needs a second device (a GPU) to construct")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (a GPU)")
 def test_scales_on_another_device():
-    pass
+    args = {name: t.to("cuda") for name, t in _inputs().items()}
+    args["scales"] = args["scales"].cpu()
+    with pytest.raises(ValueError, match=r"scales \(.*\) is on cpu but x is on cuda"):
+        _call(**args)
 
 
 def test_x_integer():
@@ -266,9 +269,9 @@ def test_from_segments_adapter_out_of_range(bad):
         AdapterBatch.from_segments(_starts(0, 2, 4, M), _starts(0, bad, 1), L)
 
 
-@pytest.mark.parametrize("num_adapters_given", [2, 4])
-def test_from_segments_length_mismatch(num_adapters_given):
-    adapters = _starts(*([0] * num_adapters_given))
+@pytest.mark.parametrize("num_segment_adapters", [2, 4])
+def test_from_segments_length_mismatch(num_segment_adapters):
+    adapters = _starts(*([0] * num_segment_adapters))
     with pytest.raises(ValueError, match=r"segment_starts \(.*must have one more entry than segment_adapters"):
         AdapterBatch.from_segments(_starts(0, 2, 4, M), adapters, L)
 
@@ -302,6 +305,23 @@ def test_ranks_wrong_dtype_or_dims():
         AdapterBatch(_inputs()["adapter_ids"], L, ranks=torch.tensor([[4, 1, 2]]))
 
 
+def test_ranks_float_list_rejected_not_truncated():
+    with pytest.raises(TypeError, match=r"ranks must hold ints"):
+        AdapterBatch(_inputs()["adapter_ids"], L, ranks=[1.5, 2, 3])
+
+
+def test_ranks_above_r_max():
+    batch = AdapterBatch(_inputs()["adapter_ids"], L, ranks=[R, R + 1, 2])
+    with pytest.raises(ValueError, match=rf"rank {R + 1} but the stacks hold r_max={R}"):
+        _call(adapter_ids=batch)
+
+
+def test_from_segments_not_covering_rows_with_check_off():
+    set_check_adapter_ids(False)
+    with pytest.raises(ValueError, match="does not cover num_rows=6"):
+        AdapterBatch.from_segments(_starts(0, 2, 4), _starts(0, 1), L, num_rows=M)
+
+
 # ---------------------------------------------------------------------------------------------
 # the id check off: out-of-range ids mean "no adapter", never a crash
 # ---------------------------------------------------------------------------------------------
@@ -326,9 +346,7 @@ def _check_off_rows(backend, make_batch):
 
 
 def test_check_off_ids_out_of_range_mean_no_adapter(backend):
-    batch = _check_off_rows(backend, lambda ids: ids)
-    assert batch is not None
-    set_check_adapter_ids(False)
+    _check_off_rows(backend, lambda ids: ids)
     grouped = AdapterBatch(torch.tensor([0, L, 2, -7, 1, 1000], device=DEVICE), L)
     assert grouped.counts.tolist() == [1, 1, 1]                  # out-of-range rows belong to no adapter
 

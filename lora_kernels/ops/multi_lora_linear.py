@@ -172,7 +172,8 @@ def _validate_adapters(x, lora_a, lora_b, scales, n: int, k: int, others: dict) 
                          "not a parameter")
 
 
-def _adapter_batch(adapter_ids, num_rows: int, num_adapters: int, device: torch.device) -> AdapterBatch:
+def _adapter_batch(adapter_ids, num_rows: int, num_adapters: int, max_rank: int,
+                   device: torch.device) -> AdapterBatch:
     batch = adapter_ids if isinstance(adapter_ids, AdapterBatch) else AdapterBatch(adapter_ids, num_adapters)
     if batch.num_adapters != num_adapters:
         raise ValueError(f"{batch!r} was built for {batch.num_adapters} adapters but lora_a stacks "
@@ -183,7 +184,16 @@ def _adapter_batch(adapter_ids, num_rows: int, num_adapters: int, device: torch.
     if batch.device != device:
         raise ValueError(f"adapter_ids ({batch!r}) is on {batch.device} but x is on {device}: "
                          "all tensors must be on one device")
+    if batch.max_rank is not None and batch.max_rank > max_rank:
+        raise ValueError(f"{batch!r} has an adapter of rank {batch.max_rank} but the stacks hold "
+                         f"r_max={max_rank} (lora_a (L, r_max, K)): ranks must be <= r_max")
     return batch
+
+
+def _dense_scales(scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """(L,) in the rank intermediate's dtype (fp32; fp64 for fp64 x), contiguous: the kernels index it
+    densely (a strided or expanded view would be misread)."""
+    return scales.to(fallback.hidden_dtype(dtype)).contiguous()
 
 
 def multi_lora_linear(
@@ -212,8 +222,8 @@ def multi_lora_linear(
     x2d = x if x.dim() == 2 else x.reshape(-1, k)          # (M, K), a view when strides allow
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    batch = _adapter_batch(adapter_ids, x2d.shape[0], num_adapters, x.device)
-    scales = scales.to(fallback.hidden_dtype(x.dtype))       # fp32 (fp64 for fp64 x)
+    batch = _adapter_batch(adapter_ids, x2d.shape[0], num_adapters, lora_a.shape[1], x.device)
+    scales = _dense_scales(scales, x.dtype)
     tensors = (x2d, weight, bias, lora_a, lora_b)
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     need_hidden = grad_wanted and lora_b.requires_grad
@@ -284,8 +294,8 @@ def add_multi_lora_(
     except RuntimeError as exc:
         raise ValueError(f"out ({describe(out)}, strides {out.stride()}) cannot be viewed as (M, N) rows "
                          "without a copy; pass it 2-D") from exc
-    batch = _adapter_batch(adapter_ids, x2d.shape[0], num_adapters, x.device)
-    scales = scales.to(fallback.hidden_dtype(x.dtype))
+    batch = _adapter_batch(adapter_ids, x2d.shape[0], num_adapters, lora_a.shape[1], x.device)
+    scales = _dense_scales(scales, x.dtype)
     fn = add_multi_lora_op if torch.compiler.is_compiling() or torch.autograd._profiler_enabled() else _add
     fn(out2d, x2d, lora_a, lora_b, scales, batch.sorted_rows, batch.adapter_starts, batch.segment_rows,
        batch.segment_starts, batch.segment_adapters, batch.ranks)
