@@ -1,6 +1,6 @@
 """Multi-adapter LoRA linear benchmark: y[i] = x[i] W0ᵀ + b + s_j · (x[i] A[j]ᵀ) B[j]ᵀ, j = adapter_ids[i].
 
-    python bench/bench_multi_lora_linear.py                 # default config (CPU: about 1½ minutes)
+    python bench/bench_multi_lora_linear.py                 # default config (CPU: about 2 minutes)
     python bench/bench_multi_lora_linear.py --full          # Llama-3-8B / SmolLM2 sweep (for a GPU)
     python bench/bench_multi_lora_linear.py --device cpu --no-out --tokens 64 --adapters 1,64 --modes fwd
 
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -67,7 +69,7 @@ GATHER_MAX_BYTES = 2 * 2**30
 # The issue's goals (stated for CUDA, bf16, K=N=4096, r=16, fwd): decode batch of 64 rows over
 # 1, 8, 64 distinct adapters, LoRA overhead over the base GEMM <= 15 % and 64 distinct adapters within
 # 1.25x of one shared adapter; prefill 8192 rows: overhead <= 5 %.
-GOAL_DECODE_M, GOAL_DECODE_OVERHEAD_PCT, GOAL_DISTINCT_RATIO = 64, 15.0, 1.25
+GOAL_DECODE_M, GOAL_DECODE_OVERHEAD_PCT, GOAL_DISTINCT_L, GOAL_DISTINCT_RATIO = 64, 15.0, 64, 1.25
 GOAL_PREFILL_M, GOAL_PREFILL_OVERHEAD_PCT = 8192, 5.0
 
 FLOPS_NOTE = ("FLOPs (counted for TFLOP/s): fwd = 2·M·K·N + 2·M'·r·(K+N); fwd_bwd = 4·M·K·N + 6·M'·r·(K+N), "
@@ -120,19 +122,20 @@ class PaddingGroup:
 
 
 def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list:
-    """CPU: small enough for a 2-core CPU in fp32 in about 1½ minutes. CUDA: the issue's goal shapes
-    (K=N=4096, r=16, decode 64 rows and prefill 8192 rows over 1, 8, 64 adapters)."""
+    """CPU: SmolLM2 576 and 1024 square layers, small enough for a 2-core CPU in fp32 in about two
+    minutes. CUDA: the issue's goal shapes (K=N=4096, r=16, decode 64 rows and prefill 8192 rows over
+    1, 8, 64 adapters). The padding case runs on the last shape."""
     if device.type == "cuda":
         tokens, shapes = (16, 64, 256, 1024, 8192), shapes or (LLAMA_QO,)
         pad_tokens = (64, 8192)
     else:
-        tokens, shapes = (16, 64, 256), shapes or (SQUARE_1024,)
+        tokens, shapes = (16, 64, 256), shapes or (SMOL_QO, SQUARE_1024)
         pad_tokens = (64,)
     groups: list = []
     for shape in shapes:
         groups += [Group(shape, (16,), tokens, (1, 8, 64), ("rr",)),
                    Group(shape, (16,), tokens, (8,), ("none25",))]
-    groups.append(PaddingGroup(shapes[0], 8, 64, pad_tokens, (8,)))
+    groups.append(PaddingGroup(shapes[-1], 8, 64, pad_tokens, (8,)))
     return groups
 
 
@@ -513,26 +516,28 @@ class Case:
     padding: bool = False       # part of a PaddingGroup
 
 
-def expand(groups: list) -> list[tuple[Case, tuple[str, ...]]]:
-    cases = []
+def expand(groups: list) -> list[tuple[list[Case], tuple[str, ...]]]:
+    """Units of work: the cases of one unit are timed together, their providers interleaved (one case,
+    or the three stacks of a padding comparison), in each of the unit's modes."""
+    units = []
     for g in groups:
         if isinstance(g, PaddingGroup):
             for num_adapters in g.adapters:
                 for m in g.tokens:
                     for pattern in g.ids:
-                        for max_rank, true_rank in ((g.rank, None), (g.padded, g.rank), (g.padded, None)):
-                            cases.append((Case(g.shape, max_rank, true_rank, num_adapters, m, pattern, True), g.modes))
+                        units.append(([Case(g.shape, max_rank, true_rank, num_adapters, m, pattern, True)
+                                       for max_rank, true_rank in ((g.rank, None), (g.padded, g.rank), (g.padded, None))],
+                                      g.modes))
         else:
             for r in g.ranks:
                 for num_adapters in g.adapters:
                     for m in g.tokens:
                         for pattern in g.ids:
-                            cases.append((Case(g.shape, r, None, num_adapters, m, pattern), g.modes))
-    seen, unique = set(), []
-    for case, modes in cases:          # a padding case at r=16 may repeat a main one: keep the first
-        if (case, modes) not in seen:
-            seen.add((case, modes))
-            unique.append((case, modes))
+                            units.append(([Case(g.shape, r, None, num_adapters, m, pattern)], g.modes))
+    unique = []
+    for unit in units:          # overrides (e.g. --ids rr) can make two groups ask for the same case
+        if unit not in unique:
+            unique.append(unit)
     return unique
 
 
@@ -542,113 +547,205 @@ TABLE_COLUMNS = [
     ("base_ms", "base ms"), ("ours_ms", "ours ms"), ("batch_ms", "batch ms"), ("peft_ms", "peft ms"),
     ("peft_layer_ms", "peft layer ms"), ("lean_torch_ms", "lean ms"), ("lean_variant", "lean"),
     ("overhead_pct", "ours/base-1 %"), ("speedup_vs_peft_layer", "× vs peft layer"),
-    ("speedup_vs_lean_torch", "× vs lean"), ("ours_tflops", "ours TFLOP/s"),
+    ("speedup_vs_lean_torch", "× vs lean"), ("ours_tflops", "ours TFLOP/s"), ("others_cpu", "other CPUs"),
 ]
 CUDA_COLUMNS = [("ours_peak_mib", "ours MiB"), ("peft_layer_peak_mib", "peft layer MiB"),
                 ("lean_torch_peak_mib", "lean MiB")]
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds every process has used, CPU seconds this process has used) so far; None off Linux.
+    Their difference over a row is what other processes took while it was timed: on a CPU run,
+    anything well above 0 means the row's times are suspect."""
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)     # minus idle and iowait
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return busy / hz, (int(own[11]) + int(own[12])) / hz                           # utime + stime
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float        # median of the rounds' medians
+    p20_ms: float           # lowest p20 of any round
+    p80_ms: float           # highest p80 of any round
+    rounds_ms: list[float]  # each round's median, in round order
+
+
+def time_interleaved(steps: dict, device: torch.device, min_run_time: float, repeats: int) -> dict:
+    """harness.time_fn on every step, `repeats` rounds interleaved (provider order reversed every other
+    round) with min_run_time / repeats each: slow drift of a shared machine (clock, neighbours) then
+    hits every provider of a row alike instead of whichever was timed during it, at the same total time."""
+    per_round = min_run_time / max(repeats, 1)
+    rounds: dict = {name: [] for name in steps}
+    order = list(steps)
+    for i in range(max(repeats, 1)):
+        for name in (order if i % 2 == 0 else order[::-1]):
+            rounds[name].append(harness.time_fn(steps[name], device, min_run_time=per_round))
+    out = {}
+    for name, timings in rounds.items():
+        medians = [t.median_ms for t in timings]
+        out[name] = Timing(statistics.median(medians), min(t.p20_ms for t in timings),
+                           max(t.p80_ms for t in timings), medians)
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b is not None and b > 0 else None
 
 
-def run(cases: list[tuple[Case, tuple[str, ...]]], providers: tuple[str, ...], lean_variants: tuple[str, ...],
-        modes: tuple[str, ...], device: torch.device, dtype: torch.dtype, min_run_time: float) -> list[dict]:
+@dataclass
+class Prepared:
+    """One case's inputs, reference, AdapterBatch and providers (built on first use)."""
+    case: Case
+    stack: Stack
+    ids: Tensor
+    x: Tensor
+    grad_y: Tensor
+    ref: Reference
+    used: int                       # adapters with at least one row
+    m_lora: int                     # rows with an adapter
+    batch: object = None            # AdapterBatch, or the exception building it raised
+    batch_timing: object = None
+    built: dict = field(default_factory=dict)
+
+
+def prepare(case: Case, stacks: dict, providers: tuple[str, ...], device: torch.device, dtype: torch.dtype,
+            min_run_time: float) -> Prepared:
+    key = (case.shape, case.num_adapters, case.max_rank, case.true_rank)
+    if key not in stacks:
+        stacks[key] = make_stack(case.shape, case.num_adapters, case.max_rank, case.true_rank, dtype, device)
+    stack = stacks[key]
+    ids = make_adapter_ids(case.ids, case.m, case.num_adapters, device)
+    x, grad_y = make_activations(case.m, case.shape.k, case.shape.n, dtype, device)
+    prep = Prepared(case, stack, ids, x, grad_y, Reference(stack, ids, x, grad_y),
+                    int(torch.unique(ids[ids >= 0]).numel()), int((ids >= 0).sum()))
+    if "ours" in providers:
+        try:
+            def build():
+                return lora_kernels.AdapterBatch(ids, case.num_adapters, ranks=stack.ranks_tensor())
+            prep.batch = build()
+            prep.batch_timing = harness.time_fn(build, device, min_run_time=min_run_time)
+        except Exception as e:  # noqa: BLE001 - ours then fails with this message
+            prep.batch = e
+    return prep
+
+
+def ready_providers(prep: Prepared, names: list[str], mode: str) -> tuple[dict[str, Provider], list[str]]:
+    """Build (once per case) and check (per mode) every provider; returns the ones that passed and the
+    errors of the others. A provider without this case or mode (Unsupported, PEFT's fwd_bwd) is neither."""
+    ready, errors = {}, []
+    case = prep.case
+    for name in names:
+        if name not in prep.built:
+            try:
+                if name == "ours" and isinstance(prep.batch, Exception):
+                    raise prep.batch
+                prep.built[name] = MAKERS[name](prep.stack, prep.ids, prep.batch)
+            except Unsupported as e:
+                prep.built[name] = e
+            except Exception as e:  # noqa: BLE001 - report and go on with the other providers
+                prep.built[name] = f"{name} could not be built: {type(e).__name__}: {e}"
+        provider = prep.built[name]
+        if isinstance(provider, Unsupported) or (isinstance(provider, Provider) and mode not in provider.modes):
+            continue
+        error = provider if isinstance(provider, str) else _safe(lambda: check(name, provider, mode, prep.ref))
+        if error is None:
+            ready[name] = provider
+        else:
+            harness.progress(f"  !! {name} {case.shape.name} M={case.m} L={case.num_adapters} "
+                             f"r={prep.stack.label} {case.ids} {mode}: {error}")
+            errors.append(f"{name}: {error}")
+    return ready, errors
+
+
+def make_row(prep: Prepared, mode: str, names: list[str], lean_variants: tuple[str, ...], timings: dict,
+             peaks: dict, errors: list[str], device: torch.device) -> dict:
+    case, stack = prep.case, prep.stack
+    row = {"shape": case.shape.name, "m": case.m, "k": case.shape.k, "n": case.shape.n, "r": stack.label,
+           "num_adapters": case.num_adapters, "ids": case.ids, "used": prep.used, "mode": mode}
+    for name in names:
+        timing = timings.get(name)
+        row[f"{name}_ms"] = timing.median_ms if timing else None
+        if timing:
+            row[f"{name}_p20_ms"], row[f"{name}_p80_ms"] = timing.p20_ms, timing.p80_ms
+            row[f"{name}_rounds_ms"] = timing.rounds_ms
+        if name in peaks:
+            row[f"{name}_peak_mib"] = peaks[name]
+    if prep.batch_timing is not None:
+        row["batch_ms"] = prep.batch_timing.median_ms
+        row["batch_p20_ms"], row["batch_p80_ms"] = prep.batch_timing.p20_ms, prep.batch_timing.p80_ms
+    lean = {v: row.get(f"lean_{v}_ms") for v in lean_variants if row.get(f"lean_{v}_ms") is not None}
+    best = min(lean, key=lean.get) if lean else None
+    row["lean_torch_ms"] = lean[best] if best else None
+    row["lean_variant"] = best
+    if device.type == "cuda" and best:
+        row["lean_torch_peak_mib"] = row.get(f"lean_{best}_peak_mib")
+    ours, base = row.get("ours_ms"), row.get("base_ms")
+    row["overhead_pct"] = (ours / base - 1) * 100 if ours is not None and base else None
+    row["speedup_vs_peft"] = _ratio(row.get("peft_ms"), ours)
+    row["speedup_vs_peft_layer"] = _ratio(row.get("peft_layer_ms"), ours)
+    row["speedup_vs_lean_torch"] = _ratio(row.get("lean_torch_ms"), ours)
+    row["flops"] = flops(mode, case.m, prep.m_lora, case.shape.k, case.shape.n, case.true_rank or case.max_rank)
+    row["ours_tflops"] = row["flops"] / (ours * 1e-3) / 1e12 if ours else None
+    row["padding_case"] = case.padding
+    row["errors"] = "; ".join(errors) or None
+    return row
+
+
+def run(units: list[tuple[list[Case], tuple[str, ...]]], providers: tuple[str, ...], lean_variants: tuple[str, ...],
+        modes: tuple[str, ...], device: torch.device, dtype: torch.dtype, min_run_time: float,
+        repeats: int = 1) -> list[dict]:
     names = [p for p in providers if p != "lean_torch"] + [f"lean_{v}" for v in lean_variants
                                                            if "lean_torch" in providers]
     rows: list[dict] = []
-    total = sum(len([m for m in ms if m in modes]) for _, ms in cases)
+    total = sum(len(cases) * len([m for m in ms if m in modes]) for cases, ms in units)
     done, t_start = 0, time.perf_counter()
     stacks: dict[tuple, Stack] = {}
-    for case, case_modes in cases:
-        case_modes = tuple(m for m in case_modes if m in modes)
-        if not case_modes:
+    for cases, unit_modes in units:
+        unit_modes = tuple(m for m in unit_modes if m in modes)
+        if not unit_modes:
             continue
-        key = (case.shape, case.num_adapters, case.max_rank, case.true_rank)
-        if key not in stacks:
-            stacks.clear()          # cases come grouped by stack: keep one at a time (and one PEFT model)
-            stacks[key] = make_stack(case.shape, case.num_adapters, case.max_rank, case.true_rank, dtype, device)
-        stack = stacks[key]
-        ids = make_adapter_ids(case.ids, case.m, case.num_adapters, device)
-        x, grad_y = make_activations(case.m, case.shape.k, case.shape.n, dtype, device)
-        ref = Reference(stack, ids, x, grad_y)
-        used = int(torch.unique(ids[ids >= 0]).numel())
-        m_lora = int((ids >= 0).sum())
-        batch, batch_timing, built = None, None, {}
-        if "ours" in providers:
-            try:
-                batch = lora_kernels.AdapterBatch(ids, case.num_adapters, ranks=stack.ranks_tensor())
-                batch_timing = harness.time_fn(
-                    lambda: lora_kernels.AdapterBatch(ids, case.num_adapters, ranks=stack.ranks_tensor()),
-                    device, min_run_time=min_run_time)
-            except Exception as e:  # noqa: BLE001 - ours then fails below with this message
-                batch = e
-        for mode in case_modes:
-            done += 1
-            t_case = time.perf_counter()
-            row = {"shape": case.shape.name, "m": case.m, "k": case.shape.k, "n": case.shape.n, "r": stack.label,
-                   "num_adapters": case.num_adapters, "ids": case.ids, "used": used, "mode": mode}
-            errors, ready = [], {}
-            for name in names:              # build and check every provider first, then time them
-                if name not in built:
-                    try:
-                        if name == "ours" and isinstance(batch, Exception):
-                            raise batch
-                        built[name] = MAKERS[name](stack, ids, batch)
-                    except Unsupported as e:
-                        built[name] = e
-                    except Exception as e:  # noqa: BLE001 - report and go on with the other providers
-                        built[name] = f"{name} could not be built: {type(e).__name__}: {e}"
-                provider = built[name]
-                if isinstance(provider, Unsupported) or (isinstance(provider, Provider) and mode not in provider.modes):
-                    continue
-                error = provider if isinstance(provider, str) else _safe(lambda: check(name, provider, mode, ref))
-                if error is None:
-                    ready[name] = provider
-                else:
-                    harness.progress(f"  !! {name} {case.shape.name} M={case.m} L={case.num_adapters} "
-                                     f"r={stack.label} {case.ids} {mode}: {error}")
-                    errors.append(f"{name}: {error}")
-            for name in names:
-                row[f"{name}_ms"] = None
-                if name not in ready:
-                    continue
-                step = step_fn(ready[name], mode, x, grad_y)
-                timing = harness.time_fn(step, device, min_run_time=min_run_time)
-                row[f"{name}_ms"] = timing.median_ms
-                row[f"{name}_p20_ms"] = timing.p20_ms
-                row[f"{name}_p80_ms"] = timing.p80_ms
-                if device.type == "cuda":
-                    row[f"{name}_peak_mib"] = harness.peak_memory_mib(step, device)
-            if batch_timing is not None:
-                row["batch_ms"] = batch_timing.median_ms
-                row["batch_p20_ms"], row["batch_p80_ms"] = batch_timing.p20_ms, batch_timing.p80_ms
-            lean = {v: row.get(f"lean_{v}_ms") for v in lean_variants if row.get(f"lean_{v}_ms") is not None}
-            best = min(lean, key=lean.get) if lean else None
-            row["lean_torch_ms"] = lean[best] if best else None
-            row["lean_variant"] = best
-            if device.type == "cuda" and best:
-                row["lean_torch_peak_mib"] = row.get(f"lean_{best}_peak_mib")
-            if row.get("ours_ms") is None and "ours" in providers:
-                harness.progress(f"  !! row aborted: ours failed ({case.shape.name} M={case.m} L={case.num_adapters} "
-                                 f"r={stack.label} {case.ids} {mode})")
-            ours, base = row.get("ours_ms"), row.get("base_ms")
-            row["overhead_pct"] = (ours / base - 1) * 100 if ours is not None and base else None
-            row["speedup_vs_peft"] = _ratio(row.get("peft_ms"), ours)
-            row["speedup_vs_peft_layer"] = _ratio(row.get("peft_layer_ms"), ours)
-            row["speedup_vs_lean_torch"] = _ratio(row.get("lean_torch_ms"), ours)
-            true_rank = case.true_rank or case.max_rank
-            row["flops"] = flops(mode, case.m, m_lora, case.shape.k, case.shape.n, true_rank)
-            row["ours_tflops"] = row["flops"] / (ours * 1e-3) / 1e12 if ours else None
-            row["padding_case"] = case.padding
-            row["errors"] = "; ".join(errors) or None
-            rows.append(row)
-            harness.progress(
-                f"[{done}/{total}] {case.shape.name} M={case.m} L={case.num_adapters} r={stack.label} {case.ids} "
-                f"{mode}: " + " ".join(f"{n}={row[f'{n}_ms']:.3g}ms" if row.get(f"{n}_ms") is not None else f"{n}=-"
-                                       for n in names)
-                + (f" batch={row['batch_ms']:.3g}ms" if row.get("batch_ms") is not None else "")
-                + f" [{time.perf_counter() - t_case:.1f}s, total {time.perf_counter() - t_start:.0f}s]")
+        keys = {(c.shape, c.num_adapters, c.max_rank, c.true_rank) for c in cases}
+        if not keys & stacks.keys():
+            stacks.clear()      # units come grouped by stack: keep only the current ones (and their PEFT models)
+        preps = [prepare(c, stacks, providers, device, dtype, min_run_time) for c in cases]
+        for mode in unit_modes:
+            t_unit, cpu_start = time.perf_counter(), _cpu_seconds()
+            steps, errors, peaks = {}, [], []
+            for i, prep in enumerate(preps):             # build and check everything first, then time it
+                ready, errs = ready_providers(prep, names, mode)
+                errors.append(errs)
+                steps.update({(i, name): step_fn(p, mode, prep.x, prep.grad_y) for name, p in ready.items()})
+            timings = time_interleaved(steps, device, min_run_time, repeats)
+            cpu_end = _cpu_seconds()
+            others = (None if cpu_start is None or cpu_end is None else round(max(
+                0.0, (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])) / (time.perf_counter() - t_unit), 2))
+            for i, prep in enumerate(preps):
+                done += 1
+                case = prep.case
+                mine = {name: t for (j, name), t in timings.items() if j == i}
+                peaks = ({name: harness.peak_memory_mib(steps[(i, name)], device) for name in mine}
+                         if device.type == "cuda" else {})
+                row = make_row(prep, mode, names, lean_variants, mine, peaks, errors[i], device)
+                row["others_cpu"] = others
+                if row.get("ours_ms") is None and "ours" in providers:
+                    harness.progress(f"  !! row aborted: ours failed ({case.shape.name} M={case.m} "
+                                     f"L={case.num_adapters} r={prep.stack.label} {case.ids} {mode})")
+                rows.append(row)
+                harness.progress(
+                    f"[{done}/{total}] {case.shape.name} M={case.m} L={case.num_adapters} r={prep.stack.label} "
+                    f"{case.ids} {mode}: "
+                    + " ".join(f"{n}={row[f'{n}_ms']:.3g}ms" if row.get(f"{n}_ms") is not None else f"{n}=-"
+                               for n in names)
+                    + (f" batch={row['batch_ms']:.3g}ms" if row.get("batch_ms") is not None else "")
+                    + (f" (other processes used {others:.2f} CPUs meanwhile)" if (others or 0) > 0.2 else "")
+                    + f" [total {time.perf_counter() - t_start:.0f}s]")
     return rows
 
 
@@ -684,9 +781,12 @@ def goals_table(rows: list[dict]) -> list[dict]:
         overheads = [by_l[L].get("overhead_pct") for L in sorted(by_l)]
         goal, met = None, None
         if mode == "fwd" and m == GOAL_DECODE_M:
-            goal = f"+% ≤ {GOAL_DECODE_OVERHEAD_PCT:.0f}, {most} vs 1 ≤ {GOAL_DISTINCT_RATIO}×"
-            if all(o is not None for o in overheads) and distinct["ours"] is not None:
-                met = all(o <= GOAL_DECODE_OVERHEAD_PCT for o in overheads) and distinct["ours"] <= GOAL_DISTINCT_RATIO
+            goal = f"+% ≤ {GOAL_DECODE_OVERHEAD_PCT:.0f}"
+            if all(o is not None for o in overheads):
+                met = all(o <= GOAL_DECODE_OVERHEAD_PCT for o in overheads)
+            if most == GOAL_DISTINCT_L and 1 in by_l:        # the distinct-vs-shared goal is 64 vs 1
+                goal += f", {most} vs 1 ≤ {GOAL_DISTINCT_RATIO}×"
+                met = None if met is None or distinct["ours"] is None else met and distinct["ours"] <= GOAL_DISTINCT_RATIO
         elif mode == "fwd" and m == GOAL_PREFILL_M:
             goal = f"+% ≤ {GOAL_PREFILL_OVERHEAD_PCT:.0f}"
             if all(o is not None for o in overheads):
@@ -791,8 +891,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lean-variants", type=_str_list, default=LEAN_VARIANTS,
                         help=f"which plain-torch compositions lean_torch picks from: {','.join(LEAN_VARIANTS)}")
     parser.add_argument("--modes", type=_str_list, default=MODES, help="fwd, fwd_bwd or both")
-    parser.add_argument("--shapes", type=_int_list, help="square layers K=N, e.g. 576,1024 (default: 1024 on cpu, "
-                                                         "4096 on cuda; --full: 4096,576)")
+    parser.add_argument("--shapes", type=_int_list, help="square layers K=N, e.g. 576,1024 (default: 576,1024 on "
+                                                         "cpu, 4096 on cuda; --full: 4096,576)")
     parser.add_argument("--tokens", type=_int_list, help="override the row counts M, e.g. 64,8192")
     parser.add_argument("--ranks", type=_int_list, help="override the ranks of the main groups, e.g. 16,64")
     parser.add_argument("--adapters", type=_int_list, help="override the adapter counts L, e.g. 1,8,64")
@@ -801,7 +901,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the padded-rank case (rank 8 in a stack of 64 vs 64 vs 8; default: yes)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (default: torch's choice)")
     parser.add_argument("--min-run-time", type=float, default=harness.CPU_MIN_RUN_TIME_S,
-                        help="CPU only: seconds blocked_autorange measures each provider for")
+                        help="CPU only: seconds blocked_autorange measures each provider for (over all rounds)")
+    parser.add_argument("--repeats", type=int,
+                        help="timing rounds per row, providers interleaved, order reversed every other round "
+                             "(default: 2 on cpu, i.e. A B C .. C B A, which cancels a linear drift; 1 on cuda)")
     args = parser.parse_args(argv)
     for option, values, allowed in (("--providers", args.providers, PROVIDERS), ("--modes", args.modes, MODES),
                                     ("--lean-variants", args.lean_variants, LEAN_VARIANTS),
@@ -839,7 +942,7 @@ def main(argv=None) -> int:
     providers = tuple(p for p in PROVIDERS if p in args.providers)
     lean_variants = tuple(v for v in LEAN_VARIANTS if v in args.lean_variants)
     modes = tuple(m for m in MODES if m in args.modes)
-    cases = expand(configured_groups(args, device))
+    units = expand(configured_groups(args, device))
 
     stamp = harness.environment_stamp(device, dtype)
     try:
@@ -858,7 +961,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     harness.warm_up(device)
-    rows = run(cases, providers, lean_variants, modes, device, dtype, args.min_run_time)
+    repeats = args.repeats or (2 if device.type == "cpu" else 1)
+    stamp["timing_rounds"] = repeats
+    rows = run(units, providers, lean_variants, modes, device, dtype, args.min_run_time, repeats)
     wall = time.perf_counter() - t0
 
     needs = {"base_ms": "base", "ours_ms": "ours", "batch_ms": "ours", "peft_ms": "peft",
@@ -873,7 +978,9 @@ def main(argv=None) -> int:
     goals, padding = goals_table(rows), padding_table(rows)
     peft_train = PEFT_TRAIN_MESSAGE[0] if PEFT_TRAIN_MESSAGE else "(not asked: PEFT was not run)"
     notes = [
-        f"Times are medians in ms ({timer}; p20/p80 in the JSON). ours/base-1 % = LoRA overhead of ours over the "
+        f"Times are medians in ms ({timer}; p20/p80 in the JSON)"
+        + (f", median of {repeats} interleaved rounds per provider (each round's median in the JSON as "
+           "<provider>_rounds_ms)" if repeats > 1 else "") + ". ours/base-1 % = LoRA overhead of ours over the "
         "base layer alone; × vs peft layer / × vs lean = their time / ours (> 1: ours is faster). "
         "r: LoRA rank (\"8 of 64\": true rank 8 in a stack padded to 64, AdapterBatch(ranks=...)); L: adapters in "
         f"the stack; ids: {ID_PATTERN_HELP}; used: adapters with at least one row.",
@@ -889,6 +996,9 @@ def main(argv=None) -> int:
         f"PEFT has no fwd_bwd here: mixed adapter batches are inference-only. Asked in training mode, "
         f"model(x, adapter_names=...) says: {peft_train}",
         FLOPS_NOTE,
+        "other CPUs: CPU time other processes used while the row ran, in CPUs (from /proc/stat); on a CPU run, "
+        f"rows well above 0 were timed on a shared machine and may be inflated. This run: "
+        f"{sum(1 for r in rows if (r.get('others_cpu') or 0) > 0.2)} of {len(rows)} rows above 0.2.",
     ]
     if goals:
         notes.append("Overhead of ours over the base GEMM per adapter count L (ids rr), and L distinct adapters over "
