@@ -65,23 +65,29 @@ def lora_linear_backward(
     return grad_x, grad_a, grad_b
 
 
-# ---- multi-adapter: one pass over the active adapters, rows gathered once per adapter ----------
+# ---- multi-adapter: rows gathered once, then two dense matmuls per active adapter ----------------
 # x (M, K), lora_a (L, R, K), lora_b (L, N, R), scales (L,); the AdapterBatch's by-adapter view:
-# sorted_rows (M,), adapter_starts (L + 1,), ranks (L,) | None (read on the host once per call).
-# Never a per-row weight gather: each adapter's rows are index_select-ed, go through two dense
-# matmuls with that adapter's (rank-trimmed) weights, and are index_add-ed back. Rows of no
-# adapter are never touched.
+# sorted_rows (M,), adapter_starts (L + 1,), ranks (L,) | None, read on the host once per call.
+# Never a per-row weight gather: the rows of all adapters are index_select-ed once into adapter
+# order (M' rows: those with an adapter), each adapter's contiguous block goes through two matmuls
+# with its rank-trimmed weights, written in place into one (M', N) buffer by out=, and one
+# index_add_ puts the blocks back. Rows of no adapter are never touched. When one adapter has every
+# row (a batch of one adapter), the stable sort left them in order: no gather, no scatter.
 
-def _adapter_groups(sorted_rows, adapter_starts, ranks, max_rank: int):
-    """(adapter j, its rows (m_j,) int64, its rank r_j) for every adapter with rows and rank > 0."""
+def _adapter_blocks(adapter_starts: torch.Tensor, ranks: torch.Tensor | None, scales: torch.Tensor,
+                    max_rank: int) -> tuple[list[tuple[int, int, int, int, float]], int]:
+    """([(adapter j, start, end, rank r_j, scale s_j)] over adapters with rows and rank > 0, M' rows
+    with an adapter): the positions start:end of the adapter-ordered rows belong to j."""
     starts = adapter_starts.tolist()
     host_ranks = None if ranks is None else ranks.tolist()
-    sorted_rows = sorted_rows.long()
+    host_scales = scales.tolist()
+    blocks = []
     for j in range(len(starts) - 1):
         start, end = starts[j], starts[j + 1]
         rank = max_rank if host_ranks is None else min(host_ranks[j], max_rank)
         if end > start and rank > 0:
-            yield j, sorted_rows[start:end], rank
+            blocks.append((j, start, end, rank, host_scales[j]))
+    return blocks, starts[-1]
 
 
 def multi_lora_add_(
@@ -90,13 +96,33 @@ def multi_lora_add_(
     hidden: torch.Tensor | None = None,
 ) -> None:
     """out[rows of j] += scales[j] · (x A[j]ᵀ) B[j]ᵀ in place (out (M, N), any strides); when hidden
-    (M, R) is given, its rows of adapter j get the unscaled T = x A[j]ᵀ."""
-    scales = scales.tolist()
-    for j, rows, rank in _adapter_groups(sorted_rows, adapter_starts, ranks, lora_a.shape[1]):
-        t = x.index_select(0, rows) @ lora_a[j, :rank].T                          # (m_j, r_j)
-        out.index_add_(0, rows, (t * scales[j]) @ lora_b[j, :, :rank].T)         # (m_j, N)
+    (M, R), zero-filled, is given, its rows of adapter j get the unscaled T = x A[j]ᵀ."""
+    m, max_rank = x.shape[0], lora_a.shape[1]
+    blocks, num_rows = _adapter_blocks(adapter_starts, ranks, scales, max_rank)
+    if not blocks:
+        return
+    if len(blocks) == 1 and num_rows == m:                # one adapter, every row, rows in order
+        j, _, _, rank, scale = blocks[0]
+        t = x @ lora_a[j, :rank].T                                                  # (M, r)
+        out.addmm_(t, lora_b[j, :, :rank].T, alpha=scale)
         if hidden is not None:
-            hidden[rows, :rank] = t.to(hidden.dtype)
+            hidden[:, :rank] = t
+        return
+    rows = sorted_rows[:num_rows]
+    x_rows = x.index_select(0, rows)                                                # (M', K)
+    # rows of a rank-0 adapter stay zero
+    lora_out = out.new_zeros((num_rows, out.shape[1])) if ranks is not None else out.new_empty(
+        (num_rows, out.shape[1]))                                                   # (M', N)
+    t_rows = x.new_zeros((num_rows, max_rank)) if hidden is not None else None      # (M', R)
+    for j, start, end, rank, scale in blocks:
+        t = x_rows[start:end] @ lora_a[j, :rank].T                                  # (m_j, r_j)
+        block = lora_out[start:end]
+        torch.addmm(block, t, lora_b[j, :, :rank].T, beta=0, alpha=scale, out=block)
+        if t_rows is not None:
+            t_rows[start:end, :rank] = t
+    out.index_add_(0, rows, lora_out)
+    if hidden is not None:
+        hidden.index_copy_(0, rows.long(), t_rows.to(hidden.dtype))
 
 
 def multi_lora_linear_forward(
@@ -121,21 +147,41 @@ def multi_lora_linear_backward(
     need_x: bool, need_a: bool, need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Per adapter j over its rows:  dU_j = s_j·dY_j·B_j;  dX_j += dU_j·A_j;  dA_j = dU_jᵀ·X_j;
-    dB_j = s_j·dY_jᵀ·T_j.  dX = dY·W0 first; unused adapters (and padded ranks) get zero gradients."""
-    max_rank = lora_a.shape[1]
-    scales = scales.tolist()
+    dB_j = s_j·dY_jᵀ·T_j.  dX = dY·W0 first; unused adapters (and padded ranks) get zero gradients.
+    Rows are gathered once into adapter order (no gather when one adapter has every row)."""
+    m, max_rank = grad_y.shape[0], lora_a.shape[1]
     grad_x = grad_y @ weight if need_x else None                                    # (M, K)
     grad_a = lora_a.new_zeros(lora_a.shape) if need_a else None                     # (L, R, K)
     grad_b = lora_b.new_zeros(lora_b.shape) if need_b else None                     # (L, N, R)
-    for j, rows, rank in _adapter_groups(sorted_rows, adapter_starts, ranks, max_rank):
-        grad_y_j = grad_y.index_select(0, rows)                                      # (m_j, N)
+    blocks, num_rows = _adapter_blocks(adapter_starts, ranks, scales, max_rank)
+    if not blocks:
+        return grad_x, grad_a, grad_b
+    in_order = len(blocks) == 1 and num_rows == m
+    rows = sorted_rows[:num_rows]
+
+    def gathered(t: torch.Tensor) -> torch.Tensor:                                  # (M', ...)
+        return t if in_order else t.index_select(0, rows)
+
+    grad_y_rows = gathered(grad_y)                                                  # (M', N)
+    x_rows = gathered(x) if need_a else None                                        # (M', K)
+    hidden_rows = gathered(lora_hidden).to(grad_y.dtype) if need_b else None        # (M', R)
+    grad_x_lora = None
+    if need_x:   # rows of a rank-0 adapter stay zero
+        grad_x_lora = grad_x if in_order else (
+            grad_y.new_zeros((num_rows, grad_x.shape[1])) if ranks is not None
+            else grad_y.new_empty((num_rows, grad_x.shape[1])))                     # (M', K)
+    for j, start, end, rank, scale in blocks:
+        grad_y_j = grad_y_rows[start:end]                                           # (m_j, N)
         if need_x or need_a:
-            grad_u = (grad_y_j @ lora_b[j, :, :rank]).mul_(scales[j])               # (m_j, r_j)
+            grad_u = (grad_y_j @ lora_b[j, :, :rank]).mul_(scale)                  # (m_j, r_j)
             if need_x:
-                grad_x.index_add_(0, rows, grad_u @ lora_a[j, :rank])
+                block = grad_x_lora[start:end]
+                torch.addmm(block, grad_u, lora_a[j, :rank], beta=1 if in_order else 0, out=block)
             if need_a:
-                grad_a[j, :rank] = grad_u.T @ x.index_select(0, rows)
+                torch.mm(grad_u.T, x_rows[start:end], out=grad_a[j, :rank])
         if need_b:
-            hidden = lora_hidden.index_select(0, rows)[:, :rank] * scales[j]
-            grad_b[j, :, :rank] = grad_y_j.T @ hidden.to(grad_y.dtype)
+            block = grad_b[j, :, :rank]
+            torch.addmm(block, grad_y_j.T, hidden_rows[start:end, :rank], beta=0, alpha=scale, out=block)
+    if need_x and not in_order:
+        grad_x.index_add_(0, rows, grad_x_lora)
     return grad_x, grad_a, grad_b
