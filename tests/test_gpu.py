@@ -50,3 +50,28 @@ def test_triton_dropout_bf16():
     y2 = lora_kernels.lora_linear(x, w, bias, a, b, 2.0, dropout_p=0.1)
     assert torch.equal(y1, y2) and y1.device.type == "cuda" and torch.isfinite(y1).all()
     assert DEVICE.type == "cuda"
+
+
+# (M, K, N, L, r_max, ranks or None, ids distribution): decode over many adapters, prefill over few
+MULTI_CASES = [
+    (64, 4096, 4096, 64, 16, None, "row_per_adapter"),
+    (64, 4096, 1024, 8, 16, None, "random"),
+    (1024, 4096, 14336, 4, 64, [64, 8, 16, 1], "zipf"),
+    (777, 576, 1536, 8, 64, [8, 64, 12, 1, 16, 32, 0, 64], "base_mixed"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", MULTI_CASES, ids=lambda c: "M{}_K{}_N{}_L{}_r{}_{}".format(*c[:5], c[6]))
+def test_triton_multi_real_model_shapes(dtype, case):
+    from .test_multi_lora_linear import check_against_reference as check_multi
+    from .test_multi_lora_linear import ids_for, make_stacks
+
+    lora_kernels.set_backend("triton")
+    m, k, n, num_adapters, r_max, ranks, dist = case
+    gen = torch.Generator().manual_seed(m + num_adapters)
+    ids = ids_for(dist, m, num_adapters, gen).to(DEVICE)
+    x = make_x(m, k, "3d", dtype, gen)
+    w, bias, a, b, scales = make_stacks(num_adapters, n, k, r_max, dtype, True, gen, ranks)
+    batch = lora_kernels.AdapterBatch(ids, num_adapters, ranks=ranks)
+    check_multi(x, w, bias, a, b, scales, ids, adapters=batch, ranks=ranks)
