@@ -896,7 +896,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=_int_list, help="override the row counts M, e.g. 64,8192")
     parser.add_argument("--ranks", type=_int_list, help="override the ranks of the main groups, e.g. 16,64")
     parser.add_argument("--adapters", type=_int_list, help="override the adapter counts L, e.g. 1,8,64")
-    parser.add_argument("--ids", type=_str_list, help=f"override the id patterns ({ID_PATTERN_HELP})")
+    parser.add_argument("--ids", type=_str_list, help=f"override the id patterns ({ID_PATTERN_HELP.replace('%', '%%')})")
     parser.add_argument("--padding", action=argparse.BooleanOptionalAction, default=True,
                         help="the padded-rank case (rank 8 in a stack of 64 vs 64 vs 8; default: yes)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (default: torch's choice)")

@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
-# The main job: sets up .venv, then runs the single-adapter benchmark in its default configuration.
+# The main job: sets up .venv, then runs the benchmarks in their default configurations: the
+# single-adapter lora_linear, then the multi-adapter multi_lora_linear (results in bench/results/).
+# Arguments go to both scripts (e.g. --full, --device cuda); BENCH=single or BENCH=multi runs one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec "${VENV:-.venv}/bin/python" bench/bench_lora_linear.py "$@"
+PY="${VENV:-.venv}/bin/python"
+case "${BENCH:-all}" in
+  single) exec "$PY" bench/bench_lora_linear.py "$@" ;;
+  multi)  exec "$PY" bench/bench_multi_lora_linear.py "$@" ;;
+  all)    "$PY" bench/bench_lora_linear.py "$@" && exec "$PY" bench/bench_multi_lora_linear.py "$@" ;;
+  *)      echo "BENCH=${BENCH}: expected single, multi or all" >&2; exit 2 ;;
+esac
