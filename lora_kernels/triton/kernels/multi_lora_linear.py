@@ -55,6 +55,22 @@ def tile_rows(tile, segment, first_tile_of_segment, rows_ptr, seg_starts_ptr, BL
 
 
 @triton.jit
+def tile_work(tile, seg_starts_ptr, seg_adapters_ptr, ranks_ptr, R, S,
+              SEGMENT_IS_ADAPTER: tl.constexpr, HAS_RANKS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(segment, index of its first tile, adapter j, rank r_j) of row tile `tile`; adapter -1 when the
+    tile has nothing to do (past the last real tile, or a segment of no adapter)."""
+    segment, first_tile = segment_tile(tile, seg_starts_ptr, S, BLOCK_M, BLOCK_S)
+    adapter = segment
+    if not SEGMENT_IS_ADAPTER:
+        adapter = tl.load(seg_adapters_ptr + segment, mask=segment >= 0, other=-1)
+    rank = R
+    if HAS_RANKS:
+        rank = tl.minimum(tl.load(ranks_ptr + adapter, mask=adapter >= 0, other=0), R)
+    return segment, first_tile, adapter, rank
+
+
+@triton.jit
 def segmented_shrink_kernel(
     x_ptr, a_ptr, out_ptr, rows_ptr, seg_starts_ptr, seg_adapters_ptr, ranks_ptr,
     K, R, S, k_per_split,
@@ -71,18 +87,10 @@ def segmented_shrink_kernel(
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
-    segment, first_tile = segment_tile(pid_t, seg_starts_ptr, S, BLOCK_M, BLOCK_S)
-    if segment < 0:
-        return
-    if SEGMENT_IS_ADAPTER:
-        adapter = segment
-    else:
-        adapter = tl.load(seg_adapters_ptr + segment)
+    segment, first_tile, adapter, rank = tile_work(pid_t, seg_starts_ptr, seg_adapters_ptr, ranks_ptr, R, S,
+                                                   SEGMENT_IS_ADAPTER, HAS_RANKS, BLOCK_M, BLOCK_S)
     if adapter < 0:
         return
-    rank = R
-    if HAS_RANKS:
-        rank = tl.minimum(tl.load(ranks_ptr + adapter), R)
     if pid_r * BLOCK_R >= rank:
         return
     rows, m_mask = tile_rows(pid_t, segment, first_tile, rows_ptr, seg_starts_ptr, BLOCK_M)
@@ -124,18 +132,10 @@ def segmented_expand_kernel(
     # grid: (cdiv(M, BLOCK_M) + S, cdiv(N, BLOCK_N))
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    segment, first_tile = segment_tile(pid_t, seg_starts_ptr, S, BLOCK_M, BLOCK_S)
-    if segment < 0:
-        return
-    if SEGMENT_IS_ADAPTER:
-        adapter = segment
-    else:
-        adapter = tl.load(seg_adapters_ptr + segment)
+    segment, first_tile, adapter, rank = tile_work(pid_t, seg_starts_ptr, seg_adapters_ptr, ranks_ptr, R, S,
+                                                   SEGMENT_IS_ADAPTER, HAS_RANKS, BLOCK_M, BLOCK_S)
     if adapter < 0:
         return
-    rank = R
-    if HAS_RANKS:
-        rank = tl.minimum(tl.load(ranks_ptr + adapter), R)
     rows, m_mask = tile_rows(pid_t, segment, first_tile, rows_ptr, seg_starts_ptr, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = offs_n.to(tl.int64)
