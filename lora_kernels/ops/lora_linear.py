@@ -11,10 +11,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import fallback
 from .._backend import resolve_backend
+from ._autograd import backward_impl, eager_fast_path, frozen_layer_grads
 from ._checks import (
     FLOAT_DTYPES,
     check_dropout_p,
@@ -115,20 +115,12 @@ def _backward(ctx, grad_y, _grad_hidden):
     need_x, need_w, need_bias, need_a, need_b = ctx.need
     if grad_y.stride(-1) != 1:
         grad_y = grad_y.contiguous()
-    grad_x = grad_a = grad_b = grad_w = grad_bias = None
+    grad_x = grad_a = grad_b = None
     if need_x or need_a or need_b:
-        # the registered op whenever something may trace or profile (torch.compile, opcheck's
-        # aot_dispatch, the profiler); the direct call only on the eager fast path
-        fast = getattr(ctx, "eager_fast_path", False) and not torch.autograd._profiler_enabled()
-        grads_fn = _backward_grads if fast else lora_linear_backward_op
-        grad_x, grad_a, grad_b = grads_fn(
+        grad_x, grad_a, grad_b = backward_impl(ctx, _backward_grads, lora_linear_backward_op)(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
             need_x, need_a, need_b)
-    # the frozen layer's own gradients, for the rare caller who trains it too: plain GEMMs
-    if need_w:
-        grad_w = grad_y.T @ x                                 # (N, K)
-    if need_bias:
-        grad_bias = grad_y.sum(dim=0)                         # (N,)
+    grad_w, grad_bias = frozen_layer_grads(grad_y, x, need_w, need_bias)
     return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
             grad_b if need_b else None, None, None, None)
 
@@ -136,22 +128,7 @@ def _backward(ctx, grad_y, _grad_hidden):
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _LoRALinearFunction(torch.autograd.Function):
-    """The eager fast path: the same forward, context and backward as the registered op, without
-    the dispatcher's round trips (about 16 µs a call forward, 50 µs with autograd, measured on this
-    CPU: it matters at decode sizes). torch.compile and the profiler take the registered op."""
-
-    # forward(ctx, ...) rather than a separate setup_context: with the latter, apply() binds the
-    # arguments through inspect.signature on every call (about 30 µs).
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.eager_fast_path = True
-        return output
-
-    # the kernels' gradients are not themselves differentiable: double backward raises, never zeros
-    backward = staticmethod(once_differentiable(_backward))
+_LoRALinearFunction = eager_fast_path("_LoRALinearFunction", _forward, _setup_context, _backward)
 
 
 # The seed of calls without dropout: one 8-byte CPU tensor made at import (a lazily made one would

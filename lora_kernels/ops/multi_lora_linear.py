@@ -12,11 +12,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import fallback
 from .._backend import resolve_backend
 from ..metadata import AdapterBatch
+from ._autograd import backward_impl, eager_fast_path, frozen_layer_grads
 from ._checks import check_same_dtype_and_device, check_shape, check_tensor, describe
 
 
@@ -106,17 +106,12 @@ def _backward(ctx, grad_y, _grad_hidden):
     need_x, need_w, need_bias, need_a, need_b = ctx.need
     if grad_y.stride(-1) != 1:
         grad_y = grad_y.contiguous()
-    grad_x = grad_a = grad_b = grad_w = grad_bias = None
+    grad_x = grad_a = grad_b = None
     if need_x or need_a or need_b:
-        fast = getattr(ctx, "eager_fast_path", False) and not torch.autograd._profiler_enabled()
-        grads_fn = _backward_grads if fast else multi_lora_linear_backward_op
-        grad_x, grad_a, grad_b = grads_fn(
+        grad_x, grad_a, grad_b = backward_impl(ctx, _backward_grads, multi_lora_linear_backward_op)(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
             need_x, need_a, need_b)
-    if need_w:
-        grad_w = grad_y.T @ x                                 # (N, K)
-    if need_bias:
-        grad_bias = grad_y.sum(dim=0)                         # (N,)
+    grad_w, grad_bias = frozen_layer_grads(grad_y, x, need_w, need_bias)
     return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
             grad_b if need_b else None) + (None,) * 8
 
@@ -124,18 +119,7 @@ def _backward(ctx, grad_y, _grad_hidden):
 multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _MultiLoRALinearFunction(torch.autograd.Function):
-    """The eager fast path, as lora_linear's: the same forward, context and backward without the
-    dispatcher's round trips."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.eager_fast_path = True
-        return output
-
-    backward = staticmethod(once_differentiable(_backward))
+_MultiLoRALinearFunction = eager_fast_path("_MultiLoRALinearFunction", _forward, _setup_context, _backward)
 
 
 def validate_multi_lora_linear(x, weight, bias, lora_a, lora_b, scales) -> None:
