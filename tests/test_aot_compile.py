@@ -7,12 +7,16 @@ launch would on an A100 (sm_80) and an H100 (sm_90), and checks that it compiles
 ``metadata.shared`` fits the target's per-block limit (sm_80: 163 KB, sm_90: 227 KB).
 
 What is compiled -- the configs, constexprs and pointer types come from the launchers themselves
-(lora_kernels/triton/lora_linear.py), not copied here:
+(lora_kernels/triton/lora_linear.py, lora_kernels/triton/multi_lora_linear.py), not copied here:
 
 * Configs: every distinct config that ``shrink_config`` / ``fused_matmul_config`` / ``rows_config``
   return over M in {1, 16, 17, 64, 65, 256, 257, 8192} x rank in {1, 8, 12, 16, 32, 64, 128, 256}
   x K, N in {64, 1024, 4096, 8192, 16384} (rows: P and Q over the union of these sets), which takes
   every branch of the heuristics (today 6 shrink, 16 fused-matmul, 9 rows-matmul configs);
+  the multi-adapter kernels: every ``segmented_config`` over M x segments in {1, 8, 64, 1024} x
+  rank (6 configs) for the segmented shrink and expand, the rows-matmul configs for the
+  per-adapter weight gradients; flags SEGMENT_IS_ADAPTER, HAS_RANKS, STORE_T_SUM, RANK_ON_P and
+  the segment-scan width BLOCK_S (1 to 1024);
   dropout_mask_kernel has its one launch.
 * Dtypes: fp16, bf16, fp32, with DOT_PRECISION / LORA_DOT_PRECISION as ``dot_precision`` /
   ``lora_precision`` give them; fp32 twice, as both settings of torch's allow_tf32 switch
@@ -28,8 +32,8 @@ What is compiled -- the configs, constexprs and pointer types come from the laun
   "plain" is the signature with no specialization at all (odd sizes such as rank 12, unaligned
   views): the narrowest loads.
 
-What runs by default (today 312 compiles, about 3 minutes on 2 cores: one worker process per
-core compiles while the tests collect the results), since the whole product takes ~19 minutes:
+What runs by default (today 628 compiles, about 4 minutes on 2 cores: one worker process per
+core compiles while the tests collect the results), since the whole product takes far longer:
 
 * every config x every dtype/precision x both targets, aligned, at each kernel's heaviest call
   site (shrink fwd with DROPOUT, fused bwd with STORE_T_SUM and EPILOGUE_DROPOUT, rows dA with
@@ -41,7 +45,7 @@ core compiles while the tests collect the results), since the whole product take
 * the plain specialization on each kernel's largest config, every dtype/precision, both targets.
 
 ``LORA_AOT_FULL=1`` runs the whole product instead (every config x call site x flags x dtype x
-target x specialization: today 2,260 compiles, ~19 minutes on 2 cores).
+target x specialization: today 5,716 compiles, ~50 minutes on 2 cores).
 ``LORA_AOT_WORKERS=N`` sets the number of worker processes.
 
 Under TRITON_INTERPRET=1 ``@triton.jit`` returns interpreter objects, and so do triton.language's
