@@ -45,7 +45,7 @@ core compiles while the tests collect the results), since the whole product take
 * the plain specialization on each kernel's largest config, every dtype/precision, both targets.
 
 ``LORA_AOT_FULL=1`` runs the whole product instead (every config x call site x flags x dtype x
-target x specialization: today 5,716 compiles, ~50 minutes on 2 cores).
+target x specialization: today 5,716 compiles; about 50 minutes on 2 cores, extrapolated from 2,260 in 19).
 ``LORA_AOT_WORKERS=N`` sets the number of worker processes.
 
 Under TRITON_INTERPRET=1 ``@triton.jit`` returns interpreter objects, and so do triton.language's
