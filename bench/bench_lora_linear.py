@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,9 @@ PROVIDERS = ("base", "ours", "peft", "lean_torch")
 MODES = ("fwd", "fwd_bwd")
 # LoRA scale s = lora_alpha / r with lora_alpha = 2r, as PEFT computes it.
 ALPHA_OVER_R = 2.0
-# Loose tolerances on max|out - ref64| / max|ref64|: real bugs (a missing term, a wrong scale, a
-# transposed operand) are O(1) off, because A and B are drawn so the LoRA term is as large as the base.
+# Loose tolerances on max|out - ref64| / max|ref64| (check; bench_multi_lora_linear.py uses them too):
+# real bugs (a missing term, a wrong scale, a transposed operand) are O(1) off, because A and B are
+# drawn so the LoRA term is as large as the base.
 # fp32 leaves room for TF32 (2^-11 ≈ 4.9e-4 per operand); 16-bit for intermediates rounded to 16 bits.
 REL_TOL = {torch.float64: 1e-9, torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
@@ -148,9 +149,13 @@ def make_activations(m: int, k: int, n: int, dtype: torch.dtype, device: torch.d
 
 @dataclass
 class Provider:
+    """One benchmarked implementation of the layer (bench_multi_lora_linear.py's providers too)."""
     forward: Callable[[Tensor], Tensor]     # x (M, K) -> y (M, N)
     params: list[Tensor]                    # what fwd_bwd differentiates besides x: [A, B], or [] for base
     train: Callable[[bool], None] = lambda mode: None   # PEFT: module.train(mode)
+    # grads (dX, *d params) -> [dX, dA, dB] in the reference's layout (e.g. from a transposed B)
+    to_ref: Callable[[Sequence[Tensor]], list[Tensor]] = lambda grads: list(grads)
+    modes: tuple[str, ...] = MODES          # the modes it exists for (bench_multi_lora_linear.py skips others)
 
 
 def provider_base(w: Weights, dropout_p: float) -> Provider:
@@ -180,22 +185,35 @@ class _OneLinear(nn.Module):
         return self.proj(x)
 
 
+def peft_base_module(weight: Tensor, bias: Tensor) -> nn.Module:
+    """What get_peft_model is given (target_modules=["proj"]): a module holding one nn.Linear whose
+    weight and bias are W0 and b themselves, frozen."""
+    n, k = weight.shape
+    linear = torch.nn.utils.skip_init(nn.Linear, k, n, device=weight.device, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    linear.bias = nn.Parameter(bias, requires_grad=False)
+    return _OneLinear(linear)
+
+
+def peft_lora_layer(model) -> nn.Module:
+    """The LoRA layer get_peft_model made of peft_base_module's nn.Linear."""
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    layer = model.base_model.model.proj
+    if not isinstance(layer, PeftLoraLinear):
+        raise TypeError(f"get_peft_model gave {type(layer).__name__}, not peft.tuners.lora.Linear")
+    return layer
+
+
 def provider_peft(w: Weights, dropout_p: float) -> Provider:
     """get_peft_model on a module holding one nn.Linear(W0, b); its lora_A / lora_B weights replaced
     by copies of A and B (same dtype: autocast_adapter_dtype=False keeps PEFT from upcasting them)."""
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import Linear as PeftLoraLinear
 
-    n, k = w.weight.shape
     r = w.lora_a.shape[0]
-    linear = torch.nn.utils.skip_init(nn.Linear, k, n, device=w.weight.device, dtype=w.weight.dtype)
-    linear.weight = nn.Parameter(w.weight, requires_grad=False)
-    linear.bias = nn.Parameter(w.bias, requires_grad=False)
     config = LoraConfig(r=r, lora_alpha=int(ALPHA_OVER_R * r), target_modules=["proj"], lora_dropout=dropout_p)
-    model = get_peft_model(_OneLinear(linear), config, autocast_adapter_dtype=False)
-    layer = model.base_model.model.proj
-    if not isinstance(layer, PeftLoraLinear):
-        raise TypeError(f"get_peft_model gave {type(layer).__name__}, not peft.tuners.lora.Linear")
+    model = get_peft_model(peft_base_module(w.weight, w.bias), config, autocast_adapter_dtype=False)
+    layer = peft_lora_layer(model)
     if not math.isclose(layer.scaling["default"], w.scale):
         raise ValueError(f"PEFT scaling {layer.scaling['default']} != {w.scale}")
     lora_a = nn.Parameter(w.lora_a.detach().clone())
@@ -231,46 +249,51 @@ def step_fn(provider: Provider, mode: str, x: Tensor, grad_y: Tensor) -> Callabl
 
 
 class Reference:
-    """float64 outputs and gradients of the reference for one (weights, x, dY), computed once."""
+    """float64 outputs and gradients of the reference for one (weights, x, dY), computed once.
+    w: anything with weight, bias, lora_a and lora_b (bench_multi_lora_linear.py's subclass: a Stack)."""
 
     def __init__(self, w: Weights, x: Tensor, grad_y: Tensor):
         self.w, self.x, self.grad_y = w, x, grad_y
         self._cache: dict[tuple[bool, str], list[Tensor]] = {}
 
+    def lora_y64(self, x64: Tensor, a64: Tensor, b64: Tensor) -> Tensor:
+        """The LoRA layer's reference output, from float64 x, A and B."""
+        w = self.w
+        return lora_kernels.lora_linear_reference(x64, w.weight.double(), w.bias.double(), a64, b64, w.scale)
+
     def get(self, lora: bool, mode: str) -> list[Tensor]:
-        """lora=False: the base layer only. fwd: [y]; fwd_bwd: [y, dX, dA, dB] (or [y, dX])."""
+        """lora=False: the base layer only. fwd: [y]; fwd_bwd: [y, dX, dA, dB] (or [y, dX]);
+        a gradient y does not depend on is zeros."""
         key = (lora, mode)
         if key not in self._cache:
-            w = self.w
-            x64 = self.x.detach().double().requires_grad_(mode == "fwd_bwd")
-            a64 = w.lora_a.detach().double().requires_grad_(mode == "fwd_bwd")
-            b64 = w.lora_b.detach().double().requires_grad_(mode == "fwd_bwd")
-            with torch.set_grad_enabled(mode == "fwd_bwd"):
-                if lora:
-                    y64 = lora_kernels.lora_linear_reference(x64, w.weight.double(), w.bias.double(), a64, b64, w.scale)
-                else:
-                    y64 = F.linear(x64, w.weight.double(), w.bias.double())
+            w, grad = self.w, mode == "fwd_bwd"
+            x64 = self.x.detach().double().requires_grad_(grad)
+            a64 = w.lora_a.detach().double().requires_grad_(grad)
+            b64 = w.lora_b.detach().double().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                y64 = self.lora_y64(x64, a64, b64) if lora else F.linear(x64, w.weight.double(), w.bias.double())
             out = [y64.detach()]
-            if mode == "fwd_bwd":
-                out += list(torch.autograd.grad(y64, [x64, a64, b64] if lora else [x64], self.grad_y.double()))
+            if grad:
+                targets = [x64, a64, b64] if lora else [x64]
+                grads = torch.autograd.grad(y64, targets, self.grad_y.double(), allow_unused=True)
+                out += [torch.zeros_like(t) if g is None else g for g, t in zip(grads, targets)]
             self._cache[key] = out
         return self._cache[key]
 
 
 def check(name: str, provider: Provider, mode: str, ref: Reference) -> str | None:
     """None when every output of one step is within the dtype's loose tolerance of float64, else why not."""
-    step = step_fn(provider, mode, ref.x, ref.grad_y)
-    out = step()
-    outs = [out] if mode == "fwd" else [None, *out]     # fwd_bwd returns grads only: get y separately
-    if mode == "fwd_bwd":
+    out = step_fn(provider, mode, ref.x, ref.grad_y)()
+    if mode == "fwd":
+        outs = [out]
+    else:                                   # fwd_bwd returns grads only: y from a separate forward
         with torch.no_grad():
             provider.train(False)
-            outs[0] = provider.forward(ref.x)
+            outs = [provider.forward(ref.x), *provider.to_ref(out)]
             provider.train(True)
     expected = ref.get(name != "base", mode)
-    labels = ["y", "dX", "dA", "dB"]
     tol = REL_TOL[ref.x.dtype]
-    for label, got, want in zip(labels, outs, expected):
+    for label, got, want in zip(["y", "dX", "dA", "dB"], outs, expected):
         if got.shape != want.shape:
             return f"{label}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
         if not torch.isfinite(got).all():
@@ -301,10 +324,6 @@ TABLE_COLUMNS = [
     ("ours_tflops", "ours TFLOP/s"),
 ]
 CUDA_COLUMNS = [("ours_peak_mib", "ours MiB"), ("peft_peak_mib", "peft MiB")]
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b is not None and b > 0 else None
 
 
 def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, dtype: torch.dtype,
@@ -345,12 +364,12 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                             error = provider if isinstance(provider, str) else None
                             if error is None and (name, mode) not in verdicts:
                                 clean = build(name, 0.0)      # checked without dropout: then it is deterministic
-                                verdicts[(name, mode)] = clean if isinstance(clean, str) else _safe(
+                                verdicts[(name, mode)] = clean if isinstance(clean, str) else harness.safe_check(
                                     lambda: check(name, clean, mode, ref))
                             if error is None:
                                 error = verdicts[(name, mode)]
                             if error is None and p > 0:
-                                error = _safe(lambda: check_finite(provider, mode, x, grad_y))
+                                error = harness.safe_check(lambda: check_finite(provider, mode, x, grad_y))
                             if error is None:
                                 ready[name] = provider
                             else:
@@ -371,8 +390,8 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                             harness.progress(f"  !! row aborted: ours failed ({shape.name} M={m} r={r} p={p} {mode})")
                         ours, base = row.get("ours_ms"), row.get("base_ms")
                         row["overhead_pct"] = (ours / base - 1) * 100 if ours is not None and base else None
-                        row["speedup_vs_peft"] = _ratio(row.get("peft_ms"), ours)
-                        row["speedup_vs_lean_torch"] = row_lean = _ratio(row.get("lean_torch_ms"), ours)
+                        row["speedup_vs_peft"] = harness.ratio(row.get("peft_ms"), ours)
+                        row["speedup_vs_lean_torch"] = row_lean = harness.ratio(row.get("lean_torch_ms"), ours)
                         row["flops"] = flops(mode, m, shape.k, shape.n, r)
                         row["ours_tflops"] = row["flops"] / (ours * 1e-3) / 1e12 if ours else None
                         row["errors"] = "; ".join(errors) or None
@@ -387,61 +406,40 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
     return rows
 
 
-def _safe(fn: Callable[[], str | None]) -> str | None:
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported with its type
-        return f"raised {type(e).__name__}: {e}"
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true",
                         help="Llama-3-8B and SmolLM2 shapes, ranks 8/16/64/128, tokens 1..8192, dropout 0 and 0.1")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--out", action=argparse.BooleanOptionalAction, default=True,
-                        help="write bench/results/<name>-<device>.json and .md (default: yes)")
-    parser.add_argument("--results-dir", type=Path, default=harness.RESULTS_DIR)
+    harness.add_device_options(parser)
+    harness.add_output_options(parser)
     parser.add_argument("--name", help="result file stem (default: lora_linear, or lora_linear_full with --full)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)}")
     parser.add_argument("--modes", default=",".join(MODES), help="fwd, fwd_bwd or both")
-    parser.add_argument("--tokens", type=_int_list, help="override the token counts M, e.g. 1,64,1024")
-    parser.add_argument("--ranks", type=_int_list, help="override the ranks, e.g. 16,64")
-    parser.add_argument("--dropouts", type=_float_list, help="override the dropout rates, e.g. 0,0.1")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (default: torch's choice)")
-    parser.add_argument("--min-run-time", type=float, default=harness.CPU_MIN_RUN_TIME_S,
-                        help="CPU only: seconds blocked_autorange measures each provider for")
+    parser.add_argument("--tokens", type=harness.int_list, help="override the token counts M, e.g. 1,64,1024")
+    parser.add_argument("--ranks", type=harness.int_list, help="override the ranks, e.g. 16,64")
+    parser.add_argument("--dropouts", type=harness.float_list, help="override the dropout rates, e.g. 0,0.1")
+    harness.add_timing_options(parser)
     args = parser.parse_args(argv)
-    for option, values, allowed in (("--providers", args.providers, PROVIDERS), ("--modes", args.modes, MODES)):
-        bad = [v for v in values.split(",") if v not in allowed]
-        if bad:
-            parser.error(f"{option}: unknown {bad}; expected a comma list of {allowed}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch.cuda.is_available() is False")
+    harness.check_options(parser, args, [("--providers", args.providers.split(","), PROVIDERS),
+                                         ("--modes", args.modes.split(","), MODES)])
     return args
+
+
+def lora_kernels_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """Which lora_kernels backend serves "ours" on this device and dtype (for the stamp)."""
+    try:
+        from lora_kernels._backend import resolve_backend     # internal
+        return resolve_backend(device, dtype)
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({type(e).__name__}: {e})"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device, dtype = harness.device_and_dtype(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     providers = tuple(p for p in PROVIDERS if p in args.providers.split(","))
     modes = tuple(m for m in MODES if m in args.modes.split(","))
     groups = full_groups(device) if args.full else default_groups(device)
@@ -449,11 +447,7 @@ def main(argv=None) -> int:
               for g in groups]
 
     stamp = harness.environment_stamp(device, dtype)
-    try:
-        from lora_kernels._backend import resolve_backend     # internal: which backend served "ours"
-        stamp["lora_kernels_backend"] = resolve_backend(device, dtype)
-    except Exception as e:  # noqa: BLE001
-        stamp["lora_kernels_backend"] = f"unknown ({type(e).__name__}: {e})"
+    stamp["lora_kernels_backend"] = lora_kernels_backend(device, dtype)
     harness.progress(f"lora_linear benchmark on {stamp['device_name']} ({dtype}, {stamp['torch_threads']} threads, "
                      f"ours via {stamp['lora_kernels_backend']}); providers {', '.join(providers)}")
 
@@ -464,20 +458,15 @@ def main(argv=None) -> int:
 
     needs = {"base_ms": "base", "ours_ms": "ours", "peft_ms": "peft", "lean_torch_ms": "lean_torch",
              "overhead_pct": "base", "speedup_vs_peft": "peft", "speedup_vs_lean_torch": "lean_torch"}
-    columns = [c for c in TABLE_COLUMNS if needs.get(c[0], "ours") in providers]
-    if device.type == "cuda":
-        columns += [c for c in CUDA_COLUMNS if c[0].rsplit("_peak", 1)[0] in providers]
-    timer = "triton.testing.do_bench" if device.type == "cuda" else "torch.utils.benchmark blocked_autorange"
+    columns = harness.visible_columns(rows, providers, TABLE_COLUMNS, CUDA_COLUMNS, needs, device)
     notes = [
-        f"Times are medians in ms ({timer}; "
+        f"Times are medians in ms ({harness.timer_name(device)}; "
         "p20/p80 in the JSON). ours/base-1 % = LoRA overhead of ours over the base layer alone; "
         "× vs peft / × vs lean = their time / ours (> 1: ours is faster).",
         FLOPS_NOTE,
         "fwd: torch.no_grad, PEFT in eval mode. fwd_bwd: dX, dA, dB (base: dX) against a fixed dY; W0, b frozen. "
         "Rows with dropout are checked at p = 0 (the masks differ between providers) and for finiteness at p.",
     ]
-    if any(row.get("errors") for row in rows):
-        columns.append(("errors", "errors"))
     print()
     harness.print_table(rows, columns)
     print()
@@ -486,8 +475,7 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} rows in {wall:.0f} s")
     if args.out:
         name = args.name or ("lora_linear_full" if args.full else "lora_linear")
-        stamp["wall_s"] = round(wall, 1)
-        stamp["load_average_1m_end"] = harness._load_average()
+        harness.stamp_run_end(stamp, wall)
         paths = harness.write_results(name, rows, stamp, notes=notes, columns=columns, results_dir=args.results_dir)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if any(row.get("ours_ms") is None for row in rows if "ours" in providers) else 0

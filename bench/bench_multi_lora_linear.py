@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,20 +48,23 @@ if str(BENCH_DIR) not in sys.path:
 
 import harness  # noqa: E402
 import lora_kernels  # noqa: E402
+# From the single-adapter benchmark: the layer shapes and inputs, the providers' interface, the timed
+# step and the check against float64 (its tolerances: a wrong adapter, scale or padded rank read is
+# O(1) off as well, the LoRA term being drawn as large as the base term), and the PEFT set-up.
+from bench_lora_linear import (  # noqa: E402
+    LLAMA_QO, MODES, SMOL_QO, Provider, Shape, check, lora_kernels_backend, make_activations, peft_base_module,
+    peft_lora_layer, step_fn,
+)
+from bench_lora_linear import Reference as SingleAdapterReference  # noqa: E402
 
 PROVIDERS = ("base", "ours", "peft", "peft_layer", "lean_torch")
 LEAN_VARIANTS = ("loop", "gather", "dense")
-MODES = ("fwd", "fwd_bwd")
 ID_PATTERNS = ("rr", "random", "none25")
 ID_PATTERN_HELP = ("rr: row i -> adapter i mod L; random: uniform in [0, L); "
                    "none25: random, then a random 25 % of the rows -1 (no adapter)")
 # Per-adapter LoRA scales s_j = lora_alpha_j / r_j, cycling: a provider that applies one adapter's
 # scale to another's rows fails the check.
 SCALE_CYCLE = (0.5, 1.0, 1.5, 2.0)
-# Loose tolerances on max|out - ref64| / max|ref64| (as bench_lora_linear.py): real bugs (a missing
-# term, a wrong adapter or scale, a padded rank read) are O(1) off, because the LoRA term is drawn
-# as large as the base term.
-REL_TOL = {torch.float64: 1e-9, torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 # Entries of a padded stack past an adapter's true rank: large, so that reading them fails the check.
 PADDING_GARBAGE_STD = 10.0
 # The gather variant materialises A[ids] and B[ids] (M·r·(K+N) elements): skipped above this.
@@ -79,16 +82,7 @@ FLOPS_NOTE = ("FLOPs (counted for TFLOP/s): fwd = 2·M·K·N + 2·M'·r·(K+N); 
 # ----------------------------------------------------------------------------- configurations
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    k: int          # in_features
-    n: int          # out_features
-
-
-SMOL_QO = Shape("SmolLM2-135M q/o", 576, 576)
 SQUARE_1024 = Shape("1024→1024", 1024, 1024)
-LLAMA_QO = Shape("Llama-3-8B q/o", 4096, 4096)
 KNOWN_SHAPES = {576: SMOL_QO, 1024: SQUARE_1024, 4096: LLAMA_QO}
 
 
@@ -228,24 +222,8 @@ def make_adapter_ids(pattern: str, m: int, num_adapters: int, device: torch.devi
     return ids.to(device)
 
 
-def make_activations(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, seed: int = 1):
-    """x (M, K) and the fixed upstream gradient dY (M, N)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(m, k, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    grad_y = torch.randn(m, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    return x, grad_y
-
-
 # ----------------------------------------------------------------------------- providers
-
-
-@dataclass
-class Provider:
-    forward: Callable[[Tensor], Tensor]      # x (M, K) -> y (M, N)
-    params: list[Tensor]                     # what fwd_bwd differentiates besides x: [A, B], or [] for base
-    # grads (dX, *d params) -> [dX, dA (L, R, K), dB (L, N, R)] in the reference's layout
-    to_ref: Callable[[Sequence[Tensor]], list[Tensor]] = field(default=lambda grads: list(grads))
-    modes: tuple[str, ...] = MODES
+# Provider (bench_lora_linear.py): to_ref maps grads to the reference's dA (L, R, K), dB (L, N, R).
 
 
 class Unsupported(Exception):
@@ -262,15 +240,6 @@ def provider_ours(stack: Stack, ids: Tensor, batch) -> Provider:
                     [s.lora_a, s.lora_b])
 
 
-class _OneLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 PEFT_TRAIN_MESSAGE: list[str] = []      # what PEFT says when asked for a mixed batch in training mode
 
 
@@ -281,23 +250,17 @@ def peft_model(stack: Stack):
     if stack.peft_model is not None:
         return stack.peft_model
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import Linear as PeftLoraLinear
 
-    n, k = stack.weight.shape
-    linear = torch.nn.utils.skip_init(nn.Linear, k, n, device=stack.weight.device, dtype=stack.weight.dtype)
-    linear.weight = nn.Parameter(stack.weight, requires_grad=False)
-    linear.bias = nn.Parameter(stack.bias, requires_grad=False)
     model = None
     for j in range(stack.num_adapters):
         rank, scale = stack.rank(j), float(stack.scales[j])
         config = LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=["proj"], lora_dropout=0.0)
         if model is None:
-            model = get_peft_model(_OneLinear(linear), config, adapter_name="a0", autocast_adapter_dtype=False)
+            model = get_peft_model(peft_base_module(stack.weight, stack.bias), config, adapter_name="a0",
+                                   autocast_adapter_dtype=False)
         else:
             model.add_adapter(f"a{j}", config, autocast_adapter_dtype=False)
-    layer = model.base_model.model.proj
-    if not isinstance(layer, PeftLoraLinear):
-        raise TypeError(f"get_peft_model gave {type(layer).__name__}, not peft.tuners.lora.Linear")
+    layer = peft_lora_layer(model)
     with torch.no_grad():
         for j in range(stack.num_adapters):
             rank, name = stack.rank(j), f"a{j}"
@@ -308,7 +271,7 @@ def peft_model(stack: Stack):
     if not PEFT_TRAIN_MESSAGE:          # ask PEFT once whether it trains on mixed batches
         model.train()
         try:
-            model(stack.weight.new_zeros((1, k)), adapter_names=["a0"])
+            model(stack.weight.new_zeros((1, stack.shape.k)), adapter_names=["a0"])
             PEFT_TRAIN_MESSAGE.append("(accepted: PEFT did not refuse a mixed batch in training mode)")
         except ValueError as e:
             PEFT_TRAIN_MESSAGE.append(f"ValueError: {e}")
@@ -378,7 +341,7 @@ def provider_lean_loop(stack: Stack, ids: Tensor, batch) -> Provider:
                 y.index_add_(0, rows, t @ bt[j, :rank], alpha=scale)          # (m_j, N)
         return y
 
-    return Provider(forward, [a, bt], _lean_to_ref)
+    return Provider(forward, [a, bt], to_ref=_lean_to_ref)
 
 
 def provider_lean_gather(stack: Stack, ids: Tensor, batch) -> Provider:
@@ -396,7 +359,7 @@ def provider_lean_gather(stack: Stack, ids: Tensor, batch) -> Provider:
         t = torch.bmm(x.unsqueeze(1), a[safe_ids].transpose(1, 2))            # (M, 1, R)
         return y.add_(torch.bmm(t * row_scale, bt[safe_ids]).squeeze(1))       # (M, N)
 
-    return Provider(forward, [a, bt], _lean_to_ref)
+    return Provider(forward, [a, bt], to_ref=_lean_to_ref)
 
 
 def provider_lean_dense(stack: Stack, ids: Tensor, batch) -> Provider:
@@ -413,93 +376,28 @@ def provider_lean_dense(stack: Stack, ids: Tensor, batch) -> Provider:
         t = (x @ a.reshape(num_adapters * r, k).T).view(m, num_adapters, r) * coef
         return y.addmm_(t.view(m, num_adapters * r), bt.reshape(num_adapters * r, -1))
 
-    return Provider(forward, [a, bt], _lean_to_ref)
+    return Provider(forward, [a, bt], to_ref=_lean_to_ref)
 
 
 MAKERS = {"base": provider_base, "ours": provider_ours, "peft": provider_peft, "peft_layer": provider_peft_layer,
           "lean_loop": provider_lean_loop, "lean_gather": provider_lean_gather, "lean_dense": provider_lean_dense}
 
 
-def step_fn(provider: Provider, mode: str, x: Tensor, grad_y: Tensor) -> Callable[[], object]:
-    """What is timed: one forward, or one forward + backward to the requested gradients."""
-    if mode == "fwd":
-        x = x.detach()
-
-        def step():
-            with torch.no_grad():
-                return provider.forward(x)
-        return step
-
-    x = x.detach().requires_grad_(True)
-    targets = [x, *provider.params]
-
-    def step():
-        return torch.autograd.grad(provider.forward(x), targets, grad_y)
-    return step
-
-
 # ----------------------------------------------------------------------------- correctness
 
 
-class Reference:
+class Reference(SingleAdapterReference):
     """float64 outputs and gradients of lora_kernels.multi_lora_linear_reference for one
-    (stack, ids, x, dY), computed once per case."""
+    (stack, ids, x, dY), computed once per case (check compares with them)."""
 
     def __init__(self, stack: Stack, ids: Tensor, x: Tensor, grad_y: Tensor):
-        self.stack, self.ids, self.x, self.grad_y = stack, ids, x, grad_y
-        self._cache: dict[tuple[bool, str], list[Tensor]] = {}
+        super().__init__(stack, x, grad_y)
+        self.stack, self.ids = stack, ids
 
-    def get(self, lora: bool, mode: str) -> list[Tensor]:
-        """lora=False: the base layer only. fwd: [y]; fwd_bwd: [y, dX, dA, dB] (or [y, dX])."""
-        key = (lora, mode)
-        if key not in self._cache:
-            s, grad = self.stack, mode == "fwd_bwd"
-            x64 = self.x.detach().double().requires_grad_(grad)
-            a64 = s.lora_a.detach().double().requires_grad_(grad)
-            b64 = s.lora_b.detach().double().requires_grad_(grad)
-            with torch.set_grad_enabled(grad):
-                if lora:
-                    y64 = lora_kernels.multi_lora_linear_reference(
-                        x64, s.weight.double(), s.bias.double(), a64, b64, s.scales.double(), self.ids,
-                        s.ranks_tensor())
-                else:
-                    y64 = F.linear(x64, s.weight.double(), s.bias.double())
-            out = [y64.detach()]
-            if grad:
-                targets = [x64, a64, b64] if lora else [x64]
-                out += list(torch.autograd.grad(y64, targets, self.grad_y.double(), allow_unused=True))
-                out = [torch.zeros_like(t) if g is None else g for g, t in zip(out, [y64, *targets])]
-            self._cache[key] = out
-        return self._cache[key]
-
-
-def check(name: str, provider: Provider, mode: str, ref: Reference) -> str | None:
-    """None when every output of one step is within the dtype's loose tolerance of float64, else why not."""
-    out = step_fn(provider, mode, ref.x, ref.grad_y)()
-    if mode == "fwd":
-        outs = [out]
-    else:                                   # fwd_bwd returns grads only: y from a separate forward
-        with torch.no_grad():
-            outs = [provider.forward(ref.x), *provider.to_ref(out)]
-    expected = ref.get(name != "base", mode)
-    tol = REL_TOL[ref.x.dtype]
-    for label, got, want in zip(["y", "dX", "dA", "dB"], outs, expected):
-        if got.shape != want.shape:
-            return f"{label}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-        if not torch.isfinite(got).all():
-            return f"{label}: non-finite values"
-        err = (got.double() - want).abs().max().item()
-        magnitude = max(want.abs().max().item(), 1e-30)
-        if err > tol * magnitude:
-            return f"{label}: max abs error {err:.3e} = {err / magnitude:.2e} of max|ref| {magnitude:.3e} > {tol:.0e}"
-    return None
-
-
-def _safe(fn: Callable[[], str | None]) -> str | None:
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported with its type
-        return f"raised {type(e).__name__}: {e}"
+    def lora_y64(self, x64: Tensor, a64: Tensor, b64: Tensor) -> Tensor:
+        s = self.stack
+        return lora_kernels.multi_lora_linear_reference(x64, s.weight.double(), s.bias.double(), a64, b64,
+                                                        s.scales.double(), self.ids, s.ranks_tensor())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -595,10 +493,6 @@ def time_interleaved(steps: dict, device: torch.device, min_run_time: float, rep
     return out
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b is not None and b > 0 else None
-
-
 @dataclass
 class Prepared:
     """One case's inputs, reference, AdapterBatch and providers (built on first use)."""
@@ -654,7 +548,8 @@ def ready_providers(prep: Prepared, names: list[str], mode: str) -> tuple[dict[s
         provider = prep.built[name]
         if isinstance(provider, Unsupported) or (isinstance(provider, Provider) and mode not in provider.modes):
             continue
-        error = provider if isinstance(provider, str) else _safe(lambda: check(name, provider, mode, prep.ref))
+        error = (provider if isinstance(provider, str)
+                 else harness.safe_check(lambda: check(name, provider, mode, prep.ref)))
         if error is None:
             ready[name] = provider
         else:
@@ -688,9 +583,9 @@ def make_row(prep: Prepared, mode: str, names: list[str], lean_variants: tuple[s
         row["lean_torch_peak_mib"] = row.get(f"lean_{best}_peak_mib")
     ours, base = row.get("ours_ms"), row.get("base_ms")
     row["overhead_pct"] = (ours / base - 1) * 100 if ours is not None and base else None
-    row["speedup_vs_peft"] = _ratio(row.get("peft_ms"), ours)
-    row["speedup_vs_peft_layer"] = _ratio(row.get("peft_layer_ms"), ours)
-    row["speedup_vs_lean_torch"] = _ratio(row.get("lean_torch_ms"), ours)
+    row["speedup_vs_peft"] = harness.ratio(row.get("peft_ms"), ours)
+    row["speedup_vs_peft_layer"] = harness.ratio(row.get("peft_layer_ms"), ours)
+    row["speedup_vs_lean_torch"] = harness.ratio(row.get("lean_torch_ms"), ours)
     row["flops"] = flops(mode, case.m, prep.m_lora, case.shape.k, case.shape.n, case.true_rank or case.max_rank)
     row["ours_tflops"] = row["flops"] / (ours * 1e-3) / 1e12 if ours else None
     row["padding_case"] = case.padding
@@ -775,7 +670,7 @@ def goals_table(rows: list[dict]) -> list[dict]:
         distinct = {}
         for p in ("ours", "peft_layer", "lean_torch"):
             shared = by_l.get(1, {}).get(f"{p}_ms")
-            distinct[p] = _ratio(by_l[most].get(f"{p}_ms"), shared) if most > 1 else None
+            distinct[p] = harness.ratio(by_l[most].get(f"{p}_ms"), shared) if most > 1 else None
             entry[f"{p}_distinct_vs_shared"] = distinct[p]
         entry["distinct_L"] = most
         overheads = [by_l[L].get("overhead_pct") for L in sorted(by_l)]
@@ -834,8 +729,8 @@ def padding_table(rows: list[dict]) -> list[dict]:
                     "mode": r["mode"], "rank": rank, "padded": padded,
                     "ours_padded_ms": r.get("ours_ms"), "ours_unpadded_ms": unpadded.get("ours_ms"),
                     "ours_full_rank_ms": full.get("ours_ms"),
-                    "padded_vs_unpadded": _ratio(r.get("ours_ms"), unpadded.get("ours_ms")),
-                    "padded_vs_full_rank": _ratio(r.get("ours_ms"), full.get("ours_ms")),
+                    "padded_vs_unpadded": harness.ratio(r.get("ours_ms"), unpadded.get("ours_ms")),
+                    "padded_vs_full_rank": harness.ratio(r.get("ours_ms"), full.get("ours_ms")),
                     "lean_padded_ms": r.get("lean_torch_ms"), "lean_padded_variant": r.get("lean_variant"),
                     "peft_layer_padded_ms": r.get("peft_layer_ms")})
     return out
@@ -861,59 +756,40 @@ def padding_markdown(entries: list[dict]) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in text.split(",") if v.strip())
-
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true",
                         help="Llama-3-8B q/o and SmolLM2 q/o, ranks 16/64, rows 1..8192, L 1/8/64, all id patterns")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    harness.add_device_options(parser)
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                         help="lora_kernels.set_backend for ours (auto: triton on cuda, torch on cpu)")
-    parser.add_argument("--out", action=argparse.BooleanOptionalAction, default=True,
-                        help="write bench/results/<name>-<device>.json and .md (default: yes)")
-    parser.add_argument("--results-dir", type=Path, default=harness.RESULTS_DIR)
+    harness.add_output_options(parser)
     parser.add_argument("--name", help="result file stem (default: multi_lora_linear, or multi_lora_linear_full)")
-    parser.add_argument("--providers", type=_str_list, default=PROVIDERS, help=f"subset of {','.join(PROVIDERS)}")
-    parser.add_argument("--lean-variants", type=_str_list, default=LEAN_VARIANTS,
+    parser.add_argument("--providers", type=harness.str_list, default=PROVIDERS,
+                        help=f"subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--lean-variants", type=harness.str_list, default=LEAN_VARIANTS,
                         help=f"which plain-torch compositions lean_torch picks from: {','.join(LEAN_VARIANTS)}")
-    parser.add_argument("--modes", type=_str_list, default=MODES, help="fwd, fwd_bwd or both")
-    parser.add_argument("--shapes", type=_int_list, help="square layers K=N, e.g. 576,1024 (default: 576,1024 on "
-                                                         "cpu, 4096 on cuda; --full: 4096,576)")
-    parser.add_argument("--tokens", type=_int_list, help="override the row counts M, e.g. 64,8192")
-    parser.add_argument("--ranks", type=_int_list, help="override the ranks of the main groups, e.g. 16,64")
-    parser.add_argument("--adapters", type=_int_list, help="override the adapter counts L, e.g. 1,8,64")
-    parser.add_argument("--ids", type=_str_list, help=f"override the id patterns ({ID_PATTERN_HELP.replace('%', '%%')})")
+    parser.add_argument("--modes", type=harness.str_list, default=MODES, help="fwd, fwd_bwd or both")
+    parser.add_argument("--shapes", type=harness.int_list,
+                        help="square layers K=N, e.g. 576,1024 (default: 576,1024 on cpu, 4096 on cuda; "
+                             "--full: 4096,576)")
+    parser.add_argument("--tokens", type=harness.int_list, help="override the row counts M, e.g. 64,8192")
+    parser.add_argument("--ranks", type=harness.int_list, help="override the ranks of the main groups, e.g. 16,64")
+    parser.add_argument("--adapters", type=harness.int_list, help="override the adapter counts L, e.g. 1,8,64")
+    parser.add_argument("--ids", type=harness.str_list,
+                        help=f"override the id patterns ({ID_PATTERN_HELP.replace('%', '%%')})")
     parser.add_argument("--padding", action=argparse.BooleanOptionalAction, default=True,
                         help="the padded-rank case (rank 8 in a stack of 64 vs 64 vs 8; default: yes)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (default: torch's choice)")
-    parser.add_argument("--min-run-time", type=float, default=harness.CPU_MIN_RUN_TIME_S,
-                        help="CPU only: seconds blocked_autorange measures each provider for (over all rounds)")
+    harness.add_timing_options(
+        parser, "CPU only: seconds blocked_autorange measures each provider for (over all rounds)")
     parser.add_argument("--repeats", type=int,
                         help="timing rounds per row, providers interleaved, order reversed every other round "
                              "(default: 2 on cpu, i.e. A B C .. C B A, which cancels a linear drift; 1 on cuda)")
     args = parser.parse_args(argv)
-    for option, values, allowed in (("--providers", args.providers, PROVIDERS), ("--modes", args.modes, MODES),
-                                    ("--lean-variants", args.lean_variants, LEAN_VARIANTS),
-                                    ("--ids", args.ids or (), ID_PATTERNS)):
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            parser.error(f"{option}: unknown {bad}; expected a comma list of {allowed}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch.cuda.is_available() is False")
+    harness.check_options(parser, args, [("--providers", args.providers, PROVIDERS), ("--modes", args.modes, MODES),
+                                         ("--lean-variants", args.lean_variants, LEAN_VARIANTS),
+                                         ("--ids", args.ids or (), ID_PATTERNS)])
     return args
 
 
@@ -934,22 +810,17 @@ def configured_groups(args: argparse.Namespace, device: torch.device) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device, dtype = harness.device_and_dtype(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     lora_kernels.set_backend(args.backend)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     providers = tuple(p for p in PROVIDERS if p in args.providers)
     lean_variants = tuple(v for v in LEAN_VARIANTS if v in args.lean_variants)
     modes = tuple(m for m in MODES if m in args.modes)
     units = expand(configured_groups(args, device))
 
     stamp = harness.environment_stamp(device, dtype)
-    try:
-        from lora_kernels._backend import resolve_backend     # internal: which backend serves "ours"
-        stamp["lora_kernels_backend"] = resolve_backend(device, dtype)
-    except Exception as e:  # noqa: BLE001
-        stamp["lora_kernels_backend"] = f"unknown ({type(e).__name__}: {e})"
+    stamp["lora_kernels_backend"] = lora_kernels_backend(device, dtype)
     try:
         from lora_kernels.metadata import check_adapter_ids_enabled   # internal: is the id check in "batch ms"
         stamp["adapter_id_check"] = check_adapter_ids_enabled(device)
@@ -969,16 +840,11 @@ def main(argv=None) -> int:
     needs = {"base_ms": "base", "ours_ms": "ours", "batch_ms": "ours", "peft_ms": "peft",
              "peft_layer_ms": "peft_layer", "lean_torch_ms": "lean_torch", "lean_variant": "lean_torch",
              "overhead_pct": "base", "speedup_vs_peft_layer": "peft_layer", "speedup_vs_lean_torch": "lean_torch"}
-    columns = [c for c in TABLE_COLUMNS if needs.get(c[0], "ours") in providers]
-    if device.type == "cuda":
-        columns += [c for c in CUDA_COLUMNS if c[0].rsplit("_peak", 1)[0] in providers]
-    if any(row.get("errors") for row in rows):
-        columns.append(("errors", "errors"))
-    timer = "triton.testing.do_bench" if device.type == "cuda" else "torch.utils.benchmark blocked_autorange"
+    columns = harness.visible_columns(rows, providers, TABLE_COLUMNS, CUDA_COLUMNS, needs, device)
     goals, padding = goals_table(rows), padding_table(rows)
     peft_train = PEFT_TRAIN_MESSAGE[0] if PEFT_TRAIN_MESSAGE else "(not asked: PEFT was not run)"
     notes = [
-        f"Times are medians in ms ({timer}; p20/p80 in the JSON)"
+        f"Times are medians in ms ({harness.timer_name(device)}; p20/p80 in the JSON)"
         + (f", median of {repeats} interleaved rounds per provider (each round's median in the JSON as "
            "<provider>_rounds_ms)" if repeats > 1 else "") + ". ours/base-1 % = LoRA overhead of ours over the "
         "base layer alone; × vs peft layer / × vs lean = their time / ours (> 1: ours is faster). "
@@ -1017,8 +883,7 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} rows in {wall:.0f} s")
     if args.out:
         name = args.name or ("multi_lora_linear_full" if args.full else "multi_lora_linear")
-        stamp["wall_s"] = round(wall, 1)
-        stamp["load_average_1m_end"] = harness._load_average()
+        harness.stamp_run_end(stamp, wall)
         paths = harness.write_results(name, rows, stamp, notes=notes, columns=columns, results_dir=args.results_dir,
                                       extra={"goals": goals, "padding": padding})
         print("wrote " + ", ".join(str(p) for p in paths))

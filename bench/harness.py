@@ -3,16 +3,23 @@
 Every bench script imports this module; it knows nothing about LoRA.
 
     time_fn(fn, device)              -> Timing(median_ms, p20_ms, p80_ms, samples)
+    timer_name(device)               -> what time_fn measures with there, for a table's notes
     peak_memory_mib(fn, device)      -> extra CUDA memory one call allocates at its peak (None on CPU)
     environment_stamp(device, dtype) -> dict: device name, versions, git commit, date, threads
+    stamp_run_end(stamp, wall_s)     -> adds the run's wall time and the load average at its end
     write_results(name, rows, stamp) -> bench/results/<name>-<device kind>.json and .md
     print_table(rows)                -> the same Markdown table, on stdout
+
+and what the scripts' rows and command lines have in common: visible_columns, ratio, safe_check;
+the options add_device_options, add_output_options, add_timing_options, checked by check_options
+and read by device_and_dtype.
 
 Rows are flat dicts; a column is any key, in the order of first appearance. None prints as "-".
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -115,6 +122,13 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: 
             fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=[0.5, 0.2, 0.8])
         return Timing(median, p20, p80, -1)
     return _time_cpu(fn, min_run_time)
+
+
+def timer_name(device: torch.device | str) -> str:
+    """What time_fn measures with on this device, for the notes under a table."""
+    if torch.device(device).type == "cuda":
+        return "triton.testing.do_bench"
+    return "torch.utils.benchmark blocked_autorange"
 
 
 def warm_up(device: torch.device | str, seconds: float = 0.3) -> None:
@@ -220,6 +234,12 @@ def environment_stamp(device: torch.device | str = "cpu", dtype: torch.dtype | N
     return stamp
 
 
+def stamp_run_end(stamp: dict[str, Any], wall_s: float) -> None:
+    """Add the end-of-run fields to an environment_stamp: the run's wall time and the load average at its end."""
+    stamp["wall_s"] = round(wall_s, 1)
+    stamp["load_average_1m_end"] = _load_average()
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -312,3 +332,91 @@ def write_results(
     md += ["", markdown_table(rows, columns)]
     _write_atomic(md_path, "\n".join(md))
     return json_path, md_path
+
+
+# ----------------------------------------------------------------------------- rows and checks
+
+
+def visible_columns(rows: Sequence[dict[str, Any]], providers: Sequence[str], table_columns: Columns,
+                    cuda_columns: Columns, needs: dict[str, str], device: torch.device | str) -> list:
+    """The table's columns for this run: those whose provider ran (needs: column key -> provider,
+    "ours" when not listed), on CUDA the <provider>_peak_mib ones too, and "errors" when a row has one."""
+    columns = [c for c in table_columns if needs.get(c[0], "ours") in providers]
+    if torch.device(device).type == "cuda":
+        columns += [c for c in cuda_columns if c[0].rsplit("_peak", 1)[0] in providers]
+    if any(row.get("errors") for row in rows):
+        columns.append(("errors", "errors"))
+    return columns
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is not positive."""
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def safe_check(fn: Callable[[], str | None]) -> str | None:
+    """fn() (a check: None, or what is wrong); an exception it raises is a failed check too."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported with its type
+        return f"raised {type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def str_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """--device (default: cuda when available) and --dtype (default: see device_and_dtype)."""
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """--out / --no-out and --results-dir: whether and where write_results writes."""
+    parser.add_argument("--out", action=argparse.BooleanOptionalAction, default=True,
+                        help="write bench/results/<name>-<device>.json and .md (default: yes)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+
+
+def add_timing_options(parser: argparse.ArgumentParser,
+                       min_run_time_help: str = "CPU only: seconds blocked_autorange measures each provider for",
+                       ) -> None:
+    """--threads and --min-run-time (time_fn's CPU measuring time)."""
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (default: torch's choice)")
+    parser.add_argument("--min-run-time", type=float, default=CPU_MIN_RUN_TIME_S, help=min_run_time_help)
+
+
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  comma_lists: Sequence[tuple[str, Sequence[str], Sequence[str]]]) -> None:
+    """parser.error unless every (option, values, allowed) has only allowed values and a --device
+    cuda run has a GPU."""
+    for option, values, allowed in comma_lists:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            parser.error(f"{option}: unknown {bad}; expected a comma list of {allowed}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """--device, and --dtype or the device's default: bf16 on cuda, fp32 on cpu."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
