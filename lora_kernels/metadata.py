@@ -2,7 +2,7 @@
 
 Every layer of a model reuses one AdapterBatch (build it once per forward, pass it to every
 multi_lora_linear). Construction runs on the ids' device and needs no host synchronisation, except
-the optional id check (see ``check_adapter_ids``).
+the optional id check (see ``set_check_adapter_ids``).
 
 Two views of the same grouping:
 
@@ -13,8 +13,9 @@ Two views of the same grouping:
 * **segments** (``segment_rows``, ``segment_starts``, ``segment_adapters``): what the Triton forward
   kernels walk. Segment s covers positions ``segment_starts[s]:segment_starts[s + 1]`` of
   ``segment_rows`` and uses adapter ``segment_adapters[s]`` (-1: none). From ids, the segments are
-  the adapters (S = L) over ``sorted_rows`` and ``segment_adapters`` is None; from ``from_segments``, they are the caller's own
-  segments over the rows in place (no gather, no sort on the forward path).
+  the adapters (S = L) over ``sorted_rows`` and ``segment_adapters`` is None; from
+  ``from_segments``, they are the caller's own segments over the rows in place (no gather, no sort
+  on the forward path).
 """
 
 from __future__ import annotations
