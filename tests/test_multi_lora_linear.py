@@ -249,6 +249,7 @@ SHAPES = [
     (300, 33, 20, 5, 8, "row_sliced", FP32),
     (300, 128, 96, 6, 16, "3d", FP16),
     (33, 64, 64, 6, 16, "row_sliced", BF16),
+    (9, 4095, 11, 3, 12, "2d", FP32),          # K split over several programs
 ]
 
 
@@ -664,3 +665,28 @@ def test_strided_int32_segment_starts(backend):
     w, bias, a, b, scales = make_stacks(4, 20, 24, 8, FP32, True, gen, None)
     batch = AdapterBatch.from_segments(starts_view.to(DEVICE), seg_adapters.to(DEVICE), 4)
     check_against_reference(x, w, bias, a, b, scales, ids.to(DEVICE), adapters=batch)
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["from_ids", "from_segments"])
+def test_segment_scan_over_several_steps(backend, segments, monkeypatch):
+    """More segments than one step of the kernels' segment scan (MAX_BLOCK_S, 1024 in real use,
+    shrunk to 4 here so the loop takes several steps at a test's size)."""
+    skip_unless_backend_serves(backend, FP32)
+    if backend == "triton":
+        from lora_kernels.triton import multi_lora_linear as triton_multi
+
+        monkeypatch.setattr(triton_multi, "MAX_BLOCK_S", 4)
+    gen = torch.Generator().manual_seed(730)
+    num_adapters, m = 11, 70
+    x = make_x(m, 24, "2d", FP32, gen)
+    w, bias, a, b, scales = make_stacks(num_adapters, 20, 24, 8, FP32, True, gen)
+    if segments:   # 13 ragged segments, some empty, adapters repeated and -1
+        lengths = torch.tensor([5, 0, 9, 1, 17, 3, 0, 8, 2, 11, 6, 4, 4])
+        seg_adapters = torch.tensor([3, 0, -1, 10, 3, 7, 2, 0, 5, -1, 9, 1, 10])
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        ids = torch.repeat_interleave(seg_adapters, lengths).to(DEVICE)
+        adapters = AdapterBatch.from_segments(starts.to(DEVICE), seg_adapters.to(DEVICE), num_adapters)
+    else:
+        ids = ids_for("random", m, num_adapters, gen)
+        adapters = ids
+    check_against_reference(x, w, bias, a, b, scales, ids, adapters=adapters)
