@@ -98,6 +98,18 @@ def _group_by_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> tuple[tor
     return sorted_rows.to(torch.int32), adapter_starts.to(torch.int32)
 
 
+def _monotone_starts(segment_starts: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """segment_starts made well formed without a sync: clamped to [0, num_rows], non-decreasing,
+    first 0 and last num_rows. The identity on valid input (the id check rejects invalid input);
+    with the check off, malformed segments become disjoint, in-bounds ones (some rows then fall in
+    another segment, or in none), so the kernels never read past the rows nor race on an output."""
+    starts = torch.cummax(segment_starts.to(torch.int64).clamp(0, num_rows), dim=0).values
+    if starts.shape[0] == 1:
+        return torch.zeros_like(starts)
+    ends = starts.new_tensor([0, num_rows])
+    return torch.cat([ends[:1], starts[1:-1], ends[1:]])
+
+
 class AdapterBatch:
     """Rows of a batch grouped by adapter; see the module docstring for the two views.
 
@@ -165,19 +177,15 @@ class AdapterBatch:
             if int(segment_starts[0]) != 0 or int(segment_starts[-1]) != num_rows or bool((lengths < 0).any()):
                 raise ValueError(f"segment_starts ({_describe(segment_starts)}) must rise from 0 to num_rows="
                                  f"{num_rows}, got {segment_starts.tolist()[:16]}")
-        lengths = (segment_starts[1:] - segment_starts[:-1]).clamp_(min=0)
+        starts = _monotone_starts(segment_starts, num_rows)                          # (S + 1,) int64
         # per-row ids (sync-free: the output size is given) give the by-adapter view
-        try:
-            adapter_ids = torch.repeat_interleave(segment_adapters, lengths, output_size=num_rows)
-        except RuntimeError as exc:   # only reachable with the check off
-            raise ValueError(f"segment_starts ({_describe(segment_starts)}) does not cover num_rows={num_rows} "
-                             "rows (it must rise from 0 to num_rows)") from exc
+        adapter_ids = torch.repeat_interleave(segment_adapters, starts[1:] - starts[:-1], output_size=num_rows)
         if check and num_segments and bool(((segment_adapters < -1) | (segment_adapters >= num_adapters)).any()):
             raise ValueError(f"segment_adapters ({_describe(segment_adapters)}) must be in [-1, {num_adapters}), "
                              f"got {segment_adapters.tolist()[:16]}")
         batch = cls(adapter_ids, num_adapters, ranks)
         batch.segment_rows = torch.arange(num_rows, device=batch.device, dtype=torch.int32)
-        batch.segment_starts = segment_starts.to(torch.int32).contiguous()   # kernels index it densely
+        batch.segment_starts = starts.to(torch.int32)   # contiguous: the kernels index it densely
         # out-of-range adapters (check off) mean "none", as for ids
         adapters = segment_adapters.to(torch.int32)
         batch.segment_adapters = torch.where((adapters >= 0) & (adapters < num_adapters), adapters, -1)

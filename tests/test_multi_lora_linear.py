@@ -690,3 +690,19 @@ def test_segment_scan_over_several_steps(backend, segments, monkeypatch):
         ids = ids_for("random", m, num_adapters, gen)
         adapters = ids
     check_against_reference(x, w, bias, a, b, scales, ids, adapters=adapters)
+
+
+def test_rank_zero_adapter_rows_keep_their_bits(backend):
+    """A rank-0 adapter adds nothing, and its rows are not rewritten: an infinite scale on it (a
+    0 x inf) must not reach them, and they equal F.linear bit for bit."""
+    skip_unless_backend_serves(backend, FP32)
+    gen = torch.Generator().manual_seed(740)
+    ids = ids_for("random", 50, 3, gen)
+    x = make_x(50, 24, "2d", FP32, gen)
+    w, bias, a, b, scales = make_stacks(3, 20, 24, 8, FP32, True, gen)
+    scales[1] = float("inf")
+    y = multi_lora_linear(x, w, bias, a, b, scales, AdapterBatch(ids, 3, ranks=[8, 0, 5]))
+    rows = ids == 1
+    assert rows.any()
+    assert torch.equal(y[rows], torch.nn.functional.linear(x, w, bias)[rows])
+    assert torch.isfinite(y).all()

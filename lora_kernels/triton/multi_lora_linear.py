@@ -42,10 +42,13 @@ class SegmentedConfig:
 @functools.lru_cache(maxsize=1024)
 def segmented_config(m: int, num_segments: int, rank: int) -> SegmentedConfig:
     """Decode-like batches (few rows per segment on average) take 16-row tiles, so a one-row
-    segment wastes 15 masked rows rather than 63; long segments (prefill, training) take 64."""
-    if m <= 64 or m < 32 * num_segments:
+    segment wastes 15 masked rows rather than 63; long segments (prefill, training) take 64.
+    At most M segments hold rows, whatever the number of adapter slots: the average uses that.
+    8 warps on the 64x128 tiles: the expand needed 163-204 registers a thread with 4 (AOT cubins,
+    sm_80/sm_90), 96-110 with 8."""
+    if m <= 64 or m < 32 * min(num_segments, m):
         return SegmentedConfig(16, 128, rank_block(rank, 64), 64, 4, 3)
-    return SegmentedConfig(64, 64, rank_block(rank, 64), 128, 4, 3)
+    return SegmentedConfig(64, 64, rank_block(rank, 64), 128, 8, 3)
 
 
 def _block_s(num_segments: int) -> int:
@@ -53,8 +56,9 @@ def _block_s(num_segments: int) -> int:
 
 
 def _row_tiles(m: int, num_segments: int, block_m: int) -> int:
-    """Upper bound on the row tiles of any grouping: each segment adds at most one partial tile."""
-    return triton.cdiv(m, block_m) + num_segments
+    """Upper bound on the row tiles of any grouping: each segment adds at most one partial tile,
+    and every tile holds at least one row (decode over 1,024 adapter slots: 64 tiles, not 1,028)."""
+    return min(triton.cdiv(m, block_m) + num_segments, m)
 
 
 def segmented_shrink(

@@ -4,8 +4,9 @@ Rows come grouped in segments (see lora_kernels.metadata.AdapterBatch): segment 
 seg_starts[s]:seg_starts[s + 1] of `rows` (position -> row of x) and uses adapter seg_adapters[s]
 (or adapter s when SEGMENT_IS_ADAPTER; -1 = none). Each segment is cut into BLOCK_M-row tiles;
 program `tile` of the grid finds its segment with `segment_tile`. The grid is sized from shapes
-alone, cdiv(M, BLOCK_M) + S tiles (each segment adds at most one partial tile), so it never
-depends on the ids (CUDA-graph capturable); programs past the last real tile return at once.
+alone, min(cdiv(M, BLOCK_M) + S, M) tiles (each segment adds at most one partial tile, and every
+tile holds a row), so it never depends on the ids (CUDA-graph capturable); programs past the last
+real tile return at once.
 
 * ``segmented_shrink_kernel``       partial[s][rows] = X[rows] · A[j]ᵀ over the k of split s   (fp32)
 * ``segmented_expand_kernel``       out[rows] += scale[j] · (Σ_s partial[s][rows]) · V[j]     (in place)
@@ -83,7 +84,7 @@ def segmented_shrink_kernel(
 ):
     """partial[s][rows, :r_j] = X[rows, k in split s] · A[j, :r_j, k in split s]ᵀ for one row tile of
     one segment (adapter j). Entries of rows of no adapter, and rank tiles past r_j, are not written."""
-    # grid: (cdiv(M, BLOCK_M) + S, cdiv(R, BLOCK_R), SPLIT_K)
+    # grid: (min(cdiv(M, BLOCK_M) + S, M), cdiv(R, BLOCK_R), SPLIT_K)
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -106,7 +107,7 @@ def segmented_shrink_kernel(
         k_mask = offs_k < k_end
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)              # (BM, BK)
-        a = tl.load(a_adapter_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+        a = tl.load(a_adapter_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak,
                     mask=r_mask[None, :] & k_mask[:, None], other=0.0)               # (BK, BR)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
 
@@ -129,12 +130,12 @@ def segmented_expand_kernel(
     """out[rows] += scale[j] · (Σ_s t[s][rows, :r_j]) · V[j, :r_j], added to out's values in fp32 with one
     cast at the store; t_sum[rows, :r_j] = Σ_s t[s][rows, :r_j] when STORE_T_SUM (for the backward).
     Forward: out = base output y, V = Bᵀ.  Backward: out = dY·W0 (dX so far), t = dY·B, V = A."""
-    # grid: (cdiv(M, BLOCK_M) + S, cdiv(N, BLOCK_N))
+    # grid: (min(cdiv(M, BLOCK_M) + S, M), cdiv(N, BLOCK_N))
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     segment, first_tile, adapter, rank = tile_work(pid_t, seg_starts_ptr, seg_adapters_ptr, ranks_ptr, R, S,
                                                    SEGMENT_IS_ADAPTER, HAS_RANKS, BLOCK_M, BLOCK_S)
-    if adapter < 0:
+    if (adapter < 0) | (rank <= 0):   # a rank-0 adapter adds nothing: its rows keep their bits
         return
     rows, m_mask = tile_rows(pid_t, segment, first_tile, rows_ptr, seg_starts_ptr, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,7 +156,7 @@ def segmented_expand_kernel(
         if STORE_T_SUM:   # one column block stores the reduced intermediate
             if pid_n == 0:
                 tl.store(t_sum_ptr + rows[:, None] * stride_sm + offs_r[None, :], t, mask=tile_mask)
-        v = tl.load(v_adapter_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
+        v = tl.load(v_adapter_ptr + offs_r[:, None].to(tl.int64) * stride_vr + cols[None, :] * stride_vn,
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)   # (BR, BN)
         lora = tl.dot(t, v, lora, input_precision=LORA_DOT_PRECISION)
 
