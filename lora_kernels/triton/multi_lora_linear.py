@@ -138,8 +138,11 @@ def segmented_rows_matmul(
     num_adapters = adapter_starts.shape[0] - 1
     cfg = rows_config(p, q)   # the single-adapter weight-gradient tiles: one side is the rank (small)
     tiles_pq = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
-    # split each adapter's rows when there are few programs; M / L rows per adapter on average
-    splits, _ = _splits(triton.cdiv(m, num_adapters), cfg.block_m, num_adapters * tiles_pq)
+    # split each adapter's rows as if one adapter had every row (a skewed training batch: 8 slots,
+    # one in use, would otherwise run on 1/8 of the programs), but keep the fp32 partials no larger
+    # than the rows read: at many adapters (decode-sized batches, 1,024 slots) one split
+    splits, _ = _splits(m, cfg.block_m, tiles_pq)
+    splits = max(1, min(splits, (m * (p + q)) // (num_adapters * p * q)))
     partials = torch.empty((splits, num_adapters, p, q), device=left.device, dtype=torch.float32)
     compute_dtype = left.dtype if left.dtype != torch.float32 else right.dtype
     segmented_rows_matmul_kernel[(num_adapters, tiles_pq, splits)](
