@@ -77,18 +77,24 @@ def test_triton_multi_real_model_shapes(dtype, case):
     check_multi(x, w, bias, a, b, scales, ids, adapters=batch, ranks=ranks)
 
 
-def test_triton_multi_cuda_graph_capture_and_replay():
-    """The AdapterBatch build and the op need no host sync (the id check is off during capture):
-    a decode step captures in a CUDA graph, and replays with new ids and new inputs correctly."""
-    lora_kernels.set_backend("triton")
-    m, k, n, num_adapters, r = 64, 1024, 2048, 16, 16
-    gen = torch.Generator().manual_seed(5)
+def bf16_multi_inputs(m, k, n, num_adapters, r, gen):
+    """weight (N, K), lora_a (L, r, K), lora_b (L, N, r) bf16, scales (L,) fp32, x (M, K) bf16, ids (M,)."""
     w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, torch.bfloat16)
     a = (torch.randn(num_adapters, r, k, generator=gen) / k**0.5).to(DEVICE, torch.bfloat16)
     b = torch.randn(num_adapters, n, r, generator=gen).to(DEVICE, torch.bfloat16)
     scales = torch.rand(num_adapters, generator=gen).to(DEVICE)
     x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
     ids = torch.randint(-1, num_adapters, (m,), generator=gen).to(DEVICE)
+    return w, a, b, scales, x, ids
+
+
+def test_triton_multi_cuda_graph_capture_and_replay():
+    """The AdapterBatch build and the op need no host sync (the id check is off during capture):
+    a decode step captures in a CUDA graph, and replays with new ids and new inputs correctly."""
+    lora_kernels.set_backend("triton")
+    m, k, n, num_adapters, r = 64, 1024, 2048, 16, 16
+    gen = torch.Generator().manual_seed(5)
+    w, a, b, scales, x, ids = bf16_multi_inputs(m, k, n, num_adapters, r, gen)
 
     def step():
         batch = lora_kernels.AdapterBatch(ids, num_adapters)
@@ -116,12 +122,7 @@ def test_triton_multi_bf16_bitwise_deterministic_and_row_order_free():
     lora_kernels.set_backend("triton")
     m, k, n, num_adapters, r = 512, 4096, 1024, 8, 16
     gen = torch.Generator().manual_seed(6)
-    w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE, torch.bfloat16)
-    a = (torch.randn(num_adapters, r, k, generator=gen) / k**0.5).to(DEVICE, torch.bfloat16)
-    b = torch.randn(num_adapters, n, r, generator=gen).to(DEVICE, torch.bfloat16)
-    scales = torch.rand(num_adapters, generator=gen).to(DEVICE)
-    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
-    ids = torch.randint(-1, num_adapters, (m,), generator=gen).to(DEVICE)
+    w, a, b, scales, x, ids = bf16_multi_inputs(m, k, n, num_adapters, r, gen)
     y1 = lora_kernels.multi_lora_linear(x, w, None, a, b, scales, ids)
     y2 = lora_kernels.multi_lora_linear(x, w, None, a, b, scales, ids)
     assert torch.equal(y1, y2)
