@@ -6,12 +6,15 @@ Importing this package never imports triton and never touches a GPU.
 
 from ._backend import get_backend, set_backend
 from .metadata import AdapterBatch, set_check_adapter_ids
+from .nn import LoRALinear, MultiLoRALinear, use_adapters, wrap_multi_lora
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora_linear import add_multi_lora_, multi_lora_linear
 from .reference import lora_linear_reference, multi_lora_linear_reference
 
 __all__ = [
     "AdapterBatch",
+    "LoRALinear",
+    "MultiLoRALinear",
     "add_multi_lora_",
     "get_backend",
     "lora_linear",
@@ -20,5 +23,7 @@ __all__ = [
     "multi_lora_linear_reference",
     "set_backend",
     "set_check_adapter_ids",
+    "use_adapters",
+    "wrap_multi_lora",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,8 @@ Two views of the same grouping:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ._env import check_ids_from_env
@@ -189,6 +191,14 @@ class AdapterBatch:
         # out-of-range adapters (check off) mean "none", as for ids
         adapters = segment_adapters.to(torch.int32)
         batch.segment_adapters = torch.where((adapters >= 0) & (adapters < num_adapters), adapters, -1)
+        return batch
+
+    def with_ranks(self, ranks: torch.Tensor | None) -> AdapterBatch:
+        """The same grouping with other true ranks (L,) int32, unchecked: one layer's ranks per slot
+        (MultiLoRALinear keeps its own, validated when an adapter is loaded). No copy, no sync."""
+        batch = copy.copy(self)
+        batch.ranks = None if ranks is None else ranks.to(device=self.device, dtype=torch.int32).contiguous()
+        batch.max_rank = None
         return batch
 
     @property

@@ -1,0 +1,106 @@
+"""LoRALinear: a frozen nn.Linear plus one trainable low-rank adapter, on the fused op.
+
+Parameter names and layouts follow PEFT's ``lora.Linear`` for one adapter: ``base_layer`` (the
+original nn.Linear), ``lora_A.weight`` (r, K) and ``lora_B.weight`` (N, r), so a PEFT adapter's
+tensors load without transposes (PEFT's saved files use exactly these names, minus the adapter
+name). The module holds state only; the maths is lora_kernels.lora_linear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.lora_linear import lora_linear
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoRALinear(nn.Module):
+    """y = base_layer(x) + scaling · (dropout(x) Aᵀ) Bᵀ, fused; base_layer frozen.
+
+    >>> import torch, lora_kernels
+    >>> layer = lora_kernels.LoRALinear.from_linear(torch.nn.Linear(8, 6), r=2, lora_alpha=4)
+    >>> torch.equal(layer(torch.ones(3, 8)), layer.base_layer(torch.ones(3, 8)))   # B starts at zero
+    True
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an int >= 1, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.base_layer = base_layer
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.lora_dropout = float(lora_dropout)
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, **factory)     # weight (r, K)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **factory)    # weight (N, r)
+        self.reset_lora_parameters()
+        self.merged = False
+        self.disable_adapter = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False) -> LoRALinear:
+        """Wraps `linear` (kept as base_layer, frozen: its parameters stop requiring grad)."""
+        linear.requires_grad_(False)
+        return cls(linear, r, lora_alpha, lora_dropout, use_rslora)
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default initialisation: A Kaiming-uniform (a = sqrt(5)), B zeros: the layer starts
+        as the base layer."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B A (N, K), computed in fp32 (at least), returned in the base weight's dtype."""
+        weight = self.base_layer.weight
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        delta = (self.lora_B.weight.to(compute) @ self.lora_A.weight.to(compute)) * self.scaling
+        return delta.to(weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = True) -> None:
+        """W0 += scaling · B A, in place; forward then runs the base layer alone. safe_merge checks
+        the merged weight for NaN/Inf before writing it (as PEFT's safe_merge), leaving W0 as it was."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge(): already merged")
+        weight = self.base_layer.weight
+        merged = weight + self.delta_weight()
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError("LoRALinear.merge(): the merged weight has NaN or Inf; the base weight is unchanged")
+        weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W0 -= scaling · B A, undoing merge() (up to the rounding of W0's dtype)."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge(): not merged")
+        self.base_layer.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disable_adapter:
+            return self.base_layer(x)
+        base = self.base_layer
+        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
+        if lora_a.dtype != x.dtype:   # e.g. fp32 adapters, bf16 activations: cast the small factors, not x
+            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        dropout_p = self.lora_dropout if self.training else 0.0
+        return lora_linear(x, base.weight, base.bias, lora_a, lora_b, self.scaling, dropout_p=dropout_p)
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "
+                f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, merged={self.merged}")
