@@ -6,7 +6,7 @@ Importing this package never imports triton and never touches a GPU.
 
 from ._backend import get_backend, set_backend
 from .metadata import AdapterBatch, set_check_adapter_ids
-from .nn import LoRALinear, MultiLoRALinear, use_adapters, wrap_multi_lora
+from .nn import LoRALinear, MultiLoRALinear, patch_peft, unpatch_peft, use_adapters, wrap_multi_lora
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora_linear import add_multi_lora_, multi_lora_linear
 from .reference import lora_linear_reference, multi_lora_linear_reference
@@ -21,8 +21,10 @@ __all__ = [
     "lora_linear_reference",
     "multi_lora_linear",
     "multi_lora_linear_reference",
+    "patch_peft",
     "set_backend",
     "set_check_adapter_ids",
+    "unpatch_peft",
     "use_adapters",
     "wrap_multi_lora",
 ]

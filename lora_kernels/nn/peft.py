@@ -1,0 +1,174 @@
+"""PEFT integration: put a PEFT model's LoRA linear layers on the fused ops, in place.
+
+patch_peft(model) gives every PEFT ``lora.Linear`` of `model` a forward that calls lora_linear (one
+or several active adapters) or multi_lora_linear (``adapter_names=`` mixed batches). Nothing else
+changes: the same modules, parameters, state_dict, save/load, merge/unmerge and adapter switching.
+Whatever the fused path cannot serve goes to PEFT's own forward, per call (a dtype it cannot take,
+dropout on several summed adapters, lora_bias in a mixed batch) or per layer (DoRA and other
+variants, fan_in_fan_out, a base layer that is not an nn.Linear); patch_peft reports the layers.
+PEFT is imported only when these functions are called.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from ..metadata import AdapterBatch
+from ..ops.lora_linear import lora_linear
+from ..ops.multi_lora_linear import multi_lora_linear
+
+_PATCHED = "_lora_kernels_patched"
+
+
+class PatchResult(int):
+    """The number of layers now on the fused path (an int), with `.fallbacks`: {layer name: why
+    it stays on PEFT's forward} for the PEFT LoRA layers that were not patched."""
+
+    fallbacks: dict[str, str]
+
+    def __new__(cls, count: int, fallbacks: dict[str, str]):
+        result = super().__new__(cls, count)
+        result.fallbacks = fallbacks
+        return result
+
+
+def _lora_linear_class():
+    from peft.tuners.lora.layer import Linear
+
+    return Linear
+
+
+def _layer_fallback_reason(layer) -> str | None:
+    """Why a PEFT lora.Linear cannot take the fused path at all, or None."""
+    if type(layer) is not _lora_linear_class():
+        return f"{type(layer).__name__} is not peft's lora.Linear"
+    if type(layer.get_base_layer()) is not nn.Linear:
+        return f"base layer is {type(layer.get_base_layer()).__name__}, not nn.Linear"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out (Conv1D-style weights)"
+    if getattr(layer, "lora_variant", None):
+        return f"LoRA variants (DoRA, ...) on adapters {sorted(layer.lora_variant)}"
+    return None
+
+
+def _dropout_p(layer, adapter: str) -> float | None:
+    """The adapter's dropout probability now (0 in eval), or None for a dropout we do not know."""
+    module = layer.lora_dropout[adapter]
+    if isinstance(module, nn.Identity):
+        return 0.0
+    if type(module) is nn.Dropout:
+        return module.p if module.training else 0.0
+    return None
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Bound to a PEFT lora.Linear by patch_peft: the fused ops where they give PEFT's result,
+    PEFT's own forward otherwise."""
+    adapter_names = kwargs.get("adapter_names")
+    if args or set(kwargs) - {"adapter_names"} or self.disable_adapters or self.merged \
+            or _layer_fallback_reason(self) is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    if x.dtype != base.weight.dtype or x.device != base.weight.device:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = (_mixed_forward(self, base, x, adapter_names) if adapter_names is not None
+              else _active_forward(self, base, x))
+    return result if result is not None else type(self).forward(self, x, *args, **kwargs)
+
+
+def _factors(layer, adapter: str, dtype: torch.dtype):
+    """(A (r, K), B (N, r)) in the activations' dtype: PEFT keeps adapters in fp32 under bf16
+    autocast; the small factors are cast, never x."""
+    return layer.lora_A[adapter].weight.to(dtype), layer.lora_B[adapter].weight.to(dtype)
+
+
+def _active_forward(layer, base: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """Base + Σ over the active adapters (PEFT sums them): one fused call; several adapters are
+    concatenated into one of rank Σ r_i with the scales folded into B (exact; only without dropout)."""
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if not active:
+        return base(x)
+    dropouts = [_dropout_p(layer, a) for a in active]
+    if any(p is None for p in dropouts) or (len(active) > 1 and any(dropouts)):
+        return None
+    bias = base.bias
+    for adapter in active:   # lora_bias: lora_B's bias, scaled like the rest of the LoRA term
+        lora_bias = layer.lora_B[adapter].bias
+        if lora_bias is not None:
+            term = layer.scaling[adapter] * lora_bias.to(x.dtype)
+            bias = term if bias is None else bias + term
+    if len(active) == 1:
+        lora_a, lora_b = _factors(layer, active[0], x.dtype)
+        return lora_linear(x, base.weight, bias, lora_a, lora_b, layer.scaling[active[0]], dropout_p=dropouts[0])
+    factors = [_factors(layer, a, x.dtype) for a in active]
+    lora_a = torch.cat([a for a, _ in factors])                                             # (Σr, K)
+    lora_b = torch.cat([b * layer.scaling[name] for (_, b), name in zip(factors, active)], dim=1)   # (N, Σr)
+    return lora_linear(x, base.weight, bias, lora_a, lora_b, 1.0)
+
+
+def _mixed_forward(layer, base: nn.Linear, x: torch.Tensor, adapter_names) -> torch.Tensor | None:
+    """PEFT's mixed batch (one adapter name per sample, "__base__" for none) on multi_lora_linear:
+    this layer's adapters stacked (padded to the largest rank, true ranks kept), one id per row."""
+    if len(adapter_names) != len(x):
+        raise ValueError(f"adapter_names has {len(adapter_names)} names but the input has {len(x)} samples "
+                         "(x's first dim): one name per sample")
+    names = list(layer.lora_A)
+    if any(layer.lora_B[a].bias is not None for a in names) or any(_dropout_p(layer, a) for a in names):
+        return None   # per-row lora_bias / dropout: PEFT's own mixed forward
+    slot = {name: index for index, name in enumerate(names)}
+    sample_ids = torch.tensor([slot.get(name, -1) for name in adapter_names], device=x.device)   # (B,)
+    rows_per_sample = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
+    ids = sample_ids.repeat_interleave(rows_per_sample)                                        # (M,)
+    factors = [_factors(layer, a, x.dtype) for a in names]
+    ranks = [a.shape[0] for a, _ in factors]
+    max_rank = max(ranks)
+    lora_a = torch.stack([nn.functional.pad(a, (0, 0, 0, max_rank - a.shape[0])) for a, _ in factors])   # (L, R, K)
+    lora_b = torch.stack([nn.functional.pad(b, (0, max_rank - b.shape[1])) for _, b in factors])         # (L, N, R)
+    scales = torch.tensor([float(layer.scaling[a]) for a in names], device=x.device)
+    batch = AdapterBatch(ids, len(names), ranks=ranks)
+    return multi_lora_linear(x, base.weight, base.bias, lora_a, lora_b, scales, batch)
+
+
+def patch_peft(model: nn.Module) -> PatchResult:
+    """Puts every PEFT lora.Linear of `model` on the fused path, in place; returns how many (an int
+    whose `.fallbacks` names the LoRA layers left on PEFT's forward, and why). Idempotent.
+
+    >>> import torch, peft, lora_kernels
+    >>> model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+    ...                             peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    >>> x = torch.randn(3, 8)
+    >>> expected = model(x)
+    >>> lora_kernels.patch_peft(model)
+    1
+    >>> torch.allclose(model(x), expected, atol=1e-6)
+    True
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    count, fallbacks = 0, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        reason = _layer_fallback_reason(module)
+        if reason is not None:
+            fallbacks[name] = reason
+            continue
+        if not getattr(module, _PATCHED, False):
+            module.forward = types.MethodType(_fused_forward, module)
+            setattr(module, _PATCHED, True)
+        count += 1
+    return PatchResult(count, fallbacks)
+
+
+def unpatch_peft(model: nn.Module) -> int:
+    """Gives every layer patch_peft patched its PEFT forward back; returns how many."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, _PATCHED, False):
+            del module.forward
+            delattr(module, _PATCHED)
+            count += 1
+    return count

@@ -1,0 +1,172 @@
+"""patch_peft: a PEFT model's LoRA linear layers on the fused ops, with PEFT's own results.
+
+Each test builds a PEFT model, records what PEFT computes, patches, and compares: same outputs
+(fp32: 1e-5; bf16: bf16's own rounding), same parameters and state_dict, same training.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lora_kernels
+
+peft = pytest.importorskip("peft")
+
+K, H, OUT = 24, 32, 16
+
+
+class MLP(nn.Module):
+    """Attention-like names, so target_modules read as they do on real models."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.q_proj = nn.Linear(K, H, bias=bias)
+        self.v_proj = nn.Linear(H, H, bias=bias)
+        self.out = nn.Linear(H, OUT, bias=bias)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.v_proj(torch.tanh(self.q_proj(x)))))
+
+
+def peft_model(seed=0, bias=True, **config):
+    torch.manual_seed(seed)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False,
+              **config}
+    return peft.get_peft_model(MLP(bias), peft.LoraConfig(**config))
+
+
+def assert_patched_matches(model, x, atol=1e-5, **forward_kwargs):
+    expected = model(x, **forward_kwargs)
+    assert lora_kernels.patch_peft(model) == 2
+    got = model(x, **forward_kwargs)
+    torch.testing.assert_close(got, expected, rtol=atol, atol=atol)
+    return got
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"use_rslora": True}, {"lora_bias": True}, {"lora_dropout": 0.1}, {"r": 1, "lora_alpha": 3},
+], ids=["plain", "rslora", "lora_bias", "dropout_in_eval", "rank1"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_adapter_matches_peft(config, bias):
+    model = peft_model(bias=bias, **config).eval()
+    assert_patched_matches(model, torch.randn(3, 5, K))
+
+
+def test_two_active_adapters_summed():
+    model = peft_model()
+    model.add_adapter("second", peft.LoraConfig(r=6, lora_alpha=3, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    assert_patched_matches(model.eval(), torch.randn(7, K))
+
+
+def test_state_dict_unchanged_and_unpatch_restores():
+    model = peft_model().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, K)
+    expected = model(x)
+    result = lora_kernels.patch_peft(model)
+    assert result == 2 and result.fallbacks == {}
+    assert lora_kernels.patch_peft(model) == 2                         # idempotent
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    layer = model.base_model.model.q_proj
+    assert "forward" in vars(layer)
+    assert lora_kernels.unpatch_peft(model) == 2
+    assert "forward" not in vars(layer)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_disabled_and_merged_adapters_take_the_base_path():
+    model = peft_model().eval()
+    x = torch.randn(4, K)
+    with model.disable_adapter():
+        base = model(x)
+    lora_kernels.patch_peft(model)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    unmerged = model(x)
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_adapter_batch_inference():
+    model = peft_model()
+    model.add_adapter("other", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+    model.eval()
+    x = torch.randn(6, 3, K)
+    names = ["default", "__base__", "other", "other", "default", "__base__"]
+    got = assert_patched_matches(model, x, adapter_names=names)
+    for i, name in enumerate(names):          # each sample as a run with its adapter alone
+        if name == "__base__":
+            with model.disable_adapter():
+                alone = model(x[i:i + 1])
+        else:
+            model.base_model.set_adapter(name)
+            alone = model(x[i:i + 1])
+        torch.testing.assert_close(got[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        model(x, adapter_names=["nope"] * 6)
+    with pytest.raises(ValueError, match="adapter_names has 5 names but the input has 6 samples"):
+        model(x, adapter_names=["default"] * 5)
+
+
+def test_training_twenty_steps_agree_with_peft():
+    torch.manual_seed(0)
+    x_fit, target_fit = torch.randn(32, K), torch.randn(32, OUT)
+    data = [(x_fit, target_fit)] * 20          # one batch, refit: the loss must fall
+    losses = {}
+    for patched in (False, True):
+        model = peft_model(seed=1).train()
+        if patched:
+            assert lora_kernels.patch_peft(model) == 2
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[patched] = []
+        for x, target in data:
+            loss = nn.functional.mse_loss(model(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[patched].append(loss.item())
+        assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-5)
+    assert losses[True][-1] < losses[True][0]
+
+
+def test_fp32_adapters_with_bf16_model():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(MLP().to(torch.bfloat16),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False),
+                                autocast_adapter_dtype=True).eval()
+    assert model.base_model.model.q_proj.lora_A["default"].weight.dtype == torch.float32
+    x = torch.randn(4, K, dtype=torch.bfloat16)
+    # PEFT computes the LoRA term in fp32 then rounds; we compute it in bf16 with fp32 accumulation
+    assert_patched_matches(model, x, atol=3e-2)
+
+
+def test_dora_layers_reported_as_fallbacks():
+    model = peft_model(use_dora=True).eval()
+    x = torch.randn(3, K)
+    expected = model(x)
+    result = lora_kernels.patch_peft(model)
+    assert result == 0 and set(result.fallbacks) == {"base_model.model.q_proj", "base_model.model.v_proj"}
+    assert all("variants" in why for why in result.fallbacks.values())
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_deepcopy_of_a_patched_model():
+    model = peft_model().eval()
+    lora_kernels.patch_peft(model)
+    clone = copy.deepcopy(model)
+    x = torch.randn(2, K)
+    torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+    assert clone.base_model.model.q_proj.forward.__self__ is clone.base_model.model.q_proj
