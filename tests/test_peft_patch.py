@@ -170,3 +170,31 @@ def test_deepcopy_of_a_patched_model():
     x = torch.randn(2, K)
     torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
     assert clone.base_model.model.q_proj.forward.__self__ is clone.base_model.model.q_proj
+
+
+def test_mixed_batch_trains_each_adapter_on_its_own_rows():
+    """PEFT refuses adapter_names in training; patched, a mixed batch trains, and each adapter gets
+    the gradient its own rows alone would give it."""
+    model = peft_model()
+    model.add_adapter("other", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+    model.train()
+    x = torch.randn(5, 3, K)
+    names = ["other", "default", "__base__", "default", "other"]
+    with pytest.raises(ValueError, match="training mode"):
+        model(x, adapter_names=names)
+    lora_kernels.patch_peft(model)
+    model.base_model.set_adapter(["default", "other"])              # both trainable
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    mixed = dict(zip(params, torch.autograd.grad(model(x, adapter_names=names).square().sum(), list(params.values()))))
+    assert model.training
+    for adapter in ("default", "other"):
+        rows = [i for i, n in enumerate(names) if n == adapter]
+        model.base_model.set_adapter(adapter)
+        own = {n: p for n, p in model.named_parameters() if f".{adapter}." in n}
+        alone = torch.autograd.grad(model(x[rows]).square().sum(), list(own.values()))
+        for (name, _), grad in zip(own.items(), alone):
+            torch.testing.assert_close(mixed[name], grad, rtol=1e-4, atol=1e-5)
+    assert lora_kernels.unpatch_peft(model) == 2
+    with pytest.raises(ValueError, match="training mode"):
+        model(x, adapter_names=names)

@@ -1,7 +1,8 @@
 """PEFT integration: put a PEFT model's LoRA linear layers on the fused ops, in place.
 
 patch_peft(model) gives every PEFT ``lora.Linear`` of `model` a forward that calls lora_linear (one
-or several active adapters) or multi_lora_linear (``adapter_names=`` mixed batches). Nothing else
+or several active adapters) or multi_lora_linear (``adapter_names=`` mixed batches, which then also
+train: PEFT refuses them in training mode, we give each row's gradient to its own adapter). Nothing else
 changes: the same modules, parameters, state_dict, save/load, merge/unmerge and adapter switching.
 Whatever the fused path cannot serve goes to PEFT's own forward, per call (a dtype it cannot take,
 dropout on several summed adapters, lora_bias in a mixed batch) or per layer (DoRA and other
@@ -11,6 +12,7 @@ PEFT is imported only when these functions are called.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -21,6 +23,7 @@ from ..ops.lora_linear import lora_linear
 from ..ops.multi_lora_linear import multi_lora_linear
 
 _PATCHED = "_lora_kernels_patched"
+_HOOKS = "_enable_peft_forward_hooks"
 
 
 class PatchResult(int):
@@ -132,6 +135,26 @@ def _mixed_forward(layer, base: nn.Linear, x: torch.Tensor, adapter_names) -> to
     return multi_lora_linear(x, base.weight, base.bias, lora_a, lora_b, scales, batch)
 
 
+@contextlib.contextmanager
+def _forward_hooks_allowing_training(self, *args, **kwargs):
+    """Bound to a PEFT LoraModel by patch_peft: PEFT's own set-up of ``adapter_names=`` (name
+    checks, the hooks that hand the names to every LoRA layer), minus its refusal in training mode:
+    a mixed batch trains on the fused path, each row's gradient going to its own adapter. The
+    refusal reads the LoraModel's own `training` flag only; it is lowered just while PEFT checks."""
+    training = self.training
+    if kwargs.get("adapter_names") is not None:
+        self.training = False
+    try:
+        hooks = type(self)._enable_peft_forward_hooks(self, *args, **kwargs)
+        hooks.__enter__()
+    finally:
+        self.training = training
+    try:
+        yield
+    finally:
+        hooks.__exit__(None, None, None)
+
+
 def patch_peft(model: nn.Module) -> PatchResult:
     """Puts every PEFT lora.Linear of `model` on the fused path, in place; returns how many (an int
     whose `.fallbacks` names the LoRA layers left on PEFT's forward, and why). Idempotent.
@@ -147,16 +170,20 @@ def patch_peft(model: nn.Module) -> PatchResult:
     True
     """
     from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.lora.model import LoraModel
 
     count, fallbacks = 0, {}
     for name, module in model.named_modules():
+        if isinstance(module, LoraModel) and _PATCHED not in vars(module):
+            setattr(module, _HOOKS, types.MethodType(_forward_hooks_allowing_training, module))
+            setattr(module, _PATCHED, True)
         if not isinstance(module, LoraLayer):
             continue
         reason = _layer_fallback_reason(module)
         if reason is not None:
             fallbacks[name] = reason
             continue
-        if not getattr(module, _PATCHED, False):
+        if _PATCHED not in vars(module):
             module.forward = types.MethodType(_fused_forward, module)
             setattr(module, _PATCHED, True)
         count += 1
@@ -167,8 +194,11 @@ def unpatch_peft(model: nn.Module) -> int:
     """Gives every layer patch_peft patched its PEFT forward back; returns how many."""
     count = 0
     for module in model.modules():
-        if getattr(module, _PATCHED, False):
-            del module.forward
+        if _PATCHED in vars(module):   # its own flag: PEFT's wrappers forward unknown attributes inward
             delattr(module, _PATCHED)
-            count += 1
+            if _HOOKS in vars(module):      # a LoraModel
+                delattr(module, _HOOKS)
+            else:                           # a LoRA layer
+                del module.forward
+                count += 1
     return count
