@@ -113,3 +113,27 @@ def test_minilm_encoder_matches_peft(minilm):
         result = lora_kernels.patch_peft(model)
         assert result > 0 and not result.fallbacks
         close(model(**inputs).last_hidden_state, expected)
+
+
+def test_smollm2_serving_slots(smollm2):
+    """wrap_multi_lora + use_adapters on a real decoder: rows of slot 3 equal the model with that
+    adapter merged into its weights; rows with no adapter equal the base model."""
+    model = copy.deepcopy(smollm2)
+    merged = copy.deepcopy(smollm2)
+    names = lora_kernels.wrap_multi_lora(model, ["*.q_proj", "*.v_proj"], num_slots=4, max_rank=16)
+    assert len(names) == 2 * smollm2.config.num_hidden_layers
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name in names:
+            layer = model.get_submodule(name)
+            k, n = layer.base_layer.in_features, layer.base_layer.out_features
+            a, b = torch.randn(8, k, generator=g) / k**0.5, torch.randn(n, 8, generator=g) * 0.05
+            layer.load_adapter(3, a, b, scale=2.0)
+            merged.get_submodule(name).weight += 2.0 * b @ a
+    ids = torch.randint(0, smollm2.config.vocab_size, (2, 8), generator=g)
+    rows = torch.tensor([3] * 8 + [-1] * 8)               # sample 0 on slot 3, sample 1 on none
+    with torch.no_grad(), lora_kernels.use_adapters(rows, num_adapters=4):
+        logits = model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(logits[0], merged(ids[:1]).logits[0], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(logits[1], smollm2(ids[1:]).logits[0], rtol=1e-4, atol=1e-3)

