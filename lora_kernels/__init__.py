@@ -5,6 +5,7 @@ Importing this package never imports triton and never touches a GPU.
 """
 
 from ._backend import get_backend, set_backend
+from .adapter_io import AdapterWeights, LayerAdapter, load_adapter, save_adapter
 from .merging import delta_weight, merge_cat, merge_linear, merge_svd
 from .metadata import AdapterBatch, set_check_adapter_ids
 from .nn import LoRALinear, MultiLoRALinear, patch_peft, unpatch_peft, use_adapters, wrap_multi_lora
@@ -14,11 +15,14 @@ from .reference import lora_linear_reference, multi_lora_linear_reference
 
 __all__ = [
     "AdapterBatch",
+    "AdapterWeights",
+    "LayerAdapter",
     "LoRALinear",
     "MultiLoRALinear",
     "add_multi_lora_",
     "delta_weight",
     "get_backend",
+    "load_adapter",
     "lora_linear",
     "lora_linear_reference",
     "merge_cat",
@@ -27,6 +31,7 @@ __all__ = [
     "multi_lora_linear",
     "multi_lora_linear_reference",
     "patch_peft",
+    "save_adapter",
     "set_backend",
     "set_check_adapter_ids",
     "unpatch_peft",
