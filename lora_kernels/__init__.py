@@ -8,7 +8,15 @@ from ._backend import get_backend, set_backend
 from .adapter_io import AdapterWeights, LayerAdapter, load_adapter, save_adapter
 from .merging import delta_weight, merge_cat, merge_linear, merge_svd
 from .metadata import AdapterBatch, set_check_adapter_ids
-from .nn import LoRALinear, MultiLoRALinear, patch_peft, unpatch_peft, use_adapters, wrap_multi_lora
+from .nn import (
+    LoRALinear,
+    MultiLoRALinear,
+    patch_peft,
+    register_fused_peft,
+    unpatch_peft,
+    use_adapters,
+    wrap_multi_lora,
+)
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora_linear import add_multi_lora_, multi_lora_linear
 from .reference import lora_linear_reference, multi_lora_linear_reference
@@ -31,6 +39,7 @@ __all__ = [
     "multi_lora_linear",
     "multi_lora_linear_reference",
     "patch_peft",
+    "register_fused_peft",
     "save_adapter",
     "set_backend",
     "set_check_adapter_ids",

@@ -7,6 +7,7 @@ Each test builds a PEFT model, records what PEFT computes, patches, and compares
 from __future__ import annotations
 
 import copy
+import tempfile
 
 import pytest
 import torch
@@ -198,3 +199,36 @@ def test_mixed_batch_trains_each_adapter_on_its_own_rows():
     assert lora_kernels.unpatch_peft(model) == 2
     with pytest.raises(ValueError, match="training mode"):
         model(x, adapter_names=names)
+
+
+def test_registered_custom_module_route():
+    """register_fused_peft: PEFT creates the LoRA layers on the fused path itself; same parameters,
+    state_dict and outputs as plain PEFT, and a saved adapter loads into plain PEFT."""
+    def build(fused):
+        torch.manual_seed(0)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        if fused:
+            lora_kernels.register_fused_peft(config)
+        return peft.get_peft_model(MLP(), config)
+
+    plain, fused = build(False), build(True)
+    layers = [m for m in fused.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert {type(m).__name__ for m in layers} == {"FusedLoraLinear"} and len(layers) == 2
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(6, K)
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert lora_kernels.patch_peft(fused) == 2 and "forward" not in vars(layers[0])
+    for model in (plain, fused):
+        model(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    with tempfile.TemporaryDirectory() as tmp:
+        fused.save_pretrained(tmp)
+        base = MLP()
+        base_weights = {k.replace(".base_layer", ""): v for k, v in plain.base_model.model.state_dict().items()
+                        if "lora_" not in k}
+        base.load_state_dict(base_weights)
+        reloaded = peft.PeftModel.from_pretrained(base, tmp)          # plain PEFT, adapter from the file
+        torch.testing.assert_close(reloaded(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -44,9 +44,38 @@ def _lora_linear_class():
     return Linear
 
 
+_FUSED_CLASS = None
+
+
+def fused_lora_linear_class() -> type:
+    """FusedLoraLinear: PEFT's lora.Linear with the fused forward, for PEFT's custom-module route
+    (register_fused_peft), so layers are created on the fused path rather than patched afterwards."""
+    global _FUSED_CLASS
+    if _FUSED_CLASS is None:
+        _FUSED_CLASS = type("FusedLoraLinear", (_lora_linear_class(),), {
+            "forward": _fused_forward, "__module__": __name__,
+            "__doc__": "PEFT's lora.Linear on lora_kernels' fused ops (see lora_kernels.nn.peft)."})
+    return _FUSED_CLASS
+
+
+def register_fused_peft(config) -> None:
+    """Registers FusedLoraLinear for nn.Linear in a peft.LoraConfig (PEFT's experimental
+    `_register_custom_module`): get_peft_model / add_adapter with this config then create every
+    nn.Linear LoRA layer on the fused path, no patch_peft needed.
+
+    >>> import torch, peft, lora_kernels
+    >>> config = peft.LoraConfig(r=2, target_modules=["0"])
+    >>> lora_kernels.register_fused_peft(config)
+    >>> model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), config)
+    >>> type(model.base_model.model[0]).__name__
+    'FusedLoraLinear'
+    """
+    config._register_custom_module({nn.Linear: fused_lora_linear_class()})
+
+
 def _layer_fallback_reason(layer) -> str | None:
     """Why a PEFT lora.Linear cannot take the fused path at all, or None."""
-    if type(layer) is not _lora_linear_class():
+    if type(layer) not in (_lora_linear_class(), _FUSED_CLASS):
         return f"{type(layer).__name__} is not peft's lora.Linear"
     if type(layer.get_base_layer()) is not nn.Linear:
         return f"base layer is {type(layer.get_base_layer()).__name__}, not nn.Linear"
@@ -68,18 +97,19 @@ def _dropout_p(layer, adapter: str) -> float | None:
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Bound to a PEFT lora.Linear by patch_peft: the fused ops where they give PEFT's result,
-    PEFT's own forward otherwise."""
+    """Bound to a PEFT lora.Linear by patch_peft (or FusedLoraLinear's forward): the fused ops
+    where they give PEFT's result, PEFT's own lora.Linear.forward otherwise."""
+    peft_forward = _lora_linear_class().forward
     adapter_names = kwargs.get("adapter_names")
     if args or set(kwargs) - {"adapter_names"} or self.disable_adapters or self.merged \
             or _layer_fallback_reason(self) is not None:
-        return type(self).forward(self, x, *args, **kwargs)
+        return peft_forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
     if x.dtype != base.weight.dtype or x.device != base.weight.device:
-        return type(self).forward(self, x, *args, **kwargs)
+        return peft_forward(self, x, *args, **kwargs)
     result = (_mixed_forward(self, base, x, adapter_names) if adapter_names is not None
               else _active_forward(self, base, x))
-    return result if result is not None else type(self).forward(self, x, *args, **kwargs)
+    return result if result is not None else peft_forward(self, x, *args, **kwargs)
 
 
 def _factors(layer, adapter: str, dtype: torch.dtype):
@@ -183,7 +213,7 @@ def patch_peft(model: nn.Module) -> PatchResult:
         if reason is not None:
             fallbacks[name] = reason
             continue
-        if _PATCHED not in vars(module):
+        if _PATCHED not in vars(module) and type(module) is not _FUSED_CLASS:
             module.forward = types.MethodType(_fused_forward, module)
             setattr(module, _PATCHED, True)
         count += 1
