@@ -121,11 +121,14 @@ class AdapterBatch:
     ([2, 0, 3, 1], [0, 1, 1, 3], [1, 0, 2])
     """
 
-    def __init__(self, adapter_ids: torch.Tensor, num_adapters: int, ranks=None):
-        """adapter_ids (M,) int32/int64, -1 = no adapter; ranks: per-adapter true ranks (L,) or None."""
+    def __init__(self, adapter_ids: torch.Tensor, num_adapters: int, ranks=None, *, check: bool | None = None):
+        """adapter_ids (M,) int32/int64, -1 = no adapter; ranks: per-adapter true ranks (L,) or None.
+        check: run the id check (a host sync on CUDA) for this batch or not; None: the global setting
+        (set_check_adapter_ids). Callers whose ids are valid by construction pass False."""
         _check_index_tensor("adapter_ids", adapter_ids)
         num_adapters = _check_num_adapters(num_adapters)
-        check = check_adapter_ids_enabled(adapter_ids.device)
+        if check is None:
+            check = check_adapter_ids_enabled(adapter_ids.device)
         if check and adapter_ids.numel():
             bad = (adapter_ids < -1) | (adapter_ids >= num_adapters)
             if bool(bad.any()):
