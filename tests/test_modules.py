@@ -236,3 +236,26 @@ def test_multi_errors():
             layer(torch.randn(2, K, device=DEVICE))
     with pytest.raises(TypeError, match="nn.Linear"):
         MultiLoRALinear(nn.Conv1d(2, 2, 1), 2, 2)
+
+
+def test_review_fixes_autocast_disabled_merge_and_scales():
+    """torch.autocast runs in autocast's dtype (it crashed); merged then disabled gives the base
+    layer (it gave the adapted output); .to(bf16) keeps MultiLoRALinear's scales fp32."""
+    layer = trained(LoRALinear.from_linear(make_linear(), r=4, lora_alpha=8))
+    x = torch.randn(5, K, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), rtol=3e-2, atol=3e-2)
+    base = layer.base_layer(x)
+    layer.merge()
+    layer.disable_adapter = True
+    torch.testing.assert_close(layer(x), base, rtol=1e-5, atol=1e-5)
+    multi = MultiLoRALinear(make_linear(), num_slots=2, max_rank=4)
+    multi.load_adapter(0, *adapters([4])[0][:2], scale=0.3)
+    multi.to(torch.bfloat16)
+    assert multi.scales.dtype == torch.float32 and multi.scales[0].item() == pytest.approx(0.3, abs=1e-7)
+    assert multi.lora_a.dtype == torch.bfloat16
+    with use_adapters(torch.tensor([0, -1, 0], device=DEVICE), num_adapters=2):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            assert multi(torch.randn(3, K, device=DEVICE)).dtype == torch.bfloat16

@@ -232,3 +232,38 @@ def test_registered_custom_module_route():
         base.load_state_dict(base_weights)
         reloaded = peft.PeftModel.from_pretrained(base, tmp)          # plain PEFT, adapter from the file
         torch.testing.assert_close(reloaded(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+class Halve(nn.Module):
+    """A deterministic stand-in for a dropout module the fused path does not know."""
+
+    def forward(self, x):
+        return x * 0.5
+
+
+def test_review_fixes_fall_back_where_peft_must_run():
+    """Hooks on the layers, autocast, unknown dropout modules in a mixed batch and gradient
+    checkpointing with a mixed training batch: PEFT's own forward (or a clear error), never a
+    different answer."""
+    model = peft_model(lora_dropout=0.1)
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+    model.eval()
+    x = torch.randn(4, K)
+    names = ["default", "other", "__base__", "other"]
+    q = model.base_model.model.q_proj
+    q.lora_dropout["other"] = Halve()                                # a "dropout" module we do not know
+    handle = q.base_layer.register_forward_hook(lambda m, i, out: out * 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_autocast = model(x)
+    expected, expected_mixed = model(x), model(x, adapter_names=names)
+    lora_kernels.patch_peft(model)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x, adapter_names=names), expected_mixed, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(x), expected_autocast, rtol=0, atol=0)
+    handle.remove()
+    model.train()
+    model.base_model.model.gradient_checkpointing = True
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(x, adapter_names=names)

@@ -8,12 +8,28 @@ name). The module holds state only; the maths is lora_kernels.lora_linear.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
 from ..ops.lora_linear import lora_linear
+
+
+@contextlib.contextmanager
+def fused_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *factors: torch.Tensor):
+    """Yields (x, weight, bias, *factors) in the dtype the fused op runs in. Inside a torch.autocast
+    region: all in autocast's dtype, with autocast paused (the op's inner GEMMs must not re-cast).
+    Else as given, except the LoRA factors, cast to x's dtype (fp32 adapters with 16-bit
+    activations: the small factors are cast, never x nor W0)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            yield tuple(None if t is None else t.to(dtype) for t in (x, weight, bias, *factors))
+    else:
+        yield (x, weight, bias, *(f.to(x.dtype) for f in factors))
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -39,7 +55,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r must be an int >= 1, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        self.base_layer = base_layer
+        self.base_layer = base_layer.requires_grad_(False)   # frozen, as PEFT leaves it
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.lora_dropout = float(lora_dropout)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
@@ -54,7 +70,6 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False) -> LoRALinear:
         """Wraps `linear` (kept as base_layer, frozen: its parameters stop requiring grad)."""
-        linear.requires_grad_(False)
         return cls(linear, r, lora_alpha, lora_dropout, use_rslora)
 
     def reset_lora_parameters(self) -> None:
@@ -92,14 +107,14 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disable_adapter:
-            return self.base_layer(x)
         base = self.base_layer
-        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
-        if lora_a.dtype != x.dtype:   # e.g. fp32 adapters, bf16 activations: cast the small factors, not x
-            lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        if self.disable_adapter and self.merged:   # the base layer without the merged adapter
+            return nn.functional.linear(x, base.weight - self.delta_weight(), base.bias)
+        if self.merged or self.disable_adapter:
+            return base(x)
         dropout_p = self.lora_dropout if self.training else 0.0
-        return lora_linear(x, base.weight, base.bias, lora_a, lora_b, self.scaling, dropout_p=dropout_p)
+        with fused_inputs(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight) as inputs:
+            return lora_linear(*inputs, self.scaling, dropout_p=dropout_p)
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, "

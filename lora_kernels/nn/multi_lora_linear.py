@@ -18,6 +18,7 @@ from torch import nn
 
 from ..metadata import AdapterBatch
 from ..ops.multi_lora_linear import multi_lora_linear
+from .lora_linear import fused_inputs
 
 _current_batch: contextvars.ContextVar[AdapterBatch | None] = contextvars.ContextVar(
     "lora_kernels_adapter_batch", default=None)
@@ -111,8 +112,16 @@ class MultiLoRALinear(nn.Module):
             raise RuntimeError("MultiLoRALinear needs the rows' adapter ids: call the model inside "
                                "`with lora_kernels.use_adapters(adapter_ids, num_adapters):`")
         base = self.base_layer
-        return multi_lora_linear(x, base.weight, base.bias, self.lora_a, self.lora_b, self.scales,
-                                 batch.with_ranks(self.ranks))
+        with fused_inputs(x, base.weight, base.bias, self.lora_a, self.lora_b) as (x, weight, bias, a, b):
+            return multi_lora_linear(x, weight, bias, a, b, self.scales, batch.with_ranks(self.ranks))
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / .half() / .cuda(): the scales move but stay fp32 (a bf16 scale would round
+        every adapter's scale by up to 2**-9)."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(device=self.scales.device, dtype=torch.float32)
+        return self
 
     def extra_repr(self) -> str:
         return f"num_slots={self.num_slots}, max_rank={self.max_rank}"

@@ -86,6 +86,22 @@ def _layer_fallback_reason(layer) -> str | None:
     return None
 
 
+def _module_hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module))
+
+
+def _hooked(layer, base: nn.Linear) -> bool:
+    """Whether something expects the base layer or the LoRA factors' modules to be called (forward
+    hooks, pre-hooks such as weight_norm, accelerate / ZeRO-3 / FSDP weight gathering, a replaced
+    forward): the fused path reads their weights directly, so PEFT's forward must run instead."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    modules = [base, *layer.lora_A.values(), *layer.lora_B.values(), *layer.lora_dropout.values()]
+    return any(_module_hooked(m) for m in modules)
+
+
 def _dropout_p(layer, adapter: str) -> float | None:
     """The adapter's dropout probability now (0 in eval), or None for a dropout we do not know."""
     module = layer.lora_dropout[adapter]
@@ -105,7 +121,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             or _layer_fallback_reason(self) is not None:
         return peft_forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
-    if x.dtype != base.weight.dtype or x.device != base.weight.device:
+    if x.dtype != base.weight.dtype or x.device != base.weight.device \
+            or torch.is_autocast_enabled(x.device.type) or _hooked(self, base):
         return peft_forward(self, x, *args, **kwargs)
     result = (_mixed_forward(self, base, x, adapter_names) if adapter_names is not None
               else _active_forward(self, base, x))
@@ -149,10 +166,12 @@ def _mixed_forward(layer, base: nn.Linear, x: torch.Tensor, adapter_names) -> to
         raise ValueError(f"adapter_names has {len(adapter_names)} names but the input has {len(x)} samples "
                          "(x's first dim): one name per sample")
     names = list(layer.lora_A)
-    if any(layer.lora_B[a].bias is not None for a in names) or any(_dropout_p(layer, a) for a in names):
-        return None   # per-row lora_bias / dropout: PEFT's own mixed forward
+    dropouts = [_dropout_p(layer, a) for a in names]
+    if any(layer.lora_B[a].bias is not None for a in names) or any(p is None or p > 0 for p in dropouts):
+        return None   # per-row lora_bias / dropout (or a dropout module we do not know): PEFT's mixed forward
     slot = {name: index for index, name in enumerate(names)}
-    sample_ids = torch.tensor([slot.get(name, -1) for name in adapter_names], device=x.device)   # (B,)
+    sample_ids = torch.tensor([slot.get(name, -1) for name in adapter_names], dtype=torch.int64,
+                              device=x.device)                                          # (B,)
     rows_per_sample = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
     ids = sample_ids.repeat_interleave(rows_per_sample)                                        # (M,)
     factors = [_factors(layer, a, x.dtype) for a in names]
@@ -172,7 +191,11 @@ def _forward_hooks_allowing_training(self, *args, **kwargs):
     a mixed batch trains on the fused path, each row's gradient going to its own adapter. The
     refusal reads the LoraModel's own `training` flag only; it is lowered just while PEFT checks."""
     training = self.training
-    if kwargs.get("adapter_names") is not None:
+    if kwargs.get("adapter_names") is not None and training:
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules()):
+            raise ValueError("mixed adapter batches (adapter_names=) cannot train with gradient checkpointing: "
+                             "the recomputation in backward would run without the adapter names. Disable "
+                             "gradient checkpointing for these steps")
         self.training = False
     try:
         hooks = type(self)._enable_peft_forward_hooks(self, *args, **kwargs)
