@@ -52,6 +52,8 @@ from pathlib import Path
 
 import torch
 
+from .nn.lora_linear import lora_scaling
+
 __all__ = [
     "CONFIG_NAME",
     "LEGACY_WEIGHTS_NAME",
@@ -186,12 +188,7 @@ class _Spec:
         return r, alpha, r_key, alpha_key
 
     def scale(self, r: int, alpha: float) -> float:
-        return _scale(r, alpha, self.use_rslora)
-
-
-def _scale(r: int, alpha: float, use_rslora: bool) -> float:
-    # Same expressions as peft.tuners.lora.layer.LoraLayer.update_layer, so the floats are identical.
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+        return lora_scaling(r, alpha, self.use_rslora)
 
 
 def _match_pattern(patterns: dict, module: str, default):

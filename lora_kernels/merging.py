@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["delta_weight", "merge_cat", "merge_linear", "merge_svd"]
+from .ops._checks import FLOAT_DTYPES, describe
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+__all__ = ["delta_weight", "merge_cat", "merge_linear", "merge_svd"]
 
 Adapter = tuple[torch.Tensor, torch.Tensor, float]   # (lora_a (r, K), lora_b (N, r), scale)
 Merged = tuple[torch.Tensor, torch.Tensor, float]    # (lora_a (r_out, K), lora_b (N, r_out), 1.0)
@@ -39,17 +39,13 @@ Merged = tuple[torch.Tensor, torch.Tensor, float]    # (lora_a (r_out, K), lora_
 # validation
 # ---------------------------------------------------------------------------------------------
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
 def _as_float(name: str, value) -> float:
     """A finite python int/float, or a 0-d tensor that does not require grad, as a python float."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
-            raise ValueError(f"{name} ({_describe(value)}) must be a python float or a 0-d tensor")
+            raise ValueError(f"{name} ({describe(value)}) must be a python float or a 0-d tensor")
         if value.requires_grad:
-            raise ValueError(f"{name} ({_describe(value)}) must not require grad: merging is not differentiable "
+            raise ValueError(f"{name} ({describe(value)}) must not require grad: merging is not differentiable "
                              "in its weights here")
         value = value.item()
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -66,21 +62,21 @@ def _check_factors(name: str, lora_a, lora_b) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}{part} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}{part} ({_describe(t)}) must be floating point, one of {FLOAT_DTYPES}")
+            raise TypeError(f"{name}{part} ({describe(t)}) must be floating point, one of {FLOAT_DTYPES}")
         if t.dim() != 2:
             layout = "(r, K)" if part == "lora_a" else "(N, r)"
-            raise ValueError(f"{name}{part} ({_describe(t)}) must be 2-D {layout}")
+            raise ValueError(f"{name}{part} ({describe(t)}) must be 2-D {layout}")
     r = lora_a.shape[0]
     if r < 1:
-        raise ValueError(f"{name}lora_a ({_describe(lora_a)}) must have rank r >= 1 rows")
+        raise ValueError(f"{name}lora_a ({describe(lora_a)}) must have rank r >= 1 rows")
     if lora_b.shape[1] != r:
-        raise ValueError(f"{name}lora_b ({_describe(lora_b)}) must have r={r} columns, the rows of "
-                         f"{name}lora_a ({_describe(lora_a)})")
+        raise ValueError(f"{name}lora_b ({describe(lora_b)}) must have r={r} columns, the rows of "
+                         f"{name}lora_a ({describe(lora_a)})")
     if lora_b.device != lora_a.device:
-        raise ValueError(f"{name}lora_b ({_describe(lora_b)}) is on {lora_b.device} but {name}lora_a is on "
+        raise ValueError(f"{name}lora_b ({describe(lora_b)}) is on {lora_b.device} but {name}lora_a is on "
                          f"{lora_a.device}: all tensors must be on one device")
     if lora_b.dtype != lora_a.dtype:
-        raise TypeError(f"{name}lora_b ({_describe(lora_b)}) has dtype {lora_b.dtype} but {name}lora_a has "
+        raise TypeError(f"{name}lora_b ({describe(lora_b)}) has dtype {lora_b.dtype} but {name}lora_a has "
                         f"{lora_a.dtype}: all tensors must share one dtype")
 
 
@@ -88,16 +84,16 @@ def _check_matches_first(i: int, lora_a: torch.Tensor, lora_b: torch.Tensor,
                          a0: torch.Tensor, b0: torch.Tensor) -> None:
     """Adapter i has the K, N, dtype and device of adapter 0 (its rank may differ)."""
     if lora_a.shape[1] != a0.shape[1]:
-        raise ValueError(f"adapters[{i}].lora_a ({_describe(lora_a)}) must have K={a0.shape[1]} columns like "
-                         f"adapters[0].lora_a ({_describe(a0)}): all adapters must belong to one layer")
+        raise ValueError(f"adapters[{i}].lora_a ({describe(lora_a)}) must have K={a0.shape[1]} columns like "
+                         f"adapters[0].lora_a ({describe(a0)}): all adapters must belong to one layer")
     if lora_b.shape[0] != b0.shape[0]:
-        raise ValueError(f"adapters[{i}].lora_b ({_describe(lora_b)}) must have N={b0.shape[0]} rows like "
-                         f"adapters[0].lora_b ({_describe(b0)}): all adapters must belong to one layer")
+        raise ValueError(f"adapters[{i}].lora_b ({describe(lora_b)}) must have N={b0.shape[0]} rows like "
+                         f"adapters[0].lora_b ({describe(b0)}): all adapters must belong to one layer")
     if lora_a.device != a0.device:
-        raise ValueError(f"adapters[{i}].lora_a ({_describe(lora_a)}) is on {lora_a.device} but adapters[0] is on "
+        raise ValueError(f"adapters[{i}].lora_a ({describe(lora_a)}) is on {lora_a.device} but adapters[0] is on "
                          f"{a0.device}: all adapters must be on one device")
     if lora_a.dtype != a0.dtype:
-        raise TypeError(f"adapters[{i}].lora_a ({_describe(lora_a)}) has dtype {lora_a.dtype} but adapters[0] has "
+        raise TypeError(f"adapters[{i}].lora_a ({describe(lora_a)}) has dtype {lora_a.dtype} but adapters[0] has "
                         f"{a0.dtype}: all adapters must share one dtype")
 
 

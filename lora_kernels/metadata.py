@@ -25,6 +25,7 @@ import copy
 import torch
 
 from ._env import check_ids_from_env
+from .ops._checks import describe
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -53,17 +54,13 @@ def check_adapter_ids_enabled(device: torch.device) -> bool:
     return check_ids_from_env(default=__debug__)
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
 def _check_index_tensor(name: str, t, ndim: int = 1) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int32/int64, got {type(t).__name__}")
     if t.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{name} ({_describe(t)}) must be int32 or int64")
+        raise TypeError(f"{name} ({describe(t)}) must be int32 or int64")
     if t.dim() != ndim:
-        raise ValueError(f"{name} ({_describe(t)}) must be {ndim}-D")
+        raise ValueError(f"{name} ({describe(t)}) must be {ndim}-D")
 
 
 def _check_num_adapters(num_adapters) -> int:
@@ -82,9 +79,9 @@ def _checked_ranks(ranks, num_adapters: int, device: torch.device, check: bool) 
         ranks = torch.tensor(ranks, dtype=torch.int32)
     _check_index_tensor("ranks", ranks)
     if ranks.shape[0] != num_adapters:
-        raise ValueError(f"ranks ({_describe(ranks)}) must have one entry per adapter: shape ({num_adapters},)")
+        raise ValueError(f"ranks ({describe(ranks)}) must have one entry per adapter: shape ({num_adapters},)")
     if check and bool((ranks < 0).any()):
-        raise ValueError(f"ranks ({_describe(ranks)}) must be >= 0, got {ranks.min().item()}")
+        raise ValueError(f"ranks ({describe(ranks)}) must be >= 0, got {ranks.min().item()}")
     # the kernels index it as a dense array: contiguous, whatever view came in
     return ranks.to(device=device, dtype=torch.int32).contiguous()
 
@@ -134,7 +131,7 @@ class AdapterBatch:
             if bool(bad.any()):
                 first = int(bad.nonzero()[0, 0])
                 raise ValueError(
-                    f"adapter_ids ({_describe(adapter_ids)}) must be in [-1, {num_adapters}) "
+                    f"adapter_ids ({describe(adapter_ids)}) must be in [-1, {num_adapters}) "
                     f"(-1 = no adapter, L = {num_adapters} adapters): adapter_ids[{first}] = "
                     f"{int(adapter_ids[first])}")
         self.num_rows = adapter_ids.shape[0]
@@ -169,8 +166,8 @@ class AdapterBatch:
         num_adapters = _check_num_adapters(num_adapters)
         num_segments = segment_adapters.shape[0]
         if segment_starts.shape[0] != num_segments + 1:
-            raise ValueError(f"segment_starts ({_describe(segment_starts)}) must have one more entry than "
-                             f"segment_adapters ({_describe(segment_adapters)}): shape ({num_segments + 1},)")
+            raise ValueError(f"segment_starts ({describe(segment_starts)}) must have one more entry than "
+                             f"segment_adapters ({describe(segment_adapters)}): shape ({num_segments + 1},)")
         if segment_starts.device != segment_adapters.device:
             raise ValueError(f"segment_starts is on {segment_starts.device} but segment_adapters is on "
                              f"{segment_adapters.device}: both must be on one device")
@@ -180,13 +177,13 @@ class AdapterBatch:
         if check:
             lengths = segment_starts[1:] - segment_starts[:-1]
             if int(segment_starts[0]) != 0 or int(segment_starts[-1]) != num_rows or bool((lengths < 0).any()):
-                raise ValueError(f"segment_starts ({_describe(segment_starts)}) must rise from 0 to num_rows="
+                raise ValueError(f"segment_starts ({describe(segment_starts)}) must rise from 0 to num_rows="
                                  f"{num_rows}, got {segment_starts.tolist()[:16]}")
         starts = _monotone_starts(segment_starts, num_rows)                          # (S + 1,) int64
         # per-row ids (sync-free: the output size is given) give the by-adapter view
         adapter_ids = torch.repeat_interleave(segment_adapters, starts[1:] - starts[:-1], output_size=num_rows)
         if check and num_segments and bool(((segment_adapters < -1) | (segment_adapters >= num_adapters)).any()):
-            raise ValueError(f"segment_adapters ({_describe(segment_adapters)}) must be in [-1, {num_adapters}), "
+            raise ValueError(f"segment_adapters ({describe(segment_adapters)}) must be in [-1, {num_adapters}), "
                              f"got {segment_adapters.tolist()[:16]}")
         batch = cls(adapter_ids, num_adapters, ranks)
         batch.segment_rows = torch.arange(num_rows, device=batch.device, dtype=torch.int32)

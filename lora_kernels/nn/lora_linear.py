@@ -33,7 +33,8 @@ def fused_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
-    """PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+    """PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (the same expressions as
+    peft's LoraLayer.update_layer, so the floats are identical)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
