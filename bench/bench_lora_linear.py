@@ -49,7 +49,13 @@ REL_TOL = {torch.float64: 1e-9, torch.float32: 2e-3, torch.float16: 1e-2, torch.
 
 FLOPS_NOTE = ("FLOPs (counted for TFLOP/s): fwd = 2·M·K·N + 2·M·r·(K+N); "
               "fwd_bwd = 4·M·K·N + 6·M·r·(K+N) (W0 frozen: no dW0 GEMM; dX = dY·W0 + (s·dY·B)·A, "
-              "dA = (s·dY·B)ᵀ·x, dB = dYᵀ·(s·x·Aᵀ)); dropout's elementwise work is not counted.")
+              "dA = (s·dY·B)ᵀ·x, dB = dYᵀ·(s·x·Aᵀ)); dropout's elementwise work is not counted. "
+              "Bytes (for GB/s): the least traffic, each tensor once: fwd x, W0, b, A, B, y; fwd_bwd also dY, dX, dA, dB.")
+PEAK_NOTE = ("ours % peak = 100 · max(TFLOP/s / peak TFLOP/s, GB/s / peak GB/s): how close ours is to this machine's "
+             "roofline, the peaks measured in this run ({how}: {tflops:.3g} TFLOP/s, {gbps:.3g} GB/s).")
+# On CUDA, rows of at most this many tokens are timed as replays of a captured CUDA graph (decode sizes:
+# there the CPU's launch overhead, not the GPU, sets the eager time; a serving engine replays graphs).
+GRAPH_MAX_TOKENS = 256
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -106,6 +112,15 @@ def flops(mode: str, m: int, k: int, n: int, r: int) -> int:
     if mode == "fwd":
         return 2 * m * k * n + 2 * m * r * (k + n)
     return 4 * m * k * n + 6 * m * r * (k + n)
+
+
+def min_bytes(mode: str, m: int, k: int, n: int, r: int, element_size: int) -> int:
+    """The least memory traffic of one call, each tensor read or written once: fwd reads x, W0, b, A, B
+    and writes y; fwd_bwd also reads dY and writes dX, dA, dB (y is still written)."""
+    weights = n * k + n + r * (k + n)                       # W0, b, A, B
+    if mode == "fwd":
+        return element_size * (m * k + weights + m * n)
+    return element_size * (2 * m * k + weights + r * (k + n) + 2 * m * n)
 
 
 # ----------------------------------------------------------------------------- inputs and providers
@@ -321,17 +336,28 @@ TABLE_COLUMNS = [
     ("shape", "shape"), ("m", "M"), ("k", "K"), ("n", "N"), ("r", "r"), ("dropout_p", "p"), ("mode", "mode"),
     ("base_ms", "base ms"), ("ours_ms", "ours ms"), ("peft_ms", "peft ms"), ("lean_torch_ms", "lean ms"),
     ("overhead_pct", "ours/base-1 %"), ("speedup_vs_peft", "× vs peft"), ("speedup_vs_lean_torch", "× vs lean"),
-    ("ours_tflops", "ours TFLOP/s"),
+    ("ours_tflops", "ours TFLOP/s"), ("ours_gbps", "ours GB/s"), ("ours_peak_pct", "ours % peak"),
 ]
-CUDA_COLUMNS = [("ours_peak_mib", "ours MiB"), ("peft_peak_mib", "peft MiB")]
+CUDA_COLUMNS = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("peft_peak_mib", "peft MiB")]
+
+
+def timed_with(row: dict, providers: Sequence[str]) -> str | None:
+    """The row's timing method in one word ("cuda graph", "cuda"), naming the providers that differ."""
+    methods = {p: row[f"{p}_method"] for p in providers if row.get(f"{p}_method")}
+    if not methods:
+        return None
+    common = max(set(methods.values()), key=list(methods.values()).count)
+    odd = [f"{p}: {m}" for p, m in methods.items() if m != common]
+    return common + (f" ({', '.join(odd)})" if odd else "")
 
 
 def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, dtype: torch.dtype,
-        min_run_time: float) -> list[dict]:
+        min_run_time: float, peak: harness.Peak | None = None, graph_max_tokens: int = 0) -> list[dict]:
+    """graph_max_tokens: on CUDA, rows of at most this many tokens are timed as CUDA-graph replays."""
     rows: list[dict] = []
     cases = [(g, r, m, p, mode) for g in groups for r in g.ranks for m in g.tokens
              for p in g.dropouts for mode in g.modes if not (mode == "fwd" and p > 0)]
-    total, done, t_start = len(cases), 0, time.perf_counter()
+    bar = harness.Progress(len(cases))
     for group in groups:
         shape = group.shape
         for r in group.ranks:
@@ -354,8 +380,6 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                     for mode in group.modes:
                         if mode == "fwd" and p > 0:
                             continue
-                        done += 1
-                        t_case = time.perf_counter()
                         row = {"shape": shape.name, "m": m, "k": shape.k, "n": shape.n, "r": r,
                                "dropout_p": p, "mode": mode}
                         errors, ready = [], {}
@@ -380,10 +404,14 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                             if name not in ready:
                                 continue
                             step = step_fn(ready[name], mode, x, grad_y)
-                            timing = harness.time_fn(step, device, min_run_time=min_run_time)
+                            timing = harness.time_fn(step, device, min_run_time=min_run_time,
+                                                     cuda_graph=m <= graph_max_tokens)
                             row[f"{name}_ms"] = timing.median_ms
                             row[f"{name}_p20_ms"] = timing.p20_ms
                             row[f"{name}_p80_ms"] = timing.p80_ms
+                            row[f"{name}_method"] = timing.method
+                            if timing.graph_error:
+                                row[f"{name}_graph_error"] = timing.graph_error
                             if device.type == "cuda":
                                 row[f"{name}_peak_mib"] = harness.peak_memory_mib(step, device)
                         if row.get("ours_ms") is None and "ours" in providers:
@@ -393,15 +421,17 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                         row["speedup_vs_peft"] = harness.ratio(row.get("peft_ms"), ours)
                         row["speedup_vs_lean_torch"] = row_lean = harness.ratio(row.get("lean_torch_ms"), ours)
                         row["flops"] = flops(mode, m, shape.k, shape.n, r)
-                        row["ours_tflops"] = row["flops"] / (ours * 1e-3) / 1e12 if ours else None
+                        row["bytes"] = min_bytes(mode, m, shape.k, shape.n, r, x.element_size())
+                        achieved = harness.roofline(row["flops"], row["bytes"], ours, peak)
+                        row["ours_tflops"], row["ours_gbps"] = achieved["tflops"], achieved["gbps"]
+                        row["ours_peak_pct"] = achieved["peak_pct"]
+                        row["timed"] = timed_with(row, providers)
                         row["errors"] = "; ".join(errors) or None
                         rows.append(row)
-                        harness.progress(
-                            f"[{done}/{total}] {shape.name} M={m} K={shape.k} N={shape.n} r={r} p={p} {mode}: "
-                            + " ".join(f"{n}={row.get(f'{n}_ms'):.3g}ms" if row.get(f"{n}_ms") is not None
-                                       else f"{n}=-" for n in providers)
-                            + (f" (×{row_lean:.2f} vs lean)" if row_lean else "")
-                            + f" [{time.perf_counter() - t_case:.1f}s, total {time.perf_counter() - t_start:.0f}s]")
+                        bar.step(f"{shape.name} M={m} r={r} p={p} {mode}: "
+                                 + " ".join(f"{n}={row.get(f'{n}_ms'):.3g}ms" if row.get(f"{n}_ms") is not None
+                                            else f"{n}=-" for n in providers)
+                                 + (f" (×{row_lean:.2f} vs lean)" if row_lean else ""))
             del built
     return rows
 
@@ -420,6 +450,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=harness.int_list, help="override the ranks, e.g. 16,64")
     parser.add_argument("--dropouts", type=harness.float_list, help="override the dropout rates, e.g. 0,0.1")
     harness.add_timing_options(parser)
+    parser.add_argument("--graph-max-tokens", type=int, default=GRAPH_MAX_TOKENS,
+                        help="CUDA: rows of at most this many tokens are timed as CUDA-graph replays "
+                             f"(default {GRAPH_MAX_TOKENS}; 0: every row eager)")
     args = parser.parse_args(argv)
     harness.check_options(parser, args, [("--providers", args.providers.split(","), PROVIDERS),
                                          ("--modes", args.modes.split(","), MODES)])
@@ -453,7 +486,10 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     harness.warm_up(device)
-    rows = run(groups, providers, device, dtype, args.min_run_time)
+    peak = harness.measure_peak(device, dtype, min_run_time=args.min_run_time)
+    stamp["peak_tflops"], stamp["peak_gbps"] = round(peak.tflops, 3), round(peak.gbps, 1)
+    graph_max_tokens = args.graph_max_tokens if device.type == "cuda" else 0
+    rows = run(groups, providers, device, dtype, args.min_run_time, peak, graph_max_tokens)
     wall = time.perf_counter() - t0
 
     needs = {"base_ms": "base", "ours_ms": "ours", "peft_ms": "peft", "lean_torch_ms": "lean_torch",
@@ -464,9 +500,14 @@ def main(argv=None) -> int:
         "p20/p80 in the JSON). ours/base-1 % = LoRA overhead of ours over the base layer alone; "
         "× vs peft / × vs lean = their time / ours (> 1: ours is faster).",
         FLOPS_NOTE,
+        PEAK_NOTE.format(how=peak.how, tflops=peak.tflops, gbps=peak.gbps),
         "fwd: torch.no_grad, PEFT in eval mode. fwd_bwd: dX, dA, dB (base: dX) against a fixed dY; W0, b frozen. "
         "Rows with dropout are checked at p = 0 (the masks differ between providers) and for finiteness at p.",
     ]
+    if graph_max_tokens:
+        notes.append(f"Rows of at most {graph_max_tokens} tokens are timed as replays of one call captured in a CUDA "
+                     "graph (column timed: cuda graph), as a serving engine runs decode steps; a provider that cannot "
+                     "be captured is timed eagerly (timed names it; <provider>_graph_error in the JSON says why).")
     print()
     harness.print_table(rows, columns)
     print()
@@ -476,7 +517,10 @@ def main(argv=None) -> int:
     if args.out:
         name = args.name or ("lora_linear_full" if args.full else "lora_linear")
         harness.stamp_run_end(stamp, wall)
-        paths = harness.write_results(name, rows, stamp, notes=notes, columns=columns, results_dir=args.results_dir)
+        plot = harness.PlotSpec(providers, panel=("shape", "r", "dropout_p", "mode"),
+                                title=f"lora_linear on {stamp['device_name']}, {stamp['dtype']}")
+        paths = harness.write_results(name, rows, stamp, notes=notes, columns=columns, results_dir=args.results_dir,
+                                      plot=plot)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if any(row.get("ours_ms") is None for row in rows if "ours" in providers) else 0
 

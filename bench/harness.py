@@ -2,12 +2,15 @@
 
 Every bench script imports this module; it knows nothing about LoRA.
 
-    time_fn(fn, device)              -> Timing(median_ms, p20_ms, p80_ms, samples)
+    time_fn(fn, device, cuda_graph=) -> Timing(median_ms, p20_ms, p80_ms, samples, method)
     timer_name(device)               -> what time_fn measures with there, for a table's notes
+    measure_peak(device, dtype)      -> Peak(tflops, gbps): what one large GEMM and one large copy reach
+    roofline(flops, bytes, ms, peak) -> achieved TFLOP/s, GB/s and % of the measured peak
+    Progress(total)                  -> a progress bar for sweeps, one line per step on stderr
     peak_memory_mib(fn, device)      -> extra CUDA memory one call allocates at its peak (None on CPU)
     environment_stamp(device, dtype) -> dict: device name, versions, git commit, date, threads
     stamp_run_end(stamp, wall_s)     -> adds the run's wall time and the load average at its end
-    write_results(name, rows, stamp) -> bench/results/<name>-<device kind>.json and .md
+    write_results(name, rows, stamp) -> bench/results/<name>-<device kind>.json and .md (and .png: PlotSpec)
     print_table(rows)                -> the same Markdown table, on stdout
 
 and what the scripts' rows and command lines have in common: visible_columns, ratio, safe_check;
@@ -55,6 +58,8 @@ class Timing:
     p20_ms: float
     p80_ms: float
     samples: int        # CPU: blocks of blocked_autorange; CUDA: -1 (do_bench does not say)
+    method: str = ""    # "cpu", "cuda" (eager launches), "cuda graph" (replays of one captured call)
+    graph_error: str | None = None      # cuda_graph=True but fn could not be captured: why
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -79,7 +84,8 @@ def _time_cpu(fn: Callable[[], Any], min_run_time: float) -> Timing:
         if len(times) >= CPU_MIN_SAMPLES or spent + min_run_time > CPU_MAX_TIME_S:
             break
     times_ms = sorted(t * 1e3 for t in times)
-    return Timing(_percentile(times_ms, 0.5), _percentile(times_ms, 0.2), _percentile(times_ms, 0.8), len(times_ms))
+    return Timing(_percentile(times_ms, 0.5), _percentile(times_ms, 0.2), _percentile(times_ms, 0.8), len(times_ms),
+                  "cpu")
 
 
 def _time_cuda_events(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> Timing:
@@ -105,23 +111,61 @@ def _time_cuda_events(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) ->
         e.record()
     torch.cuda.synchronize()
     times_ms = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return Timing(_percentile(times_ms, 0.5), _percentile(times_ms, 0.2), _percentile(times_ms, 0.8), len(times_ms))
+    return Timing(_percentile(times_ms, 0.5), _percentile(times_ms, 0.2), _percentile(times_ms, 0.8), len(times_ms),
+                  "cuda")
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: float = CPU_MIN_RUN_TIME_S) -> Timing:
+def _capture_cuda_graph(fn: Callable[[], Any]):
+    """fn() captured in a CUDA graph, or the reason it cannot be. Warm-up runs on a side stream first
+    (torch's capture recipe: lazy initialisation, autotuning and cuBLAS workspaces happen outside the
+    graph). A call that reads or writes the host (a .item(), a copy from pageable memory) fails capture."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        return graph
+    except Exception as e:  # noqa: BLE001 - any failure: time the call eagerly instead
+        torch.cuda.synchronize()
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: float = CPU_MIN_RUN_TIME_S,
+            cuda_graph: bool = False) -> Timing:
     """Median, p20 and p80 wall time of fn() in ms. CUDA: triton.testing.do_bench (L2 flushed
     between calls), or CUDA events when triton is missing. CPU: torch.utils.benchmark's
-    blocked_autorange with the process's thread count; percentiles over its per-block means."""
+    blocked_autorange with the process's thread count; percentiles over its per-block means.
+
+    cuda_graph (CUDA only): time replays of fn captured once in a CUDA graph, as a serving engine runs
+    its decode steps: the CPU's launch overhead is gone and only the GPU's time is left. When fn cannot
+    be captured it is timed eagerly: Timing.method then says "cuda", and Timing.graph_error why."""
     device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            import triton.testing   # lazily: importing the harness must not need triton
-        except ImportError:
-            return _time_cuda_events(fn, CUDA_WARMUP_MS, CUDA_REP_MS)
+    if device.type != "cuda":
+        return _time_cpu(fn, min_run_time)
+    method, graph_error = "cuda", None
+    if cuda_graph:
+        graph = _capture_cuda_graph(fn)
+        if isinstance(graph, str):
+            graph_error = graph
+        else:
+            fn, method = graph.replay, "cuda graph"
+    try:
+        import triton.testing   # lazily: importing the harness must not need triton
+    except ImportError:
+        timing = _time_cuda_events(fn, CUDA_WARMUP_MS, CUDA_REP_MS)
+    else:
         median, p20, p80 = triton.testing.do_bench(
             fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=[0.5, 0.2, 0.8])
-        return Timing(median, p20, p80, -1)
-    return _time_cpu(fn, min_run_time)
+        timing = Timing(median, p20, p80, -1)
+    return Timing(timing.median_ms, timing.p20_ms, timing.p80_ms, timing.samples, method, graph_error)
 
 
 def timer_name(device: torch.device | str) -> str:
@@ -157,6 +201,87 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device | str) -> float 
     peak = torch.cuda.max_memory_allocated(device)
     del result
     return (peak - before) / 2**20
+
+
+# ----------------------------------------------------------------------------- peaks and the roofline
+
+
+@dataclass(frozen=True)
+class Peak:
+    """What this device reaches, measured here: the fractions in a table are of these, not of a datasheet."""
+    tflops: float           # one large square GEMM in the benchmark's dtype
+    gbps: float             # one large device-to-device copy: (bytes read + bytes written) / time
+    how: str                # what was run, for the notes
+
+
+def measure_peak(device: torch.device | str, dtype: torch.dtype, *, min_run_time: float = CPU_MIN_RUN_TIME_S) -> Peak:
+    """Attainable compute and memory bandwidth: an n×n×n GEMM (n = 8192 on CUDA, 2048 on CPU) and a
+    copy of 1 GiB (CUDA; 256 MiB on CPU, far beyond its caches). A kernel's "% of peak" is then its
+    distance from what this very machine can do, in the same dtype and library."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    gemm_ms = time_fn(lambda: a @ b, device, min_run_time=min_run_time).median_ms
+    del a, b
+    copy_bytes = (2**30 if cuda else 2**28)
+    src = torch.empty(copy_bytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_ms = time_fn(lambda: dst.copy_(src), device, min_run_time=min_run_time).median_ms
+    del src, dst
+    name = str(dtype).replace("torch.", "")
+    return Peak(tflops=2 * n**3 / (gemm_ms * 1e-3) / 1e12, gbps=2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
+                how=f"{n}×{n}×{n} {name} GEMM (torch.matmul) and a {copy_bytes // 2**20} MiB copy_, timed as the rows are")
+
+
+def roofline(flops: float, bytes_moved: float, ms: float | None, peak: Peak | None) -> dict[str, float | None]:
+    """Achieved TFLOP/s and GB/s of a call that does `flops` and must move at least `bytes_moved`,
+    and how close it is to the measured roofline: 100 · max(TFLOP/s / peak TFLOP/s, GB/s / peak GB/s)
+    (the bound that limits it; 100 % = as fast as this machine's GEMM or copy can be)."""
+    if not ms:
+        return {"tflops": None, "gbps": None, "peak_pct": None}
+    tflops = flops / (ms * 1e-3) / 1e12
+    gbps = bytes_moved / (ms * 1e-3) / 1e9
+    pct = None if peak is None else 100 * max(tflops / peak.tflops, gbps / peak.gbps)
+    return {"tflops": tflops, "gbps": gbps, "peak_pct": pct}
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A progress bar for sweeps: progress.step(message) after each unit of work prints one line on
+    stderr (stdout keeps only the tables), e.g.
+        [#######.............]  12/34  35%  0:41 elapsed, ~1:15 left | Llama-3-8B q/o M=64 fwd: ours=...
+    """
+
+    WIDTH = 20
+
+    def __init__(self, total: int, file=None):
+        self.total, self.done = max(total, 0), 0
+        self.start = time.perf_counter()
+        self.file = file
+
+    @staticmethod
+    def _clock(seconds: float) -> str:
+        seconds = int(round(seconds))
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+            else f"{seconds // 60}:{seconds % 60:02d}"
+
+    def line(self, message: str = "") -> str:
+        elapsed = time.perf_counter() - self.start
+        fraction = self.done / self.total if self.total else 1.0
+        filled = int(self.WIDTH * min(fraction, 1.0))
+        left = elapsed / self.done * (self.total - self.done) if self.done else None
+        width = len(str(self.total))
+        text = (f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done:>{width}}/{self.total} {100 * fraction:3.0f}%"
+                f"  {self._clock(elapsed)} elapsed" + (f", ~{self._clock(left)} left" if left is not None else ""))
+        return text + (f" | {message}" if message else "")
+
+    def step(self, message: str = "", count: int = 1) -> None:
+        self.done += count
+        print(self.line(message), file=self.file or sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- environment
@@ -311,27 +436,91 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class PlotSpec:
+    """A plot of time against x for each provider: one panel per distinct value of the `panel` keys,
+    one line per provider (its "<provider>_ms" key), log-log. Within a panel, the rows must differ in x."""
+    providers: Sequence[str]
+    panel: Sequence[str]
+    x: str = "m"
+    x_label: str = "tokens M (rows of x)"
+    title: str = ""
+
+
+PLOT_COLUMNS = 3
+
+
+def write_plot(path: Path | str, rows: Sequence[dict[str, Any]], spec: PlotSpec) -> Path | None:
+    """A matplotlib PNG of spec (see PlotSpec); None, with a line on stderr, when matplotlib is missing
+    or no row has a time (a missing time is a gap in its line, never a zero)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")           # files only: no display needed
+        import matplotlib.pyplot as plt
+        from matplotlib import ticker
+    except ImportError:
+        progress("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    panels: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if any(row.get(f"{p}_ms") is not None for p in spec.providers):
+            panels.setdefault(tuple(row.get(k) for k in spec.panel), []).append(row)
+    if not panels:
+        progress("plot skipped: no timed rows")
+        return None
+    n_cols = min(PLOT_COLUMNS, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(5.2 * n_cols, 3.8 * n_rows), squeeze=False)
+    for ax, (key, panel_rows) in zip(axes.flat, panels.items()):
+        for provider in spec.providers:
+            points = sorted((r[spec.x], r[f"{provider}_ms"]) for r in panel_rows if r.get(f"{provider}_ms") is not None)
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))      # 1, 16, 256, not 2^k
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_title(" · ".join(f"{v}" if k in ("shape", "mode") else f"{k}={v}" for k, v in zip(spec.panel, key)),
+                     fontsize=9)
+        ax.set_xlabel(spec.x_label, fontsize=8)
+        ax.set_ylabel("ms (median)", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if spec.title:
+        fig.suptitle(spec.title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write_results(
     name: str, rows: Sequence[dict[str, Any]], stamp: dict[str, Any], *,
     notes: Sequence[str] = (), columns: Columns | None = None, results_dir: Path | str = RESULTS_DIR,
-    extra: dict[str, Any] | None = None,
-) -> tuple[Path, Path]:
+    extra: dict[str, Any] | None = None, plot: PlotSpec | None = None,
+) -> tuple[Path, ...]:
     """Write <results_dir>/<name>-<device kind>.json (stamp, notes, rows) and .md (stamp, notes,
-    table). extra: more top-level JSON fields (e.g. derived summaries), not written to the .md.
-    Returns both paths."""
+    table), and with plot= a .png of it (write_plot; linked from the .md). extra: more top-level JSON
+    fields (e.g. derived summaries), not written to the .md. Returns the paths written."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{name}-{stamp.get('device_kind', 'unknown')}"
     json_path, md_path = results_dir / f"{stem}.json", results_dir / f"{stem}.md"
     _write_atomic(json_path, json.dumps({"benchmark": name, "environment": stamp, "notes": list(notes),
                                          "rows": list(rows), **(extra or {})}, indent=1, ensure_ascii=False) + "\n")
+    png_path = write_plot(results_dir / f"{stem}.png", rows, plot) if plot is not None else None
     md = [f"# {name} ({stamp.get('device_kind')})", ""]
     md += [f"- **{k}**: {v}" for k, v in stamp.items()]
+    if png_path is not None:
+        md += ["", f"![time vs {plot.x} per provider]({png_path.name})"]
     for note in notes:
         md += ["", note]
     md += ["", markdown_table(rows, columns)]
     _write_atomic(md_path, "\n".join(md))
-    return json_path, md_path
+    return (json_path, md_path) + ((png_path,) if png_path is not None else ())
 
 
 # ----------------------------------------------------------------------------- rows and checks
@@ -340,10 +529,12 @@ def write_results(
 def visible_columns(rows: Sequence[dict[str, Any]], providers: Sequence[str], table_columns: Columns,
                     cuda_columns: Columns, needs: dict[str, str], device: torch.device | str) -> list:
     """The table's columns for this run: those whose provider ran (needs: column key -> provider,
-    "ours" when not listed), on CUDA the <provider>_peak_mib ones too, and "errors" when a row has one."""
+    "ours" when not listed), on CUDA the cuda_columns too (<provider>_peak_mib ones when that provider
+    ran), and "errors" when a row has one."""
     columns = [c for c in table_columns if needs.get(c[0], "ours") in providers]
     if torch.device(device).type == "cuda":
-        columns += [c for c in cuda_columns if c[0].rsplit("_peak", 1)[0] in providers]
+        columns += [c for c in cuda_columns                  # <provider>_peak_mib: when that provider ran
+                    if not c[0].endswith("_peak_mib") or c[0].rsplit("_peak", 1)[0] in providers]
     if any(row.get("errors") for row in rows):
         columns.append(("errors", "errors"))
     return columns

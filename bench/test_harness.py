@@ -1,0 +1,128 @@
+"""Checks of the benchmark harness and of the single-adapter script's main job, at tiny sizes.
+
+Run by the test command (`pytest tests bench --benchmark-disable`): a broken harness would otherwise
+only show when somebody runs the benchmark. No timing is asserted, only what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_lora_linear as single  # noqa: E402  (puts the repo root on sys.path too)
+import harness  # noqa: E402
+
+
+def test_time_fn_cpu_counts_calls_and_orders_percentiles():
+    calls = []
+    timing = harness.time_fn(lambda: calls.append(1), "cpu", min_run_time=0.01)
+    assert calls, "fn was never called"
+    assert timing.method == "cpu" and timing.graph_error is None
+    assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms
+    assert timing.samples >= harness.CPU_MIN_SAMPLES
+
+
+def test_time_fn_cuda_graph_is_ignored_on_cpu():
+    timing = harness.time_fn(lambda: torch.ones(4).sum(), "cpu", min_run_time=0.01, cuda_graph=True)
+    assert timing.method == "cpu" and timing.graph_error is None
+
+
+def test_roofline_picks_the_binding_limit():
+    peak = harness.Peak(tflops=100.0, gbps=1000.0, how="test")
+    out = harness.roofline(50e9, 100e6, 1.0, peak)       # 50 TFLOP/s, 100 GB/s
+    assert out["tflops"] == pytest.approx(50.0) and out["gbps"] == pytest.approx(100.0)
+    assert out["peak_pct"] == pytest.approx(50.0)         # compute-bound: 50 of 100 TFLOP/s
+    out = harness.roofline(1e9, 800e6, 1.0, peak)         # 1 TFLOP/s, 800 GB/s
+    assert out["peak_pct"] == pytest.approx(80.0)         # memory-bound: 800 of 1000 GB/s
+    assert harness.roofline(1e9, 1e6, None, peak) == {"tflops": None, "gbps": None, "peak_pct": None}
+    assert harness.roofline(1e9, 1e6, 1.0, None)["peak_pct"] is None
+
+
+def test_measure_peak_is_positive_and_says_what_it_ran():
+    peak = harness.measure_peak("cpu", torch.float32, min_run_time=0.01)
+    assert peak.tflops > 0 and peak.gbps > 0
+    assert "GEMM" in peak.how and "copy" in peak.how
+
+
+def test_progress_bar_lines():
+    out = io.StringIO()
+    bar = harness.Progress(4, file=out)
+    bar.step("first")
+    bar.step("second", count=2)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert re.match(r"\[#####\.{15}\] 1/4  25%", lines[0]) and lines[0].endswith("| first")
+    assert re.match(r"\[#{15}\.{5}\] 3/4  75%", lines[1]) and "left" in lines[1]
+    assert harness.Progress(0, file=out).line().startswith("[" + "#" * harness.Progress.WIDTH + "]")
+
+
+def test_write_results_with_a_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"shape": "s", "mode": "fwd", "m": m, "ours_ms": 0.1 * m, "base_ms": 0.05 * m if m > 1 else None}
+            for m in (1, 16, 256)]
+    stamp = {"device_kind": "cpu", "device_name": "test"}
+    paths = harness.write_results("t", rows, stamp, notes=["a note"], results_dir=tmp_path,
+                                  plot=harness.PlotSpec(("base", "ours"), panel=("shape", "mode")))
+    assert [p.name for p in paths] == ["t-cpu.json", "t-cpu.md", "t-cpu.png"]
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = paths[1].read_text()
+    assert "![time vs m per provider](t-cpu.png)" in md and "a note" in md
+    assert json.loads(paths[0].read_text())["rows"][0]["ours_ms"] == pytest.approx(0.1)
+
+
+def test_write_plot_without_times_writes_nothing(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"shape": "s", "m": 1, "ours_ms": None}]
+    assert harness.write_plot(tmp_path / "x.png", rows, harness.PlotSpec(("ours",), panel=("shape",))) is None
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_visible_columns_keeps_non_provider_cuda_columns():
+    cuda_columns = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("peft_peak_mib", "peft MiB")]
+    cols = harness.visible_columns([{}], ("base", "ours"), [("ours_ms", "ours ms"), ("peft_ms", "peft ms")],
+                                   cuda_columns, {"peft_ms": "peft"}, "cuda")
+    assert cols == [("ours_ms", "ours ms"), ("timed", "timed"), ("ours_peak_mib", "ours MiB")]
+    assert harness.visible_columns([{}], ("ours",), [("ours_ms", "ours ms")], cuda_columns, {}, "cpu") == \
+        [("ours_ms", "ours ms")]
+
+
+def test_min_bytes_counts_each_tensor_once():
+    m, k, n, r = 3, 5, 7, 2
+    # fwd: x (m·k) + W0 (n·k) + b (n) + A (r·k) + B (n·r) + y (m·n)
+    assert single.min_bytes("fwd", m, k, n, r, 2) == 2 * (15 + 35 + 7 + 10 + 14 + 21)
+    # fwd_bwd adds dY (m·n), dX (m·k), dA (r·k), dB (n·r)
+    assert single.min_bytes("fwd_bwd", m, k, n, r, 4) == 4 * (15 + 35 + 7 + 10 + 14 + 21 + 21 + 15 + 10 + 14)
+
+
+def test_timed_with_names_the_odd_provider():
+    row = {"base_method": "cuda graph", "ours_method": "cuda graph", "peft_method": "cuda"}
+    assert single.timed_with(row, ("base", "ours", "peft")) == "cuda graph (peft: cuda)"
+    assert single.timed_with({"ours_method": "cpu"}, ("ours",)) == "cpu"
+    assert single.timed_with({}, ("ours",)) is None
+
+
+def test_single_adapter_main_job_end_to_end(tmp_path, capsys):
+    """The README's main command at one tiny shape: every provider checked, timed, tabled and written."""
+    argv = ["--device", "cpu", "--tokens", "2", "--ranks", "4", "--min-run-time", "0.01",
+            "--results-dir", str(tmp_path), "--name", "tiny"]
+    orig = single.default_groups
+    single.default_groups = lambda device: [single.Group(single.Shape("tiny", 32, 24), (4,), (2,))]
+    try:
+        assert single.main(argv) == 0
+    finally:
+        single.default_groups = orig
+    out = capsys.readouterr().out
+    assert "| tiny" in out and "ours % peak" in out
+    rows = json.loads((tmp_path / "tiny-cpu.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["fwd", "fwd_bwd"]
+    for row in rows:
+        assert row["errors"] is None, row["errors"]
+        assert all(row[f"{p}_ms"] > 0 for p in ("base", "ours", "lean_torch"))
+        assert row["ours_peak_pct"] > 0 and row["timed"] == "cpu"
