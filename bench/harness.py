@@ -134,8 +134,12 @@ def _capture_cuda_graph(fn: Callable[[], Any]):
         torch.cuda.synchronize()
         return graph
     except Exception as e:  # noqa: BLE001 - any failure: time the call eagerly instead
-        torch.cuda.synchronize()
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        try:
+            torch.cuda.synchronize()        # a failed capture's own error is not sticky; anything else shows here
+        except Exception as sync_error:  # noqa: BLE001
+            raise RuntimeError(f"CUDA unusable after a failed graph capture ({reason})") from sync_error
+        return reason
 
 
 def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: float = CPU_MIN_RUN_TIME_S,
