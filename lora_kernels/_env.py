@@ -3,6 +3,7 @@
 Read at call time (not import time), so a test or a script may set them after ``import lora_kernels``.
 """
 
+import functools
 import os
 
 BACKENDS = ("auto", "triton", "torch")
@@ -10,7 +11,13 @@ BACKENDS = ("auto", "triton", "torch")
 
 def backend_from_env() -> str:
     """``LORA_KERNELS_BACKEND``: ``auto`` (default) | ``triton`` | ``torch``."""
-    value = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+    return _parse_backend(os.environ.get("LORA_KERNELS_BACKEND", "auto"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_backend(raw: str) -> str:
+    """Parsed once per distinct raw value: every op call reads the variable (a decode step pays for each µs)."""
+    value = raw.strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"LORA_KERNELS_BACKEND={value!r}: expected one of {BACKENDS}")
     return value

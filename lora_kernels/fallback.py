@@ -38,7 +38,8 @@ def lora_linear_forward(
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T    # (M, N)
     hidden = dropped(x, dropout_p, seed) @ lora_a.T                             # (M, r)
     y.addmm_(hidden, lora_b.T, alpha=scale)
-    return y, hidden.to(hidden_dtype(hidden.dtype))             # fp32 / fp64: no copy
+    saved_dtype = hidden_dtype(hidden.dtype)
+    return y, (hidden if hidden.dtype is saved_dtype else hidden.to(saved_dtype))     # fp32 / fp64: no copy
 
 
 def lora_linear_backward(
