@@ -53,9 +53,6 @@ FLOPS_NOTE = ("FLOPs (counted for TFLOP/s): fwd = 2·M·K·N + 2·M·r·(K+N); "
               "Bytes (for GB/s): the least traffic, each tensor once: fwd x, W0, b, A, B, y; fwd_bwd also dY, dX, dA, dB.")
 PEAK_NOTE = ("ours % peak = 100 · max(TFLOP/s / peak TFLOP/s, GB/s / peak GB/s): how close ours is to this machine's "
              "roofline, the peaks measured in this run ({how}: {tflops:.3g} TFLOP/s, {gbps:.3g} GB/s).")
-# On CUDA, rows of at most this many tokens are timed as replays of a captured CUDA graph (decode sizes:
-# there the CPU's launch overhead, not the GPU, sets the eager time; a serving engine replays graphs).
-GRAPH_MAX_TOKENS = 256
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -453,10 +450,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=harness.int_list, help="override the token counts M, e.g. 1,64,1024")
     parser.add_argument("--ranks", type=harness.int_list, help="override the ranks, e.g. 16,64")
     parser.add_argument("--dropouts", type=harness.float_list, help="override the dropout rates, e.g. 0,0.1")
-    harness.add_timing_options(parser)
-    parser.add_argument("--graph-max-tokens", type=int, default=GRAPH_MAX_TOKENS,
-                        help="CUDA: rows of at most this many tokens are timed as CUDA-graph replays "
-                             f"(default {GRAPH_MAX_TOKENS}; 0: every row eager)")
+    harness.add_timing_options(parser, graphs=True)
     args = parser.parse_args(argv)
     harness.check_options(parser, args, [("--providers", args.providers.split(","), PROVIDERS),
                                          ("--modes", args.modes.split(","), MODES)])
@@ -490,9 +484,9 @@ def main(argv=None) -> int:
                      f"ours via {stamp['lora_kernels_backend']}); providers {', '.join(providers)}")
 
     t0 = time.perf_counter()
-    harness.warm_up(device)
     peak = harness.measure_peak(device, dtype, min_run_time=args.min_run_time)
     stamp["peak_tflops"], stamp["peak_gbps"] = round(peak.tflops, 3), round(peak.gbps, 1)
+    harness.warm_up(device, seconds=1.0)    # right before the first row (it has come out 2-3x slow in some runs)
     graph_max_tokens = args.graph_max_tokens if device.type == "cuda" else 0
     rows = run(groups, providers, device, dtype, args.min_run_time, peak, graph_max_tokens)
     wall = time.perf_counter() - t0

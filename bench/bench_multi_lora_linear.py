@@ -1,14 +1,24 @@
 """Multi-adapter LoRA linear benchmark: y[i] = x[i] W0ᵀ + b + s_j · (x[i] A[j]ᵀ) B[j]ᵀ, j = adapter_ids[i].
 
-    python bench/bench_multi_lora_linear.py                 # default config (CPU: about 2 minutes)
+    python bench/bench_multi_lora_linear.py                 # default config (CPU: about a minute)
     python bench/bench_multi_lora_linear.py --full          # Llama-3-8B / SmolLM2 sweep (for a GPU)
-    python bench/bench_multi_lora_linear.py --device cpu --no-out --tokens 64 --adapters 1,64 --modes fwd
+    python bench/bench_multi_lora_linear.py --device cpu --no-out --workloads decode --decode-requests 64 \\
+        --adapters 1,64 --popularity distinct,zipf --modes fwd
+
+A batch is made of requests, each on one adapter of the stack (or none):
+    decode      R requests of one row each: M = R
+    prefill     R requests of ragged lengths, drawn uniformly in [lo, hi] (seeded); a request's rows are
+                contiguous, requests in order: M = the sum of the lengths
+and requests pick their adapter among the L of the stack by a popularity pattern (POPULARITY_HELP):
+identical, distinct, uniform, zipf, skewed, none25. Every row carries its request's adapter id.
 
 Providers, each a function of the same x, W0, b, adapter stacks A (L, r, K), B (L, N, r), scales (L,)
 and adapter ids (M,) (-1: no adapter):
     base        F.linear(x, W0, b)                                   the floor: no LoRA at all
     ours        lora_kernels.multi_lora_linear with a prebuilt AdapterBatch (built once per batch,
                 reused by every layer: its build time is its own column, "batch ms")
+    shared      the same rows all on adapter 0 through the single-adapter op lora_kernels.lora_linear:
+                the floor of the multi-adapter path (ours / shared = what mixing adapters costs)
     peft        a real PEFT model (get_peft_model + add_adapter, L adapters on one nn.Linear) called
                 as model(x, adapter_names=[...]): PEFT's mixed adapter batch inference (fwd only)
     peft_layer  the same model's LoRA layer called with adapter_names directly: PEFT's per-layer share
@@ -22,7 +32,8 @@ and adapter ids (M,) (-1: no adapter):
 Modes: fwd (torch.no_grad) and fwd_bwd (x, A, B require grad, W0 and b frozen; torch.autograd.grad of
 y against a fixed random dY). PEFT rejects mixed adapter batches in training mode, so its fwd_bwd
 cells stay empty. Every provider is checked against lora_kernels.multi_lora_linear_reference in
-float64 before it is timed. See README.md for the columns and the derived ratios.
+float64 before it is timed (shared: against the single-adapter reference, every row on adapter 0).
+See README.md for the columns and the derived tables.
 """
 
 from __future__ import annotations
@@ -33,9 +44,10 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,107 +58,272 @@ sys.path.insert(0, str(BENCH_DIR.parent))      # benchmark this checkout's lora_
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
-import harness  # noqa: E402
-import lora_kernels  # noqa: E402
+import harness
+
 # From the single-adapter benchmark: the layer shapes and inputs, the providers' interface, the timed
 # step and the check against float64 (its tolerances: a wrong adapter, scale or padded rank read is
 # O(1) off as well, the LoRA term being drawn as large as the base term), and the PEFT set-up.
-from bench_lora_linear import (  # noqa: E402
-    LLAMA_QO, MODES, SMOL_QO, Provider, Shape, check, lora_kernels_backend, make_activations, peft_base_module,
-    peft_lora_layer, step_fn,
+from bench_lora_linear import (
+    LLAMA_KV,
+    LLAMA_QO,
+    MODES,
+    PEAK_NOTE,
+    SMOL_QO,
+    Provider,
+    Shape,
+    Weights,
+    check,
+    lora_kernels_backend,
+    timed_with,
+    make_activations,
+    peft_base_module,
+    peft_lora_layer,
+    step_fn,
 )
-from bench_lora_linear import Reference as SingleAdapterReference  # noqa: E402
+from bench_lora_linear import Reference as SingleAdapterReference
 
-PROVIDERS = ("base", "ours", "peft", "peft_layer", "lean_torch")
+import lora_kernels
+
+PROVIDERS = ("base", "ours", "shared", "peft", "peft_layer", "lean_torch")
 LEAN_VARIANTS = ("loop", "gather", "dense")
-ID_PATTERNS = ("rr", "random", "none25")
-ID_PATTERN_HELP = ("rr: row i -> adapter i mod L; random: uniform in [0, L); "
-                   "none25: random, then a random 25 % of the rows -1 (no adapter)")
+WORKLOADS = ("decode", "prefill")
+POPULARITIES = ("identical", "distinct", "uniform", "zipf", "skewed", "none25")
+ZIPF_EXPONENT = 1.5
+SKEWED_HOT_SHARE = 0.9
+NO_ADAPTER_SHARE = 0.25
+POPULARITY_HELP = {
+    "identical": "every request on adapter 0",
+    "distinct": "request i on adapter i mod L",
+    "uniform": "each request on an adapter drawn uniformly from [0, L)",
+    "zipf": f"each request on adapter j with probability ∝ (j+1)^-{ZIPF_EXPONENT}",
+    "skewed": (f"round({SKEWED_HOT_SHARE:.0%} of R) requests on adapter 0 (the hot one), the others uniform over "
+               "[1, L), in a random order"),
+    "none25": f"uniform, then a random {NO_ADAPTER_SHARE:.0%} of the requests on no adapter (-1)",
+}
+# Seeds of the draws (torch CPU generators): the stack, the activations (make_activations' default), the
+# requests' adapters, the prefill lengths. Every run draws the same batches.
+STACK_SEED, ADAPTER_SEED, LENGTH_SEED = 0, 2, 3
 # Per-adapter LoRA scales s_j = lora_alpha_j / r_j, cycling: a provider that applies one adapter's
 # scale to another's rows fails the check.
 SCALE_CYCLE = (0.5, 1.0, 1.5, 2.0)
+# The mixed-rank stack: padded to 64, adapter j of true rank MIXED_RANK_CYCLE[j % 4].
+MIXED_RANK_CYCLE = (8, 16, 32, 64)
 # Entries of a padded stack past an adapter's true rank: large, so that reading them fails the check.
 PADDING_GARBAGE_STD = 10.0
 # The gather variant materialises A[ids] and B[ids] (M·r·(K+N) elements): skipped above this.
 GATHER_MAX_BYTES = 2 * 2**30
-# The issue's goals (stated for CUDA, bf16, K=N=4096, r=16, fwd): decode batch of 64 rows over
-# 1, 8, 64 distinct adapters, LoRA overhead over the base GEMM <= 15 % and 64 distinct adapters within
-# 1.25x of one shared adapter; prefill 8192 rows: overhead <= 5 %.
-GOAL_DECODE_M, GOAL_DECODE_OVERHEAD_PCT, GOAL_DISTINCT_L, GOAL_DISTINCT_RATIO = 64, 15.0, 64, 1.25
-GOAL_PREFILL_M, GOAL_PREFILL_OVERHEAD_PCT = 8192, 5.0
+# The issue's goals (stated for CUDA, bf16, K=N=4096, r=16, fwd): decode, 64 rows, LoRA overhead over
+# the base GEMM <= 15 % at L = 1, 8, 64 and 64 distinct adapters within 1.25x of one shared adapter;
+# prefill 8192 rows (here: a ragged prefill batch of at least 4096 rows): overhead <= 5 %.
+GOAL_DECODE_M, GOAL_DECODE_ADAPTERS, GOAL_DECODE_OVERHEAD_PCT = 64, (1, 8, 64), 15.0
+GOAL_DISTINCT_L, GOAL_DISTINCT_RATIO = 64, 1.25
+GOAL_PREFILL_MIN_M, GOAL_PREFILL_OVERHEAD_PCT = 4096, 5.0
 
-FLOPS_NOTE = ("FLOPs (counted for TFLOP/s): fwd = 2·M·K·N + 2·M'·r·(K+N); fwd_bwd = 4·M·K·N + 6·M'·r·(K+N), "
-              "M' = rows with an adapter, r = true rank (W0 frozen: no dW0 GEMM).")
+FLOPS_NOTE = ("Bytes (for GB/s): the least traffic, each tensor once, of the stacks only the used adapters' "
+              "true-rank factors: fwd x, W0, b, A_j, B_j, y; fwd_bwd also dY, dX, dA_j, dB_j. "
+              "FLOPs (counted for TFLOP/s): fwd = 2·M·K·N + 2·Σr·(K+N); fwd_bwd = 4·M·K·N + 6·Σr·(K+N), "
+              "Σr = the sum over the rows with an adapter of that adapter's true rank (W0 frozen: no dW0 GEMM).")
 
 
 # ----------------------------------------------------------------------------- configurations
 
 
 SQUARE_1024 = Shape("1024→1024", 1024, 1024)
-KNOWN_SHAPES = {576: SMOL_QO, 1024: SQUARE_1024, 4096: LLAMA_QO}
+KNOWN_SHAPES = {(s.k, s.n): s for s in (SMOL_QO, SQUARE_1024, LLAMA_QO, LLAMA_KV)}
 
 
-def square_shape(size: int) -> Shape:
-    return KNOWN_SHAPES.get(size, Shape(f"{size}→{size}", size, size))
+def layer_shape(k: int, n: int) -> Shape:
+    return KNOWN_SHAPES.get((k, n), Shape(f"{k}→{n}", k, n))
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """An adapter stack's ranks: the stack is `padded` wide; adapter j has true rank cycle[j % len(cycle)]
+    (AdapterBatch ranks=...), or `padded` when the cycle is empty."""
+    padded: int
+    cycle: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The r column: "16"; "8 of 64" (every adapter of rank 8 in a stack of 64); "mixed"."""
+        if not self.cycle:
+            return str(self.padded)
+        if len(self.cycle) == 1:
+            return f"{self.cycle[0]} of {self.padded}"
+        return "mixed" if self.cycle == MIXED_RANK_CYCLE else f"{'/'.join(map(str, self.cycle))} of {self.padded}"
+
+    def true_ranks(self, num_adapters: int) -> list[int] | None:
+        return [self.cycle[j % len(self.cycle)] for j in range(num_adapters)] if self.cycle else None
+
+
+MIXED = Ranks(max(MIXED_RANK_CYCLE), MIXED_RANK_CYCLE)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A batch of `requests` requests. decode: one row each. prefill: each request's length drawn
+    uniformly in [min_length, max_length] (seeded); its rows contiguous, requests in order."""
+    kind: str
+    requests: int
+    min_length: int = 1
+    max_length: int = 1
+
+    def __post_init__(self):
+        if self.kind not in WORKLOADS or self.requests < 1 or not 1 <= self.min_length <= self.max_length:
+            raise ValueError(f"bad workload {self}")
+
+    @property
+    def label(self) -> str:
+        if self.kind == "decode":
+            return f"decode R={self.requests}"
+        return f"prefill R={self.requests} ({self.min_length}..{self.max_length} rows each)"
+
+
+def decode(requests: int) -> Workload:
+    return Workload("decode", requests)
+
+
+def prefill(requests: int, min_length: int, max_length: int) -> Workload:
+    return Workload("prefill", requests, min_length, max_length)
 
 
 @dataclass(frozen=True)
 class Group:
-    """Every combination of ranks, rows M, adapter counts L, id patterns and modes on one shape.
-    All adapters of a stack have the stack's rank r (no ranks= in the AdapterBatch)."""
+    """Every combination of ranks, adapter counts L, workloads and popularities on one shape, in each mode."""
     shape: Shape
-    ranks: tuple[int, ...]
-    tokens: tuple[int, ...]
+    ranks: tuple[Ranks, ...]
     adapters: tuple[int, ...]
-    ids: tuple[str, ...] = ("rr",)
+    workloads: tuple[Workload, ...]
+    popularities: tuple[str, ...] = ("distinct",)
     modes: tuple[str, ...] = MODES
 
 
 @dataclass(frozen=True)
 class PaddingGroup:
     """The padding case: adapters of true rank `rank` in a stack padded to `padded` (AdapterBatch
-    ranks=...), against the same with every adapter at `padded`, and an unpadded stack of `rank`."""
+    ranks=...), against the same with every adapter at `padded`, and an unpadded stack of `rank`;
+    the three timed together, for every combination of L, workload and popularity."""
     shape: Shape
     rank: int
     padded: int
-    tokens: tuple[int, ...]
     adapters: tuple[int, ...]
-    ids: tuple[str, ...] = ("rr",)
+    workloads: tuple[Workload, ...]
+    popularities: tuple[str, ...] = ("distinct",)
     modes: tuple[str, ...] = MODES
 
 
 def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list:
-    """CPU: SmolLM2 576 and 1024 square layers, small enough for a 2-core CPU in fp32 in about two
-    minutes. CUDA: the issue's goal shapes (K=N=4096, r=16, decode 64 rows and prefill 8192 rows over
-    1, 8, 64 adapters). The padding case runs on the last shape."""
-    if device.type == "cuda":
-        tokens, shapes = (16, 64, 256, 1024, 8192), shapes or (LLAMA_QO,)
-        pad_tokens = (64, 8192)
-    else:
-        tokens, shapes = (16, 64, 256), shapes or (SMOL_QO, SQUARE_1024)
-        pad_tokens = (64,)
+    """CPU (about a minute, fp32, 2 cores): a 1024→1024 layer over L = 64 adapters: decode 16 and 64
+    requests under every popularity (r 16), decode 64 and one small ragged prefill batch under distinct
+    and zipf (r 16 and mixed; fwd_bwd: prefill at r 16), the padding case at decode 64 (fwd).
+    CUDA: the issue's shape, Llama-3-8B q/o, r 16 and mixed, decode 1..256 requests and a ragged prefill
+    of about 8192 rows (both modes), L 1..128, every popularity. The padding case runs on the last shape."""
+    r16 = Ranks(16)
     groups: list = []
+    if device.type == "cuda":
+        shapes = shapes or (LLAMA_QO,)
+        long_prefill = prefill(16, 256, 768)                     # about 8192 rows
+        not_distinct = tuple(p for p in POPULARITIES if p != "distinct")
+        for shape in shapes:
+            groups += [
+                Group(shape, (r16, MIXED), (1, 8, 64, 128), tuple(decode(r) for r in (1, 16, 64, 256)),
+                      ("distinct",), ("fwd",)),
+                Group(shape, (r16, MIXED), (64, 128), (decode(64), decode(256)), not_distinct, ("fwd",)),
+                Group(shape, (r16, MIXED), (1, 8, 64, 128), (long_prefill,)),
+                Group(shape, (r16,), (64,), (long_prefill,), ("uniform", "zipf", "skewed")),
+            ]
+        groups.append(PaddingGroup(shapes[-1], 8, 64, (8,), (decode(64), long_prefill)))
+        return groups
+    shapes = shapes or (SQUARE_1024,)
+    short_prefill = prefill(8, 8, 64)                            # 221 rows
     for shape in shapes:
-        groups += [Group(shape, (16,), tokens, (1, 8, 64), ("rr",)),
-                   Group(shape, (16,), tokens, (8,), ("none25",))]
-    groups.append(PaddingGroup(shapes[-1], 8, 64, pad_tokens, (8,)))
+        groups += [
+            Group(shape, (r16,), (64,), (decode(16), decode(64)), POPULARITIES, ("fwd",)),
+            Group(shape, (MIXED,), (64,), (decode(64),), ("distinct", "zipf"), ("fwd",)),
+            Group(shape, (r16,), (64,), (short_prefill,), ("distinct", "zipf")),
+            Group(shape, (MIXED,), (64,), (short_prefill,), ("distinct", "zipf"), ("fwd",)),
+        ]
+    groups.append(PaddingGroup(shapes[-1], 8, 64, (8,), (decode(64),), modes=("fwd",)))
     return groups
 
 
 def full_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list:
-    tokens = (1, 16, 64, 256, 1024, 4096, 8192)
+    """Llama-3-8B q/o and k/v, SmolLM2 q/o; r 16, 64 and mixed; decode 1..256 requests over L 1..128 and
+    every popularity; ragged prefills of about 8192 rows as 16 long or 64 short requests."""
+    r16, r64 = Ranks(16), Ranks(64)
+    shapes = shapes or (LLAMA_QO, LLAMA_KV, SMOL_QO)
+    prefills = (prefill(16, 256, 768), prefill(64, 64, 192))
+    not_distinct = tuple(p for p in POPULARITIES if p != "distinct")
     groups: list = []
-    for shape in shapes or (LLAMA_QO, SMOL_QO):
-        groups += [Group(shape, (16, 64), tokens, (1, 8, 64), ("rr",)),
-                   Group(shape, (16, 64), tokens, (8, 64), ("random", "none25"))]
-    groups.append(PaddingGroup((shapes or (LLAMA_QO,))[0], 8, 64, (64, 1024, 8192), (8, 64)))
+    for shape in shapes:
+        groups += [
+            Group(shape, (r16, r64, MIXED), (1, 8, 64, 128), tuple(decode(r) for r in (1, 4, 16, 64, 128, 256)),
+                  ("distinct",), ("fwd",)),
+            Group(shape, (r16, MIXED), (64, 128), (decode(64), decode(256)), not_distinct, ("fwd",)),
+            Group(shape, (r16, MIXED), (1, 8, 64, 128), prefills),
+            Group(shape, (r16,), (64,), prefills, not_distinct),
+        ]
+    groups.append(PaddingGroup(shapes[0], 8, 64, (8, 64), (decode(64), decode(256), prefills[0])))
     return groups
 
 
-def flops(mode: str, m: int, m_lora: int, k: int, n: int, r: int) -> int:
+def flops(mode: str, m: int, k: int, n: int, rank_rows: int) -> int:
+    """rank_rows: the sum over the rows with an adapter of that adapter's true rank."""
     if mode == "fwd":
-        return 2 * m * k * n + 2 * m_lora * r * (k + n)
-    return 4 * m * k * n + 6 * m_lora * r * (k + n)
+        return 2 * m * k * n + 2 * rank_rows * (k + n)
+    return 4 * m * k * n + 6 * rank_rows * (k + n)
+
+
+def min_bytes(mode: str, m: int, k: int, n: int, used_ranks: int, element_size: int) -> int:
+    """The least memory traffic of one call, each tensor read or written once; of the adapter stacks
+    only the used adapters' true-rank factors (used_ranks: the sum of their true ranks). fwd: x, W0, b,
+    the used A_j, B_j, y; fwd_bwd also dY, dX and the used dA_j, dB_j."""
+    weights = n * k + n + used_ranks * (k + n)
+    if mode == "fwd":
+        return element_size * (m * k + weights + m * n)
+    return element_size * (2 * m * k + weights + used_ranks * (k + n) + 2 * m * n)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def request_lengths(workload: Workload, seed: int = LENGTH_SEED) -> Tensor:
+    """(R,) int64 rows of each request: 1 (decode), or uniform in [min_length, max_length] (prefill)."""
+    if workload.kind == "decode":
+        return torch.ones(workload.requests, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(workload.min_length, workload.max_length + 1, (workload.requests,), generator=gen)
+
+
+def request_adapters(popularity: str, requests: int, num_adapters: int, seed: int = ADAPTER_SEED) -> Tensor:
+    """(R,) int64 adapter of each request (-1: none), by POPULARITY_HELP[popularity]; seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    if popularity == "identical":
+        return torch.zeros(requests, dtype=torch.int64)
+    if popularity == "distinct":
+        return torch.arange(requests) % num_adapters
+    if popularity in ("uniform", "none25"):
+        ids = torch.randint(0, num_adapters, (requests,), generator=gen)
+        if popularity == "none25":
+            ids[torch.randperm(requests, generator=gen)[: round(NO_ADAPTER_SHARE * requests)]] = -1
+        return ids
+    if popularity == "zipf":
+        weights = (torch.arange(num_adapters, dtype=torch.float64) + 1) ** -ZIPF_EXPONENT     # (L,)
+        return torch.multinomial(weights, requests, replacement=True, generator=gen)
+    if popularity == "skewed":
+        if num_adapters == 1:
+            return torch.zeros(requests, dtype=torch.int64)
+        hot = round(SKEWED_HOT_SHARE * requests)
+        cold = torch.randint(1, num_adapters, (requests - hot,), generator=gen)
+        ids = torch.cat([torch.zeros(hot, dtype=torch.int64), cold])
+        return ids[torch.randperm(requests, generator=gen)]
+    raise ValueError(f"unknown popularity {popularity!r}: expected one of {POPULARITIES}")
+
+
+def make_adapter_ids(workload: Workload, popularity: str, num_adapters: int, device: torch.device) -> Tensor:
+    """(M,) int64 adapter id of every row on `device`: each request's adapter over its rows, in request order."""
+    adapters = request_adapters(popularity, workload.requests, num_adapters)
+    return adapters.repeat_interleave(request_lengths(workload)).to(device)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -164,9 +341,10 @@ class Stack:
     lora_b: Tensor          # (L, N, R)
     scales: Tensor          # (L,) fp32
     ranks: list[int] | None
-    label: str              # the r column: "16", or "8 of 64" for true rank 8 in a stack of 64
+    label: str              # the r column (Ranks.label)
     peft_model: object = None                  # built lazily, once per stack
     lean_weights: tuple | None = None          # (A zero-padded (L, R, K), Bᵀ zero-padded (L, R, N)) leaves
+    shared_weights: Weights | None = None      # adapter 0 alone, for the shared provider
 
     @property
     def num_adapters(self) -> int:
@@ -183,43 +361,29 @@ class Stack:
         return None if self.ranks is None else torch.tensor(self.ranks, dtype=torch.int32, device=self.lora_a.device)
 
 
-def make_stack(shape: Shape, num_adapters: int, max_rank: int, true_rank: int | None, dtype: torch.dtype,
-               device: torch.device, seed: int = 0) -> Stack:
-    """nn.Linear-like W0 and A; B drawn so s_j·(x A_jᵀ) B_jᵀ is as large as x W0ᵀ (PEFT would start B
-    at zero): a wrong adapter, scale or rank cannot hide under the base output."""
+def make_stack(shape: Shape, num_adapters: int, ranks: Ranks, dtype: torch.dtype, device: torch.device,
+               seed: int = STACK_SEED) -> Stack:
+    """nn.Linear-like W0 and A; B_j drawn so s_j·(x A_jᵀ) B_jᵀ is as large as x W0ᵀ at adapter j's true
+    rank (PEFT would start B at zero): a wrong adapter, scale or rank cannot hide under the base output."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*size, std):
         return torch.randn(*size, generator=gen, device=device, dtype=torch.float32) * std
 
-    k, n, L = shape.k, shape.n, num_adapters
+    k, n, num, padded = shape.k, shape.n, num_adapters, ranks.padded
+    true_ranks = ranks.true_ranks(num)
+    rank = torch.tensor(true_ranks or [padded] * num, dtype=torch.float32, device=device)      # (L,)
     weight = randn(n, k, std=k ** -0.5).to(dtype)
     bias = randn(n, std=0.1).to(dtype)
-    scales = torch.tensor([SCALE_CYCLE[j % len(SCALE_CYCLE)] for j in range(L)], dtype=torch.float32, device=device)
-    rank = true_rank or max_rank
-    lora_a = randn(L, max_rank, k, std=k ** -0.5)
-    lora_b = randn(L, n, max_rank, std=rank ** -0.5) / scales[:, None, None]
-    if true_rank is not None and true_rank < max_rank:
-        lora_a[:, true_rank:] = randn(L, max_rank - true_rank, k, std=PADDING_GARBAGE_STD)
-        lora_b[:, :, true_rank:] = randn(L, n, max_rank - true_rank, std=PADDING_GARBAGE_STD)
-    ranks = [true_rank] * L if true_rank is not None else None
-    label = f"{true_rank} of {max_rank}" if true_rank is not None else str(max_rank)
+    scales = torch.tensor([SCALE_CYCLE[j % len(SCALE_CYCLE)] for j in range(num)], dtype=torch.float32, device=device)
+    lora_a = randn(num, padded, k, std=k ** -0.5)
+    lora_b = randn(num, n, padded, std=1.0) * (rank.rsqrt() / scales)[:, None, None]
+    if true_ranks is not None:
+        past = torch.arange(padded, device=device)[None, :] >= rank[:, None]                   # (L, R)
+        lora_a = torch.where(past[:, :, None], randn(num, padded, k, std=PADDING_GARBAGE_STD), lora_a)
+        lora_b = torch.where(past[:, None, :], randn(num, n, padded, std=PADDING_GARBAGE_STD), lora_b)
     return Stack(shape, weight, bias, lora_a.to(dtype).requires_grad_(True), lora_b.to(dtype).requires_grad_(True),
-                 scales, ranks, label)
-
-
-def make_adapter_ids(pattern: str, m: int, num_adapters: int, device: torch.device, seed: int = 2) -> Tensor:
-    """(M,) int64 adapter ids on `device`; see ID_PATTERN_HELP."""
-    gen = torch.Generator().manual_seed(seed)
-    if pattern == "rr":
-        ids = torch.arange(m) % num_adapters
-    elif pattern in ("random", "none25"):
-        ids = torch.randint(0, num_adapters, (m,), generator=gen)
-        if pattern == "none25":
-            ids[torch.randperm(m, generator=gen)[: m // 4]] = -1
-    else:
-        raise ValueError(f"unknown id pattern {pattern!r}: expected one of {ID_PATTERNS}")
-    return ids.to(device)
+                 scales, true_ranks, ranks.label)
 
 
 # ----------------------------------------------------------------------------- providers
@@ -238,6 +402,26 @@ def provider_ours(stack: Stack, ids: Tensor, batch) -> Provider:
     s = stack
     return Provider(lambda x: lora_kernels.multi_lora_linear(x, s.weight, s.bias, s.lora_a, s.lora_b, s.scales, batch),
                     [s.lora_a, s.lora_b])
+
+
+def shared_weights(stack: Stack) -> Weights:
+    """Adapter 0 as a single adapter, in leaves of its own: A[0, :r0] (r0, K), B[0, :, :r0] (N, r0), s0."""
+    if stack.shared_weights is None:
+        r0 = stack.rank(0)
+        with torch.no_grad():
+            lora_a = stack.lora_a[0, :r0].clone(memory_format=torch.contiguous_format)
+            lora_b = stack.lora_b[0, :, :r0].clone(memory_format=torch.contiguous_format)
+        stack.shared_weights = Weights(weight=stack.weight, bias=stack.bias, lora_a=lora_a.requires_grad_(True),
+                                       lora_b=lora_b.requires_grad_(True), scale=float(stack.scales[0]))
+    return stack.shared_weights
+
+
+def provider_shared(stack: Stack, ids: Tensor, batch) -> Provider:
+    """Every row on adapter 0 through lora_kernels.lora_linear: the same rows and layer without mixing
+    adapters (the ids are ignored). Checked against shared_reference, not the batch's reference."""
+    w = shared_weights(stack)
+    return Provider(lambda x: lora_kernels.lora_linear(x, w.weight, w.bias, w.lora_a, w.lora_b, w.scale),
+                    [w.lora_a, w.lora_b])
 
 
 PEFT_TRAIN_MESSAGE: list[str] = []      # what PEFT says when asked for a mixed batch in training mode
@@ -318,7 +502,8 @@ def _lean_to_ref(grads: Sequence[Tensor]) -> list[Tensor]:
 def provider_lean_loop(stack: Stack, ids: Tensor, batch) -> Provider:
     """Rows grouped by adapter once per batch (one host read, not timed); per call, for each adapter
     with rows: x rows -> (· A_jᵀ)·s_j -> (· B_jᵀ) -> index_add_ into y. A contiguous run of rows
-    (one shared adapter, caller-sorted batches) takes slices instead of index_select / index_add_."""
+    (one shared adapter, a prefill request, caller-sorted batches) takes slices instead of
+    index_select / index_add_."""
     a, bt = lean_weights(stack)
     order = torch.argsort(torch.where(ids >= 0, ids, stack.num_adapters), stable=True)
     counts = torch.bincount(ids[ids >= 0], minlength=stack.num_adapters).tolist()
@@ -379,8 +564,9 @@ def provider_lean_dense(stack: Stack, ids: Tensor, batch) -> Provider:
     return Provider(forward, [a, bt], to_ref=_lean_to_ref)
 
 
-MAKERS = {"base": provider_base, "ours": provider_ours, "peft": provider_peft, "peft_layer": provider_peft_layer,
-          "lean_loop": provider_lean_loop, "lean_gather": provider_lean_gather, "lean_dense": provider_lean_dense}
+MAKERS = {"base": provider_base, "ours": provider_ours, "shared": provider_shared, "peft": provider_peft,
+          "peft_layer": provider_peft_layer, "lean_loop": provider_lean_loop, "lean_gather": provider_lean_gather,
+          "lean_dense": provider_lean_dense}
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -400,55 +586,70 @@ class Reference(SingleAdapterReference):
                                                         s.scales.double(), self.ids, s.ranks_tensor())
 
 
+def shared_reference(stack: Stack, x: Tensor, grad_y: Tensor) -> SingleAdapterReference:
+    """The shared provider's float64 reference: lora_kernels.lora_linear_reference, every row on adapter 0."""
+    return SingleAdapterReference(shared_weights(stack), x, grad_y)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
 @dataclass(frozen=True)
 class Case:
     shape: Shape
-    max_rank: int
-    true_rank: int | None       # None: every adapter at max_rank
+    ranks: Ranks
     num_adapters: int
-    m: int
-    ids: str
+    workload: Workload
+    popularity: str
     padding: bool = False       # part of a PaddingGroup
+
+    @property
+    def stack_key(self) -> tuple:
+        return self.shape, self.num_adapters, self.ranks
+
+    @property
+    def label(self) -> str:
+        return (f"{self.shape.name} {self.workload.label} L={self.num_adapters} r={self.ranks.label} "
+                f"{self.popularity}")
 
 
 def expand(groups: list) -> list[tuple[list[Case], tuple[str, ...]]]:
     """Units of work: the cases of one unit are timed together, their providers interleaved (one case,
-    or the three stacks of a padding comparison), in each of the unit's modes."""
+    or the three stacks of a padding comparison), in each of the unit's modes. Units on the same
+    stacks run back to back (a stack and its PEFT model are built once), in order of first appearance."""
     units = []
     for g in groups:
-        if isinstance(g, PaddingGroup):
+        rank_sets = ([(Ranks(g.rank), Ranks(g.padded, (g.rank,)), Ranks(g.padded))] if isinstance(g, PaddingGroup)
+                     else [(r,) for r in g.ranks])
+        for ranks in rank_sets:
             for num_adapters in g.adapters:
-                for m in g.tokens:
-                    for pattern in g.ids:
-                        units.append(([Case(g.shape, max_rank, true_rank, num_adapters, m, pattern, True)
-                                       for max_rank, true_rank in ((g.rank, None), (g.padded, g.rank), (g.padded, None))],
-                                      g.modes))
-        else:
-            for r in g.ranks:
-                for num_adapters in g.adapters:
-                    for m in g.tokens:
-                        for pattern in g.ids:
-                            units.append(([Case(g.shape, r, None, num_adapters, m, pattern)], g.modes))
-    unique = []
-    for unit in units:          # overrides (e.g. --ids rr) can make two groups ask for the same case
-        if unit not in unique:
-            unique.append(unit)
-    return unique
+                for workload in g.workloads:
+                    for popularity in g.popularities:
+                        cases = [Case(g.shape, r, num_adapters, workload, popularity, isinstance(g, PaddingGroup))
+                                 for r in ranks]
+                        units.append((tuple(cases), g.modes))
+    modes_of: dict[tuple[Case, ...], set[str]] = {}
+    for cases, modes in units:  # overrides (e.g. --popularity distinct) can make two groups ask for the same case
+        modes_of.setdefault(cases, set()).update(modes)
+    first_use: dict[tuple, int] = {}
+    for cases in modes_of:
+        first_use.setdefault(tuple(c.stack_key for c in cases), len(first_use))
+    ordered = sorted(modes_of, key=lambda cases: first_use[tuple(c.stack_key for c in cases)])
+    return [(list(cases), tuple(m for m in MODES if m in modes_of[cases])) for cases in ordered]
 
 
 TABLE_COLUMNS = [
-    ("shape", "shape"), ("m", "M"), ("k", "K"), ("n", "N"), ("r", "r"), ("num_adapters", "L"), ("ids", "ids"),
-    ("used", "used"), ("mode", "mode"),
-    ("base_ms", "base ms"), ("ours_ms", "ours ms"), ("batch_ms", "batch ms"), ("peft_ms", "peft ms"),
-    ("peft_layer_ms", "peft layer ms"), ("lean_torch_ms", "lean ms"), ("lean_variant", "lean"),
-    ("overhead_pct", "ours/base-1 %"), ("speedup_vs_peft_layer", "× vs peft layer"),
-    ("speedup_vs_lean_torch", "× vs lean"), ("ours_tflops", "ours TFLOP/s"), ("others_cpu", "other CPUs"),
+    ("shape", "shape"), ("workload", "workload"), ("requests", "R"), ("m", "M"), ("k", "K"), ("n", "N"), ("r", "r"),
+    ("num_adapters", "L"), ("popularity", "popularity"), ("used", "used"), ("mode", "mode"),
+    ("base_ms", "base ms"), ("ours_ms", "ours ms"), ("shared_ms", "shared ms"), ("batch_ms", "batch ms"),
+    ("peft_ms", "peft ms"), ("peft_layer_ms", "peft layer ms"), ("lean_torch_ms", "lean ms"), ("lean_variant", "lean"),
+    ("overhead_pct", "ours/base-1 %"), ("ours_over_shared", "ours/shared ×"),
+    ("speedup_vs_peft_layer", "× vs peft layer"), ("speedup_vs_lean_torch", "× vs lean"),
+    ("ours_tflops", "ours TFLOP/s"), ("ours_gbps", "ours GB/s"), ("ours_peak_pct", "ours % peak"),
+    ("others_cpu", "other CPUs"),
 ]
-CUDA_COLUMNS = [("ours_peak_mib", "ours MiB"), ("peft_layer_peak_mib", "peft layer MiB"),
-                ("lean_torch_peak_mib", "lean MiB")]
+CUDA_COLUMNS = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("shared_peak_mib", "shared MiB"),
+                ("peft_layer_peak_mib", "peft layer MiB"), ("lean_torch_peak_mib", "lean MiB")]
 
 
 def _cpu_seconds() -> tuple[float, float] | None:
@@ -473,52 +674,64 @@ class Timing:
     p20_ms: float           # lowest p20 of any round
     p80_ms: float           # highest p80 of any round
     rounds_ms: list[float]  # each round's median, in round order
+    method: str             # harness.Timing.method of the last round ("cpu", "cuda", "cuda graph")
+    graph_error: str | None
 
 
-def time_interleaved(steps: dict, device: torch.device, min_run_time: float, repeats: int) -> dict:
+def time_interleaved(steps: dict, device: torch.device, min_run_time: float, repeats: int,
+                     cuda_graph: bool = False) -> dict:
     """harness.time_fn on every step, `repeats` rounds interleaved (provider order reversed every other
     round) with min_run_time / repeats each: slow drift of a shared machine (clock, neighbours) then
-    hits every provider of a row alike instead of whichever was timed during it, at the same total time."""
+    hits every provider of a row alike instead of whichever was timed during it, at the same total time.
+    cuda_graph: time replays of each step captured in a CUDA graph (harness.time_fn)."""
     per_round = min_run_time / max(repeats, 1)
     rounds: dict = {name: [] for name in steps}
     order = list(steps)
     for i in range(max(repeats, 1)):
         for name in (order if i % 2 == 0 else order[::-1]):
-            rounds[name].append(harness.time_fn(steps[name], device, min_run_time=per_round))
+            rounds[name].append(harness.time_fn(steps[name], device, min_run_time=per_round, cuda_graph=cuda_graph))
     out = {}
     for name, timings in rounds.items():
         medians = [t.median_ms for t in timings]
         out[name] = Timing(statistics.median(medians), min(t.p20_ms for t in timings),
-                           max(t.p80_ms for t in timings), medians)
+                           max(t.p80_ms for t in timings), medians, timings[-1].method, timings[-1].graph_error)
     return out
 
 
 @dataclass
 class Prepared:
-    """One case's inputs, reference, AdapterBatch and providers (built on first use)."""
+    """One case's inputs, references, AdapterBatch and providers (built on first use)."""
     case: Case
     stack: Stack
-    ids: Tensor
-    x: Tensor
-    grad_y: Tensor
+    ids: Tensor                     # (M,)
+    x: Tensor                       # (M, K)
+    grad_y: Tensor                  # (M, N)
     ref: Reference
+    shared_ref: SingleAdapterReference
     used: int                       # adapters with at least one row
-    m_lora: int                     # rows with an adapter
+    rank_rows: int                  # sum over the rows with an adapter of its true rank
+    used_ranks: int                 # sum over the adapters with rows of their true ranks
     batch: object = None            # AdapterBatch, or the exception building it raised
     batch_timing: object = None
     built: dict = field(default_factory=dict)
 
+    @property
+    def m(self) -> int:
+        return self.ids.shape[0]
+
 
 def prepare(case: Case, stacks: dict, providers: tuple[str, ...], device: torch.device, dtype: torch.dtype,
             min_run_time: float) -> Prepared:
-    key = (case.shape, case.num_adapters, case.max_rank, case.true_rank)
-    if key not in stacks:
-        stacks[key] = make_stack(case.shape, case.num_adapters, case.max_rank, case.true_rank, dtype, device)
-    stack = stacks[key]
-    ids = make_adapter_ids(case.ids, case.m, case.num_adapters, device)
-    x, grad_y = make_activations(case.m, case.shape.k, case.shape.n, dtype, device)
-    prep = Prepared(case, stack, ids, x, grad_y, Reference(stack, ids, x, grad_y),
-                    int(torch.unique(ids[ids >= 0]).numel()), int((ids >= 0).sum()))
+    if case.stack_key not in stacks:
+        stacks[case.stack_key] = make_stack(case.shape, case.num_adapters, case.ranks, dtype, device)
+    stack = stacks[case.stack_key]
+    ids = make_adapter_ids(case.workload, case.popularity, case.num_adapters, device)
+    x, grad_y = make_activations(ids.shape[0], case.shape.k, case.shape.n, dtype, device)
+    true_ranks = torch.tensor([stack.rank(j) for j in range(case.num_adapters)])
+    adapter_rows = ids[ids >= 0].cpu()
+    used = torch.unique(adapter_rows)
+    prep = Prepared(case, stack, ids, x, grad_y, Reference(stack, ids, x, grad_y), shared_reference(stack, x, grad_y),
+                    int(used.numel()), int(true_ranks[adapter_rows].sum()), int(true_ranks[used].sum()))
     if "ours" in providers:
         try:
             def build():
@@ -534,7 +747,6 @@ def ready_providers(prep: Prepared, names: list[str], mode: str) -> tuple[dict[s
     """Build (once per case) and check (per mode) every provider; returns the ones that passed and the
     errors of the others. A provider without this case or mode (Unsupported, PEFT's fwd_bwd) is neither."""
     ready, errors = {}, []
-    case = prep.case
     for name in names:
         if name not in prep.built:
             try:
@@ -548,28 +760,34 @@ def ready_providers(prep: Prepared, names: list[str], mode: str) -> tuple[dict[s
         provider = prep.built[name]
         if isinstance(provider, Unsupported) or (isinstance(provider, Provider) and mode not in provider.modes):
             continue
+        ref = prep.shared_ref if name == "shared" else prep.ref
         error = (provider if isinstance(provider, str)
-                 else harness.safe_check(lambda: check(name, provider, mode, prep.ref)))
+                 else harness.safe_check(partial(check, name, provider, mode, ref)))
         if error is None:
             ready[name] = provider
         else:
-            harness.progress(f"  !! {name} {case.shape.name} M={case.m} L={case.num_adapters} "
-                             f"r={prep.stack.label} {case.ids} {mode}: {error}")
+            harness.progress(f"  !! {name} {prep.case.label} {mode}: {error}")
             errors.append(f"{name}: {error}")
     return ready, errors
 
 
 def make_row(prep: Prepared, mode: str, names: list[str], lean_variants: tuple[str, ...], timings: dict,
-             peaks: dict, errors: list[str], device: torch.device) -> dict:
+             peaks: dict, errors: list[str], device: torch.device, peak: harness.Peak | None = None) -> dict:
     case, stack = prep.case, prep.stack
-    row = {"shape": case.shape.name, "m": case.m, "k": case.shape.k, "n": case.shape.n, "r": stack.label,
-           "num_adapters": case.num_adapters, "ids": case.ids, "used": prep.used, "mode": mode}
+    row = {"shape": case.shape.name, "workload": case.workload.kind, "requests": case.workload.requests, "m": prep.m,
+           "k": case.shape.k, "n": case.shape.n, "r": stack.label, "num_adapters": case.num_adapters,
+           "popularity": case.popularity, "used": prep.used, "mode": mode}
+    if case.workload.kind == "prefill":
+        row["min_length"], row["max_length"] = case.workload.min_length, case.workload.max_length
     for name in names:
         timing = timings.get(name)
         row[f"{name}_ms"] = timing.median_ms if timing else None
         if timing:
             row[f"{name}_p20_ms"], row[f"{name}_p80_ms"] = timing.p20_ms, timing.p80_ms
             row[f"{name}_rounds_ms"] = timing.rounds_ms
+            row[f"{name}_method"] = timing.method
+            if timing.graph_error:
+                row[f"{name}_graph_error"] = timing.graph_error
         if name in peaks:
             row[f"{name}_peak_mib"] = peaks[name]
     if prep.batch_timing is not None:
@@ -583,150 +801,169 @@ def make_row(prep: Prepared, mode: str, names: list[str], lean_variants: tuple[s
         row["lean_torch_peak_mib"] = row.get(f"lean_{best}_peak_mib")
     ours, base = row.get("ours_ms"), row.get("base_ms")
     row["overhead_pct"] = (ours / base - 1) * 100 if ours is not None and base else None
+    row["ours_over_shared"] = harness.ratio(ours, row.get("shared_ms"))
     row["speedup_vs_peft"] = harness.ratio(row.get("peft_ms"), ours)
     row["speedup_vs_peft_layer"] = harness.ratio(row.get("peft_layer_ms"), ours)
     row["speedup_vs_lean_torch"] = harness.ratio(row.get("lean_torch_ms"), ours)
-    row["flops"] = flops(mode, case.m, prep.m_lora, case.shape.k, case.shape.n, case.true_rank or case.max_rank)
-    row["ours_tflops"] = row["flops"] / (ours * 1e-3) / 1e12 if ours else None
+    row["flops"] = flops(mode, prep.m, case.shape.k, case.shape.n, prep.rank_rows)
+    row["bytes"] = min_bytes(mode, prep.m, case.shape.k, case.shape.n, prep.used_ranks, prep.x.element_size())
+    achieved = harness.roofline(row["flops"], row["bytes"], ours, peak)
+    row["ours_tflops"], row["ours_gbps"], row["ours_peak_pct"] = achieved["tflops"], achieved["gbps"], achieved["peak_pct"]
+    row["timed"] = timed_with(row, names)
     row["padding_case"] = case.padding
     row["errors"] = "; ".join(errors) or None
     return row
 
 
 def run(units: list[tuple[list[Case], tuple[str, ...]]], providers: tuple[str, ...], lean_variants: tuple[str, ...],
-        modes: tuple[str, ...], device: torch.device, dtype: torch.dtype, min_run_time: float,
-        repeats: int = 1) -> list[dict]:
+        device: torch.device, dtype: torch.dtype, min_run_time: float, repeats: int = 1,
+        peak: harness.Peak | None = None, graph_max_tokens: int = 0) -> list[dict]:
+    """graph_max_tokens: on CUDA, units whose batches have at most this many rows are timed as CUDA-graph
+    replays (decode steps, as a serving engine runs them)."""
     names = [p for p in providers if p != "lean_torch"] + [f"lean_{v}" for v in lean_variants
                                                            if "lean_torch" in providers]
     rows: list[dict] = []
-    total = sum(len(cases) * len([m for m in ms if m in modes]) for cases, ms in units)
-    done, t_start = 0, time.perf_counter()
+    bar = harness.Progress(sum(len(cases) * len(modes) for cases, modes in units))
     stacks: dict[tuple, Stack] = {}
-    for cases, unit_modes in units:
-        unit_modes = tuple(m for m in unit_modes if m in modes)
-        if not unit_modes:
-            continue
-        keys = {(c.shape, c.num_adapters, c.max_rank, c.true_rank) for c in cases}
-        if not keys & stacks.keys():
+    for cases, modes in units:
+        if not {c.stack_key for c in cases} & stacks.keys():
             stacks.clear()      # units come grouped by stack: keep only the current ones (and their PEFT models)
         preps = [prepare(c, stacks, providers, device, dtype, min_run_time) for c in cases]
-        for mode in unit_modes:
+        for mode in modes:
             t_unit, cpu_start = time.perf_counter(), _cpu_seconds()
-            steps, errors, peaks = {}, [], []
+            steps, errors = {}, []
             for i, prep in enumerate(preps):             # build and check everything first, then time it
                 ready, errs = ready_providers(prep, names, mode)
                 errors.append(errs)
                 steps.update({(i, name): step_fn(p, mode, prep.x, prep.grad_y) for name, p in ready.items()})
-            timings = time_interleaved(steps, device, min_run_time, repeats)
+            graph = device.type == "cuda" and max(prep.m for prep in preps) <= graph_max_tokens
+            timings = time_interleaved(steps, device, min_run_time, repeats, cuda_graph=graph)
             cpu_end = _cpu_seconds()
             others = (None if cpu_start is None or cpu_end is None else round(max(
                 0.0, (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])) / (time.perf_counter() - t_unit), 2))
             for i, prep in enumerate(preps):
-                done += 1
-                case = prep.case
                 mine = {name: t for (j, name), t in timings.items() if j == i}
                 peaks = ({name: harness.peak_memory_mib(steps[(i, name)], device) for name in mine}
                          if device.type == "cuda" else {})
-                row = make_row(prep, mode, names, lean_variants, mine, peaks, errors[i], device)
+                row = make_row(prep, mode, names, lean_variants, mine, peaks, errors[i], device, peak)
                 row["others_cpu"] = others
                 if row.get("ours_ms") is None and "ours" in providers:
-                    harness.progress(f"  !! row aborted: ours failed ({case.shape.name} M={case.m} "
-                                     f"L={case.num_adapters} r={prep.stack.label} {case.ids} {mode})")
+                    harness.progress(f"  !! row aborted: ours failed ({prep.case.label} {mode})")
                 rows.append(row)
-                harness.progress(
-                    f"[{done}/{total}] {case.shape.name} M={case.m} L={case.num_adapters} r={prep.stack.label} "
-                    f"{case.ids} {mode}: "
-                    + " ".join(f"{n}={row[f'{n}_ms']:.3g}ms" if row.get(f"{n}_ms") is not None else f"{n}=-"
-                               for n in names)
-                    + (f" batch={row['batch_ms']:.3g}ms" if row.get("batch_ms") is not None else "")
-                    + (f" (other processes used {others:.2f} CPUs meanwhile)" if (others or 0) > 0.2 else "")
-                    + f" [total {time.perf_counter() - t_start:.0f}s]")
+                bar.step(f"{prep.case.label} M={prep.m} {mode}: "
+                         + " ".join(f"{n}={row[f'{n}_ms']:.3g}ms" if row.get(f"{n}_ms") is not None else f"{n}=-"
+                                    for n in names)
+                         + (f" batch={row['batch_ms']:.3g}ms" if row.get("batch_ms") is not None else "")
+                         + (f" (other processes used {others:.2f} CPUs meanwhile)" if (others or 0) > 0.2 else ""))
     return rows
 
 
-# ----------------------------------------------------------------------------- derived ratios
+# ----------------------------------------------------------------------------- derived tables
 
 
-def _fmt(v, fmt="{:.1f}") -> str:
-    return "-" if v is None else fmt.format(v)
+def _goal(mode: str, workload: str, m: int, by_adapters: dict[int, dict]) -> tuple[str | None, str | None]:
+    """The issue's goal for one (shape, r, mode, workload, M) of distinct rows, and whether it is met
+    ("yes", "no", or None when a number is missing)."""
+    if mode != "fwd":
+        return None, None
+    limits = []                                   # (value, bound)
+    if workload == "decode" and m == GOAL_DECODE_M:
+        adapters = [n for n in GOAL_DECODE_ADAPTERS if n in by_adapters]
+        limits += [(by_adapters[n].get("overhead_pct"), GOAL_DECODE_OVERHEAD_PCT) for n in adapters]
+        goal = f"+% ≤ {GOAL_DECODE_OVERHEAD_PCT:g} at L {', '.join(map(str, adapters))}" if adapters else ""
+        if GOAL_DISTINCT_L in by_adapters:
+            limits.append((by_adapters[GOAL_DISTINCT_L].get("ours_over_shared"), GOAL_DISTINCT_RATIO))
+            goal += f"{'; ' if goal else ''}L={GOAL_DISTINCT_L} ours/shared ≤ {GOAL_DISTINCT_RATIO}×"
+    elif workload == "prefill" and m >= GOAL_PREFILL_MIN_M:
+        limits += [(row.get("overhead_pct"), GOAL_PREFILL_OVERHEAD_PCT) for row in by_adapters.values()]
+        goal = f"+% ≤ {GOAL_PREFILL_OVERHEAD_PCT:g}"
+    if not limits:
+        return None, None
+    if any(value is None for value, _ in limits):
+        return goal, None
+    return goal, "yes" if all(value <= bound for value, bound in limits) else "no"
 
 
 def goals_table(rows: list[dict]) -> list[dict]:
-    """Per (shape, r, mode, M), from the rr rows of plain (unpadded) stacks: ours' overhead over the
-    base GEMM at each L, and 64 (or the largest L) distinct adapters over one shared adapter (L=1)."""
-    plain = [r for r in rows if r["ids"] == "rr" and not r["padding_case"]]
-    keys = []
-    for r in plain:
-        key = (r["shape"], r["r"], r["mode"], r["m"])
-        if key not in keys:
-            keys.append(key)
+    """Per (shape, r, mode, workload, R, M) of the `distinct` rows (no padding case): ours' overhead over
+    the base GEMM at each L, and at the largest L the distinct adapters' time over one shared adapter
+    (ours, PEFT's layer, lean / shared), with the issue's goal where one applies."""
+    by_key: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        if r["popularity"] == "distinct" and not r["padding_case"]:
+            key = (r["shape"], r["r"], r["mode"], r["workload"], r["requests"], r["m"])
+            by_key.setdefault(key, {})[r["num_adapters"]] = r
     out = []
-    for shape, rank, mode, m in keys:
-        by_l = {r["num_adapters"]: r for r in plain if (r["shape"], r["r"], r["mode"], r["m"]) == (shape, rank, mode, m)}
-        most = max(by_l)
-        entry = {"shape": shape, "r": rank, "mode": mode, "m": m, "base_ms": by_l[most].get("base_ms")}
-        for L in sorted(by_l):
-            entry[f"ours_L{L}_overhead_pct"] = by_l[L].get("overhead_pct")
-        distinct = {}
+    for (shape, rank, mode, workload, requests, m), by_adapters in by_key.items():
+        most = by_adapters[max(by_adapters)]
+        entry = {"shape": shape, "r": rank, "mode": mode, "workload": workload, "requests": requests, "m": m,
+                 "base_ms": most.get("base_ms")}
+        for num_adapters in sorted(by_adapters):
+            entry[f"ours_L{num_adapters}_overhead_pct"] = by_adapters[num_adapters].get("overhead_pct")
+        entry["distinct_L"] = max(by_adapters)
         for p in ("ours", "peft_layer", "lean_torch"):
-            shared = by_l.get(1, {}).get(f"{p}_ms")
-            distinct[p] = harness.ratio(by_l[most].get(f"{p}_ms"), shared) if most > 1 else None
-            entry[f"{p}_distinct_vs_shared"] = distinct[p]
-        entry["distinct_L"] = most
-        overheads = [by_l[L].get("overhead_pct") for L in sorted(by_l)]
-        goal, met = None, None
-        if mode == "fwd" and m == GOAL_DECODE_M:
-            goal = f"+% ≤ {GOAL_DECODE_OVERHEAD_PCT:.0f}"
-            if all(o is not None for o in overheads):
-                met = all(o <= GOAL_DECODE_OVERHEAD_PCT for o in overheads)
-            if most == GOAL_DISTINCT_L and 1 in by_l:        # the distinct-vs-shared goal is 64 vs 1
-                goal += f", {most} vs 1 ≤ {GOAL_DISTINCT_RATIO}×"
-                met = None if met is None or distinct["ours"] is None else met and distinct["ours"] <= GOAL_DISTINCT_RATIO
-        elif mode == "fwd" and m == GOAL_PREFILL_M:
-            goal = f"+% ≤ {GOAL_PREFILL_OVERHEAD_PCT:.0f}"
-            if all(o is not None for o in overheads):
-                met = all(o <= GOAL_PREFILL_OVERHEAD_PCT for o in overheads)
-        entry["goal"], entry["goal_met"] = goal, (None if met is None else ("yes" if met else "no"))
+            entry[f"{p}_over_shared"] = harness.ratio(most.get(f"{p}_ms"), most.get("shared_ms"))
+        entry["goal"], entry["goal_met"] = _goal(mode, workload, m, by_adapters)
         out.append(entry)
     return out
 
 
-def goals_markdown(entries: list[dict]) -> str:
-    if not entries:
-        return ""
-    ls = sorted({int(k[len("ours_L"):-len("_overhead_pct")]) for e in entries for k in e if k.startswith("ours_L")})
-    header = (["shape", "r", "mode", "M", "base ms"] + [f"ours +% L={L}" for L in ls]
-              + ["ours L/1 ×", "peft layer L/1 ×", "lean L/1 ×", "goal (CUDA bf16, fwd)", "met"])
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for e in entries:
-        cells = [e["shape"], str(e["r"]), e["mode"], str(e["m"]), _fmt(e["base_ms"], "{:.3g}")]
-        cells += [_fmt(e.get(f"ours_L{L}_overhead_pct")) for L in ls]
-        cells += [_fmt(e[f"{p}_distinct_vs_shared"], "{:.2f}") for p in ("ours", "peft_layer", "lean_torch")]
-        cells += [e["goal"] or "", e["goal_met"] or "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def goals_columns(entries: list[dict]) -> list[tuple[str, str]]:
+    adapter_counts = sorted({int(k[len("ours_L"):-len("_overhead_pct")]) for e in entries for k in e
+                             if k.startswith("ours_L")})
+    return ([("shape", "shape"), ("r", "r"), ("mode", "mode"), ("workload", "workload"), ("requests", "R"),
+             ("m", "M"), ("base_ms", "base ms")]
+            + [(f"ours_L{n}_overhead_pct", f"ours +% L={n}") for n in adapter_counts]
+            + [("distinct_L", "L"), ("ours_over_shared", "ours/shared ×"),
+               ("peft_layer_over_shared", "peft layer/shared ×"), ("lean_torch_over_shared", "lean/shared ×"),
+               ("goal", "goal (CUDA bf16 K=N=4096 r 16)"), ("goal_met", "met")])
+
+
+def popularity_table(rows: list[dict]) -> list[dict]:
+    """Per (shape, r, mode, workload, R, M, L) run under several popularities (no padding case): ours /
+    shared under each popularity, and how many adapters each one used."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if not r["padding_case"]:
+            key = (r["shape"], r["r"], r["mode"], r["workload"], r["requests"], r["m"], r["num_adapters"])
+            by_key.setdefault(key, {})[r["popularity"]] = r
+    compared = {key: by_popularity for key, by_popularity in by_key.items() if len(by_popularity) > 1}
+    present = [p for p in POPULARITIES if any(p in by_popularity for by_popularity in compared.values())]
+    out = []
+    for key, by_popularity in compared.items():
+        entry = dict(zip(("shape", "r", "mode", "workload", "requests", "m", "num_adapters"), key))
+        for p in present:
+            entry[f"{p}_ours_over_shared"] = by_popularity[p].get("ours_over_shared") if p in by_popularity else None
+        entry["used"] = " / ".join(str(by_popularity[p]["used"]) if p in by_popularity else "-" for p in present)
+        out.append(entry)
+    return out
+
+
+def popularity_columns(entries: list[dict]) -> list[tuple[str, str]]:
+    present = [p for p in POPULARITIES if any(f"{p}_ours_over_shared" in e for e in entries)]
+    return ([("shape", "shape"), ("r", "r"), ("mode", "mode"), ("workload", "workload"), ("requests", "R"),
+             ("m", "M"), ("num_adapters", "L")] + [(f"{p}_ours_over_shared", f"{p} ×") for p in present]
+            + [("used", "used (" + " / ".join(present) + ")")])
 
 
 def padding_table(rows: list[dict]) -> list[dict]:
     """Per padding case: ours with true rank r in a stack padded to R (ranks=) against an unpadded
     stack of r (the ideal: ratio 1) and against every adapter at R."""
+    def key(row):
+        return row["shape"], row["workload"], row["requests"], row["m"], row["num_adapters"], row["popularity"], \
+            row["mode"]
+
     pad = [r for r in rows if r["padding_case"]]
     out = []
     for r in pad:
-        if " of " not in str(r["r"]):
+        if " of " not in r["r"]:
             continue
-        rank, padded = (int(v) for v in str(r["r"]).split(" of "))
-        key = (r["shape"], r["m"], r["num_adapters"], r["ids"], r["mode"])
-
-        def find(label):
-            for o in pad:
-                if (o["shape"], o["m"], o["num_adapters"], o["ids"], o["mode"]) == key and str(o["r"]) == label:
-                    return o
-            return {}
-
-        unpadded, full = find(str(rank)), find(str(padded))
-        out.append({"shape": r["shape"], "m": r["m"], "num_adapters": r["num_adapters"], "ids": r["ids"],
-                    "mode": r["mode"], "rank": rank, "padded": padded,
+        rank, padded = (int(v) for v in r["r"].split(" of "))
+        same = {o["r"]: o for o in pad if key(o) == key(r)}
+        unpadded, full = same.get(str(rank), {}), same.get(str(padded), {})
+        out.append({"shape": r["shape"], "workload": r["workload"], "requests": r["requests"], "m": r["m"],
+                    "num_adapters": r["num_adapters"], "popularity": r["popularity"], "mode": r["mode"],
+                    "rank": rank, "padded": padded, "r": r["r"],
                     "ours_padded_ms": r.get("ours_ms"), "ours_unpadded_ms": unpadded.get("ours_ms"),
                     "ours_full_rank_ms": full.get("ours_ms"),
                     "padded_vs_unpadded": harness.ratio(r.get("ours_ms"), unpadded.get("ours_ms")),
@@ -736,31 +973,38 @@ def padding_table(rows: list[dict]) -> list[dict]:
     return out
 
 
-def padding_markdown(entries: list[dict]) -> str:
-    if not entries:
-        return ""
-    header = ["shape", "M", "L", "ids", "mode", "ours r of R ms", "ours r ms (unpadded)", "ours R ms",
-              "padded / unpadded ×", "padded / R ×", "lean r of R ms", "peft layer r ms"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for e in entries:
-        lines.append("| " + " | ".join([
-            e["shape"], str(e["m"]), str(e["num_adapters"]), e["ids"], e["mode"],
-            _fmt(e["ours_padded_ms"], "{:.3g}") + f" ({e['rank']} of {e['padded']})",
-            _fmt(e["ours_unpadded_ms"], "{:.3g}"), _fmt(e["ours_full_rank_ms"], "{:.3g}"),
-            _fmt(e["padded_vs_unpadded"], "{:.2f}"), _fmt(e["padded_vs_full_rank"], "{:.2f}"),
-            _fmt(e["lean_padded_ms"], "{:.3g}") + (f" ({e['lean_padded_variant']})" if e["lean_padded_variant"] else ""),
-            _fmt(e["peft_layer_padded_ms"], "{:.3g}")]) + " |")
-    return "\n".join(lines)
+PADDING_COLUMNS = [
+    ("shape", "shape"), ("workload", "workload"), ("m", "M"), ("num_adapters", "L"), ("popularity", "popularity"),
+    ("mode", "mode"), ("r", "r"), ("ours_padded_ms", "ours padded ms"), ("ours_unpadded_ms", "ours r ms (unpadded)"),
+    ("ours_full_rank_ms", "ours R ms"), ("padded_vs_unpadded", "padded / unpadded ×"),
+    ("padded_vs_full_rank", "padded / R ×"), ("lean_padded_ms", "lean padded ms"), ("lean_padded_variant", "lean"),
+    ("peft_layer_padded_ms", "peft layer padded ms"),
+]
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+def shape_list(text: str) -> tuple[Shape, ...]:
+    """"576,4096x1024" -> square 576→576 and 4096→1024 layers (K, or KxN)."""
+    shapes = []
+    for item in harness.str_list(text):
+        k, _, n = item.partition("x")
+        shapes.append(layer_shape(int(k), int(n or k)))
+    return tuple(shapes)
+
+
+def rank_list(text: str) -> tuple[Ranks, ...]:
+    """"16,mixed" -> every adapter at rank 16; the mixed-rank stack."""
+    return tuple(MIXED if v == "mixed" else Ranks(int(v)) for v in harness.str_list(text))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true",
-                        help="Llama-3-8B q/o and SmolLM2 q/o, ranks 16/64, rows 1..8192, L 1/8/64, all id patterns")
+                        help="Llama-3-8B q/o, k/v and SmolLM2 q/o; r 16/64/mixed; decode 1..256 requests, ragged "
+                             "prefills of about 8192 rows; L 1..128; every popularity")
     harness.add_device_options(parser)
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                         help="lora_kernels.set_backend for ours (auto: triton on cuda, torch on cpu)")
@@ -770,41 +1014,76 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"subset of {','.join(PROVIDERS)}")
     parser.add_argument("--lean-variants", type=harness.str_list, default=LEAN_VARIANTS,
                         help=f"which plain-torch compositions lean_torch picks from: {','.join(LEAN_VARIANTS)}")
-    parser.add_argument("--modes", type=harness.str_list, default=MODES, help="fwd, fwd_bwd or both")
-    parser.add_argument("--shapes", type=harness.int_list,
-                        help="square layers K=N, e.g. 576,1024 (default: 576,1024 on cpu, 4096 on cuda; "
-                             "--full: 4096,576)")
-    parser.add_argument("--tokens", type=harness.int_list, help="override the row counts M, e.g. 64,8192")
-    parser.add_argument("--ranks", type=harness.int_list, help="override the ranks of the main groups, e.g. 16,64")
+    parser.add_argument("--modes", type=harness.str_list, default=MODES,
+                        help="fwd, fwd_bwd or both: a subset of each group's modes (decode rows are fwd only)")
+    parser.add_argument("--shapes", type=shape_list,
+                        help="layers K (square) or KxN, e.g. 576,4096x1024 (default: 1024 on cpu, 4096 on cuda; "
+                             "--full: 4096,4096x1024,576)")
+    parser.add_argument("--ranks", type=rank_list,
+                        help=f"override the ranks: integers, or mixed (a stack of {MIXED.padded}, adapter j of true "
+                             f"rank {'/'.join(map(str, MIXED_RANK_CYCLE))}[j mod {len(MIXED_RANK_CYCLE)}]), "
+                             "e.g. 16,mixed")
     parser.add_argument("--adapters", type=harness.int_list, help="override the adapter counts L, e.g. 1,8,64")
-    parser.add_argument("--ids", type=harness.str_list,
-                        help=f"override the id patterns ({ID_PATTERN_HELP.replace('%', '%%')})")
+    parser.add_argument("--popularity", type=harness.str_list,
+                        help="override how requests pick adapters: " + "; ".join(
+                            f"{k}: {v}" for k, v in POPULARITY_HELP.items()).replace("%", "%%"))
+    parser.add_argument("--workloads", type=harness.str_list, default=WORKLOADS, help="decode, prefill or both")
+    parser.add_argument("--decode-requests", type=harness.int_list,
+                        help="override decode's request counts R (one row each), e.g. 1,64,256")
+    parser.add_argument("--prefill-requests", type=harness.int_list,
+                        help="override prefill's request counts R, e.g. 16")
+    parser.add_argument("--prefill-lengths", type=harness.int_list,
+                        help="override prefill's request lengths LO,HI (each drawn uniformly in [LO, HI]), e.g. 256,768")
     parser.add_argument("--padding", action=argparse.BooleanOptionalAction, default=True,
                         help="the padded-rank case (rank 8 in a stack of 64 vs 64 vs 8; default: yes)")
     harness.add_timing_options(
-        parser, "CPU only: seconds blocked_autorange measures each provider for (over all rounds)")
+        parser, "CPU only: seconds blocked_autorange measures each provider for (over all rounds)", graphs=True)
     parser.add_argument("--repeats", type=int,
                         help="timing rounds per row, providers interleaved, order reversed every other round "
                              "(default: 2 on cpu, i.e. A B C .. C B A, which cancels a linear drift; 1 on cuda)")
     args = parser.parse_args(argv)
-    harness.check_options(parser, args, [("--providers", args.providers, PROVIDERS), ("--modes", args.modes, MODES),
+    harness.check_options(parser, args, [("--providers", args.providers, PROVIDERS),
+                                         ("--modes", args.modes, MODES),
                                          ("--lean-variants", args.lean_variants, LEAN_VARIANTS),
-                                         ("--ids", args.ids or (), ID_PATTERNS)])
+                                         ("--popularity", args.popularity or (), POPULARITIES),
+                                         ("--workloads", args.workloads, WORKLOADS)])
+    if args.prefill_lengths and not (len(args.prefill_lengths) == 2 and 1 <= args.prefill_lengths[0]
+                                     <= args.prefill_lengths[1]):
+        parser.error("--prefill-lengths: expected LO,HI with 1 <= LO <= HI")
+    if any(v < 1 for v in (*(args.adapters or ()), *(args.decode_requests or ()), *(args.prefill_requests or ()))):
+        parser.error("--adapters, --decode-requests, --prefill-requests: expected positive integers")
     return args
 
 
+def configured_workloads(workloads: tuple[Workload, ...], args: argparse.Namespace) -> tuple[Workload, ...]:
+    """A group's workloads with the command line's overrides (request counts, prefill lengths) and
+    filter (--workloads) applied."""
+    out: list[Workload] = []
+    for w in workloads:
+        if w.kind not in args.workloads:
+            continue
+        if w.kind == "decode":
+            new = [decode(r) for r in (args.decode_requests or (w.requests,))]
+        else:
+            low, high = args.prefill_lengths or (w.min_length, w.max_length)
+            new = [prefill(r, low, high) for r in (args.prefill_requests or (w.requests,))]
+        out += [n for n in new if n not in out]
+    return tuple(out)
+
+
 def configured_groups(args: argparse.Namespace, device: torch.device) -> list:
-    shapes = [square_shape(s) for s in args.shapes] if args.shapes else None
-    groups = full_groups(device, shapes) if args.full else default_groups(device, shapes)
+    groups = full_groups(device, args.shapes) if args.full else default_groups(device, args.shapes)
     out = []
     for g in groups:
-        if isinstance(g, PaddingGroup):
-            if args.padding:
-                out.append(PaddingGroup(g.shape, g.rank, g.padded, args.tokens or g.tokens, args.adapters or g.adapters,
-                                        args.ids or g.ids, g.modes))
-        else:
-            out.append(Group(g.shape, args.ranks or g.ranks, args.tokens or g.tokens, args.adapters or g.adapters,
-                             args.ids or g.ids, g.modes))
+        if isinstance(g, PaddingGroup) and not args.padding:
+            continue
+        g = replace(g, adapters=args.adapters or g.adapters, workloads=configured_workloads(g.workloads, args),
+                    popularities=args.popularity or g.popularities,
+                    modes=tuple(m for m in g.modes if m in args.modes))
+        if isinstance(g, Group) and args.ranks:
+            g = replace(g, ranks=args.ranks)
+        if g.modes and g.workloads:
+            out.append(g)
     return out
 
 
@@ -816,13 +1095,12 @@ def main(argv=None) -> int:
     lora_kernels.set_backend(args.backend)
     providers = tuple(p for p in PROVIDERS if p in args.providers)
     lean_variants = tuple(v for v in LEAN_VARIANTS if v in args.lean_variants)
-    modes = tuple(m for m in MODES if m in args.modes)
     units = expand(configured_groups(args, device))
 
     stamp = harness.environment_stamp(device, dtype)
     stamp["lora_kernels_backend"] = lora_kernels_backend(device, dtype)
     try:
-        from lora_kernels.metadata import check_adapter_ids_enabled   # internal: is the id check in "batch ms"
+        from lora_kernels.metadata import check_adapter_ids_enabled  # internal: is the id check in "batch ms"
         stamp["adapter_id_check"] = check_adapter_ids_enabled(device)
     except Exception:  # noqa: BLE001
         stamp["adapter_id_check"] = None
@@ -831,50 +1109,71 @@ def main(argv=None) -> int:
                      + (f" (lean: {', '.join(lean_variants)})" if "lean_torch" in providers else ""))
 
     t0 = time.perf_counter()
-    harness.warm_up(device)
     repeats = args.repeats or (2 if device.type == "cpu" else 1)
     stamp["timing_rounds"] = repeats
-    rows = run(units, providers, lean_variants, modes, device, dtype, args.min_run_time, repeats)
+    peak = harness.measure_peak(device, dtype, min_run_time=args.min_run_time)
+    stamp["peak_tflops"], stamp["peak_gbps"] = round(peak.tflops, 3), round(peak.gbps, 1)
+    harness.warm_up(device, seconds=1.0)    # right before the first row (it has come out 2-3x slow in some runs)
+    graph_max_tokens = args.graph_max_tokens if device.type == "cuda" else 0
+    rows = run(units, providers, lean_variants, device, dtype, args.min_run_time, repeats, peak, graph_max_tokens)
     wall = time.perf_counter() - t0
 
-    needs = {"base_ms": "base", "ours_ms": "ours", "batch_ms": "ours", "peft_ms": "peft",
+    needs = {"base_ms": "base", "ours_ms": "ours", "shared_ms": "shared", "batch_ms": "ours", "peft_ms": "peft",
              "peft_layer_ms": "peft_layer", "lean_torch_ms": "lean_torch", "lean_variant": "lean_torch",
-             "overhead_pct": "base", "speedup_vs_peft_layer": "peft_layer", "speedup_vs_lean_torch": "lean_torch"}
+             "overhead_pct": "base", "ours_over_shared": "shared", "speedup_vs_peft_layer": "peft_layer",
+             "speedup_vs_lean_torch": "lean_torch"}
     columns = harness.visible_columns(rows, providers, TABLE_COLUMNS, CUDA_COLUMNS, needs, device)
-    goals, padding = goals_table(rows), padding_table(rows)
+    goals, popularity, padding = goals_table(rows), popularity_table(rows), padding_table(rows)
     peft_train = PEFT_TRAIN_MESSAGE[0] if PEFT_TRAIN_MESSAGE else "(not asked: PEFT was not run)"
     notes = [
-        f"Times are medians in ms ({harness.timer_name(device)}; p20/p80 in the JSON)"
-        + (f", median of {repeats} interleaved rounds per provider (each round's median in the JSON as "
-           "<provider>_rounds_ms)" if repeats > 1 else "") + ". ours/base-1 % = LoRA overhead of ours over the "
-        "base layer alone; × vs peft layer / × vs lean = their time / ours (> 1: ours is faster). "
-        "r: LoRA rank (\"8 of 64\": true rank 8 in a stack padded to 64, AdapterBatch(ranks=...)); L: adapters in "
-        f"the stack; ids: {ID_PATTERN_HELP}; used: adapters with at least one row.",
-        "ours runs with an AdapterBatch built once per batch (as every layer of a model reuses it); "
-        "batch ms = one AdapterBatch(ids, L, ranks) build, paid once per batch, not per layer. "
-        "peft ms = model(x, adapter_names=[...]) on a real PEFT model (one LoRA layer; includes PEFT's per-forward "
-        "hook set-up, paid once per model call); peft layer ms = that LoRA layer called with adapter_names directly "
-        "(PEFT's per-layer cost; × vs peft layer compares with this, the smaller of the two). "
-        "lean = the fastest plain-torch composition of loop (grouped rows, per-adapter matmuls, index_add_), "
-        "gather (bmm over per-row gathered weights) and dense (all adapters on all rows, masked); each variant's "
-        "time is in the JSON as lean_<variant>_ms. Per-batch set-up of lean (grouping, masks) is not timed, "
-        "like ours' AdapterBatch.",
-        f"PEFT has no fwd_bwd here: mixed adapter batches are inference-only. Asked in training mode, "
-        f"model(x, adapter_names=...) says: {peft_train}",
+        (f"Times are medians in ms ({harness.timer_name(device)}; p20/p80 in the JSON)"
+         + (f", median of {repeats} interleaved rounds per provider (each round's median in the JSON as "
+            "<provider>_rounds_ms)" if repeats > 1 else "") + ". ours/base-1 % = LoRA overhead of ours over the "
+         "base layer alone; ours/shared × = ours over the same rows all on adapter 0 through the single-adapter "
+         "lora_linear (what mixing adapters costs; with mixed ranks, adapter 0 has rank 8); × vs peft layer / "
+         "× vs lean = their time / ours (> 1: ours is faster). r: LoRA rank (\"8 of 64\": true rank 8 in a stack "
+         f"padded to 64; \"mixed\": a stack of {MIXED.padded}, adapter j of true rank "
+         f"{'/'.join(map(str, MIXED_RANK_CYCLE))}[j mod {len(MIXED_RANK_CYCLE)}], AdapterBatch(ranks=...)); "
+         "L: adapters in the stack; used: adapters with at least one row."),
+        ("Workloads: decode = R requests of one row each (M = R); prefill = R requests of lengths drawn uniformly "
+         "in [min_length, max_length] (in the JSON), each request's rows contiguous (M = their sum). Popularity, "
+         "how requests pick adapters (seeded): " + "; ".join(f"{k}: {v}" for k, v in POPULARITY_HELP.items()) + "."),
+        ("ours runs with an AdapterBatch built once per batch (as every layer of a model reuses it); "
+         "batch ms = one AdapterBatch(ids, L, ranks) build, paid once per batch, not per layer. "
+         "peft ms = model(x, adapter_names=[...]) on a real PEFT model (one LoRA layer; includes PEFT's per-forward "
+         "hook set-up, paid once per model call); peft layer ms = that LoRA layer called with adapter_names directly "
+         "(PEFT's per-layer cost; × vs peft layer compares with this, the smaller of the two). "
+         "lean = the fastest plain-torch composition of loop (grouped rows, per-adapter matmuls, index_add_), "
+         "gather (bmm over per-row gathered weights) and dense (all adapters on all rows, masked); each variant's "
+         "time is in the JSON as lean_<variant>_ms. Per-batch set-up of lean (grouping, masks) is not timed, "
+         "like ours' AdapterBatch."),
+        (f"PEFT has no fwd_bwd here: mixed adapter batches are inference-only. Asked in training mode, "
+         f"model(x, adapter_names=...) says: {peft_train}"),
         FLOPS_NOTE,
-        "other CPUs: CPU time other processes used while the row ran, in CPUs (from /proc/stat); on a CPU run, "
-        f"rows well above 0 were timed on a shared machine and may be inflated. This run: "
-        f"{sum(1 for r in rows if (r.get('others_cpu') or 0) > 0.2)} of {len(rows)} rows above 0.2.",
+        PEAK_NOTE.format(how=peak.how, tflops=peak.tflops, gbps=peak.gbps),
+        ("other CPUs: CPU time other processes used while the row ran, in CPUs (from /proc/stat); on a CPU run, "
+         f"rows well above 0 were timed on a shared machine and may be inflated. This run: "
+         f"{sum(1 for r in rows if (r.get('others_cpu') or 0) > 0.2)} of {len(rows)} rows above 0.2."),
     ]
+    if graph_max_tokens:
+        notes.append(f"Batches of at most {graph_max_tokens} rows are timed as replays of one call captured in a CUDA "
+                     "graph (column timed: cuda graph), as a serving engine runs decode steps; a provider that cannot "
+                     "be captured (PEFT's per-call index lists, the torch backend's host reads) is timed eagerly "
+                     "(timed names it; <provider>_graph_error in the JSON says why).")
     if goals:
-        notes.append("Overhead of ours over the base GEMM per adapter count L (ids rr), and L distinct adapters over "
-                     "one shared adapter (time at the largest L / time at L=1, same M). The goals are the issue's, "
-                     "stated for CUDA bf16 K=N=4096 r=16 fwd; on other devices and shapes they are shown for "
-                     "reference only.\n\n" + goals_markdown(goals))
+        notes.append(("Distinct adapters (popularity distinct): overhead of ours over the base GEMM per adapter count "
+                      "L, and at the largest L the time over one shared adapter (same rows through lora_linear). "
+                      "The goals are the issue's, stated for CUDA bf16 K=N=4096 r=16 fwd (prefill: a ragged batch "
+                      f"of at least {GOAL_PREFILL_MIN_M} rows); elsewhere they are shown for reference only.\n\n")
+                     + harness.markdown_table(goals, goals_columns(goals)))
+    if popularity:
+        notes.append("Popularity: ours / shared under each popularity (same shape, r, mode, workload and L); used = "
+                     "adapters with rows under each.\n\n" + harness.markdown_table(popularity,
+                                                                                  popularity_columns(popularity)))
     if padding:
         notes.append("Padding: adapters of true rank r in a stack padded to R (AdapterBatch ranks=...) against an "
                      "unpadded stack of r (1.00 = padding costs nothing) and against all adapters at R.\n\n"
-                     + padding_markdown(padding))
+                     + harness.markdown_table(padding, PADDING_COLUMNS))
     print()
     harness.print_table(rows, columns)
     for note in notes:
@@ -884,8 +1183,13 @@ def main(argv=None) -> int:
     if args.out:
         name = args.name or ("multi_lora_linear_full" if args.full else "multi_lora_linear")
         harness.stamp_run_end(stamp, wall)
+        plot = harness.PlotSpec(tuple(n for n in ("base", "ours", "shared", "peft_layer", "lean_torch") if n in providers),
+                                panel=("shape", "r", "num_adapters", "popularity", "mode"),
+                                title=f"multi_lora_linear on {stamp['device_name']}, {stamp['dtype']} "
+                                      "(decode and prefill batches; padding case left out)",
+                                keep=lambda row: not row["padding_case"])
         paths = harness.write_results(name, rows, stamp, notes=notes, columns=columns, results_dir=args.results_dir,
-                                      extra={"goals": goals, "padding": padding})
+                                      extra={"goals": goals, "popularity": popularity, "padding": padding}, plot=plot)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if any(row.get("ours_ms") is None for row in rows if "ours" in providers) else 0
 

@@ -47,6 +47,9 @@ CPU_MIN_RUN_TIME_S = 0.2
 # unless a single call is so slow that this would take longer than CPU_MAX_TIME_S.
 CPU_MIN_SAMPLES = 5
 CPU_MAX_TIME_S = 2.0
+# On CUDA, batches of at most this many tokens are timed as replays of a captured CUDA graph (decode
+# sizes: there the CPU's launch overhead, not the GPU, sets the eager time; serving engines replay graphs).
+GRAPH_MAX_TOKENS = 256
 # CUDA timing (triton.testing.do_bench): warm-up and measurement windows in ms.
 CUDA_WARMUP_MS = 25
 CUDA_REP_MS = 100
@@ -228,12 +231,10 @@ def measure_peak(device: torch.device | str, dtype: torch.dtype, *, min_run_time
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     gemm_ms = time_fn(lambda: a @ b, device, min_run_time=min_run_time).median_ms
-    del a, b
     copy_bytes = (2**30 if cuda else 2**28)
     src = torch.empty(copy_bytes // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     copy_ms = time_fn(lambda: dst.copy_(src), device, min_run_time=min_run_time).median_ms
-    del src, dst
     name = str(dtype).replace("torch.", "")
     return Peak(tflops=2 * n**3 / (gemm_ms * 1e-3) / 1e12, gbps=2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
                 how=f"{n}×{n}×{n} {name} GEMM (torch.matmul) and a {copy_bytes // 2**20} MiB copy_, timed as the rows are")
@@ -449,6 +450,7 @@ class PlotSpec:
     x: str = "m"
     x_label: str = "tokens M (rows of x)"
     title: str = ""
+    keep: Callable[[dict[str, Any]], bool] = lambda row: True     # which rows are plotted
 
 
 PLOT_COLUMNS = 3
@@ -467,7 +469,7 @@ def write_plot(path: Path | str, rows: Sequence[dict[str, Any]], spec: PlotSpec)
         return None
     panels: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        if any(row.get(f"{p}_ms") is not None for p in spec.providers):
+        if spec.keep(row) and any(row.get(f"{p}_ms") is not None for p in spec.providers):
             panels.setdefault(tuple(row.get(k) for k in spec.panel), []).append(row)
     if not panels:
         progress("plot skipped: no timed rows")
@@ -482,8 +484,10 @@ def write_plot(path: Path | str, rows: Sequence[dict[str, Any]], spec: PlotSpec)
                 ax.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=provider)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))      # 1, 16, 256, not 2^k
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")                          # 1, 16, 0.5: not 2^k, 5×10^-1
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(" · ".join(f"{v}" if k in ("shape", "mode") else f"{k}={v}" for k, v in zip(spec.panel, key)),
                      fontsize=9)
         ax.set_xlabel(spec.x_label, fontsize=8)
@@ -592,10 +596,14 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 
 def add_timing_options(parser: argparse.ArgumentParser,
                        min_run_time_help: str = "CPU only: seconds blocked_autorange measures each provider for",
-                       ) -> None:
-    """--threads and --min-run-time (time_fn's CPU measuring time)."""
+                       graphs: bool = False) -> None:
+    """--threads and --min-run-time (time_fn's CPU measuring time); graphs: --graph-max-tokens too."""
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (default: torch's choice)")
     parser.add_argument("--min-run-time", type=float, default=CPU_MIN_RUN_TIME_S, help=min_run_time_help)
+    if graphs:
+        parser.add_argument("--graph-max-tokens", type=int, default=GRAPH_MAX_TOKENS,
+                            help="CUDA: batches of at most this many tokens are timed as CUDA-graph replays "
+                                 f"(default {GRAPH_MAX_TOKENS}; 0: every row eager)")
 
 
 def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace,

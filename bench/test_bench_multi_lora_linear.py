@@ -1,10 +1,12 @@
-"""pytest-benchmark view of bench_multi_lora_linear.py: the same providers, one tiny shape.
+"""pytest-benchmark view of bench_multi_lora_linear.py: the same providers at one tiny shape, the batch
+generators' unit checks, and one tiny end-to-end run of the script.
 
     pytest bench/ --benchmark-only
 
 Not part of the test suite (`pytest tests` never collects bench/). Each provider is checked against
-the float64 reference (lora_kernels.multi_lora_linear_reference) before it is timed, exactly as in
-bench_multi_lora_linear.py. lean_torch appears as its three variants (lean_loop, lean_gather, lean_dense).
+the float64 reference (lora_kernels.multi_lora_linear_reference; shared: lora_linear_reference, every
+row on adapter 0) before it is timed, exactly as in bench_multi_lora_linear.py. lean_torch appears as
+its three variants (lean_loop, lean_gather, lean_dense).
 """
 
 from __future__ import annotations
@@ -16,32 +18,36 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_multi_lora_linear as bench  # noqa: E402  (puts the repo root on sys.path too)
-import lora_kernels  # noqa: E402
+import bench_multi_lora_linear as bench  # puts the repo root on sys.path too
+
+import lora_kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-SHAPE, RANK, TOKENS, ADAPTERS, IDS = bench.square_shape(256), 16, 64, 8, "none25"   # 8 adapters, 25 % no adapter
-PROVIDER_NAMES = tuple(n for n in bench.MAKERS)     # base, ours, peft, peft_layer, lean_loop, lean_gather, lean_dense
+# 64 decode requests over 8 adapters, 25 % without one; every adapter at rank 16, or the mixed-rank stack
+SHAPE, WORKLOAD, ADAPTERS, POPULARITY = bench.layer_shape(256, 256), bench.decode(64), 8, "none25"
+RANKS = {"16": bench.Ranks(16), "mixed": bench.MIXED}
+PROVIDER_NAMES = tuple(bench.MAKERS)   # base, ours, shared, peft, peft_layer, lean_loop, lean_gather, lean_dense
 
 
-@pytest.fixture(scope="module")
-def stack():
-    return bench.make_stack(SHAPE, ADAPTERS, RANK, None, DTYPE, DEVICE)
+@pytest.fixture(scope="module", params=list(RANKS), ids=lambda label: f"r={label}")
+def stack(request):
+    return bench.make_stack(SHAPE, ADAPTERS, RANKS[request.param], DTYPE, DEVICE)
 
 
 @pytest.fixture(scope="module")
 def adapter_ids():
-    return bench.make_adapter_ids(IDS, TOKENS, ADAPTERS, DEVICE)
+    return bench.make_adapter_ids(WORKLOAD, POPULARITY, ADAPTERS, DEVICE)
 
 
 @pytest.fixture(scope="module")
 def activations():
-    return bench.make_activations(TOKENS, SHAPE.k, SHAPE.n, DTYPE, DEVICE)
+    return bench.make_activations(WORKLOAD.requests, SHAPE.k, SHAPE.n, DTYPE, DEVICE)
 
 
-def _group(what: str) -> str:
-    return f"multi_lora_linear {what} M={TOKENS} K={SHAPE.k} N={SHAPE.n} r={RANK} L={ADAPTERS} ids={IDS} {DTYPE}"
+def _group(what: str, stack) -> str:
+    return (f"multi_lora_linear {what} M={WORKLOAD.requests} K={SHAPE.k} N={SHAPE.n} r={stack.label} L={ADAPTERS} "
+            f"{POPULARITY} {DTYPE}")
 
 
 def _synchronized(step):
@@ -58,7 +64,7 @@ def _synchronized(step):
 @pytest.mark.parametrize("mode", bench.MODES)
 @pytest.mark.parametrize("name", PROVIDER_NAMES)
 def test_multi_lora_linear(benchmark, stack, adapter_ids, activations, name, mode):
-    batch = lora_kernels.AdapterBatch(adapter_ids, ADAPTERS)
+    batch = lora_kernels.AdapterBatch(adapter_ids, ADAPTERS, ranks=stack.ranks_tensor())
     try:
         provider = bench.MAKERS[name](stack, adapter_ids, batch)
     except ImportError as e:
@@ -66,17 +72,123 @@ def test_multi_lora_linear(benchmark, stack, adapter_ids, activations, name, mod
     if mode not in provider.modes:
         pytest.skip(f"{name}: no {mode} (PEFT rejects mixed adapter batches in training mode)")
     x, grad_y = activations
-    error = bench.check(name, provider, mode, bench.Reference(stack, adapter_ids, x, grad_y))
+    ref = (bench.shared_reference(stack, x, grad_y) if name == "shared"
+           else bench.Reference(stack, adapter_ids, x, grad_y))
+    error = bench.check(name, provider, mode, ref)
     assert error is None, f"{name} {mode}: {error}"
-    benchmark.group = _group(mode)
-    benchmark.extra_info.update(provider=name, mode=mode, m=TOKENS, k=SHAPE.k, n=SHAPE.n, r=RANK, L=ADAPTERS, ids=IDS)
+    benchmark.group = _group(mode, stack)
+    benchmark.extra_info.update(provider=name, mode=mode, m=WORKLOAD.requests, k=SHAPE.k, n=SHAPE.n, r=stack.label,
+                                L=ADAPTERS, popularity=POPULARITY)
     benchmark(_synchronized(bench.step_fn(provider, mode, x, grad_y)))
 
 
-def test_adapter_batch_build(benchmark, adapter_ids):
+def test_adapter_batch_build(benchmark, stack, adapter_ids):
     """What ours pays once per batch (every layer reuses the AdapterBatch)."""
-    batch = lora_kernels.AdapterBatch(adapter_ids, ADAPTERS)
+    ranks = stack.ranks_tensor()
+    batch = lora_kernels.AdapterBatch(adapter_ids, ADAPTERS, ranks=ranks)
     assert int(batch.counts.sum()) == int((adapter_ids >= 0).sum())
-    benchmark.group = _group("AdapterBatch build")
-    benchmark.extra_info.update(m=TOKENS, L=ADAPTERS, ids=IDS)
-    benchmark(_synchronized(lambda: lora_kernels.AdapterBatch(adapter_ids, ADAPTERS)))
+    benchmark.group = _group("AdapterBatch build", stack)
+    benchmark.extra_info.update(m=WORKLOAD.requests, L=ADAPTERS, popularity=POPULARITY, r=stack.label)
+    benchmark(_synchronized(lambda: lora_kernels.AdapterBatch(adapter_ids, ADAPTERS, ranks=ranks)))
+
+
+# ----------------------------------------------------------------------------- batch generators
+
+
+def _used(ids: torch.Tensor) -> set[int]:
+    return set(ids[ids >= 0].tolist())
+
+
+@pytest.mark.parametrize("popularity", bench.POPULARITIES)
+def test_popularity_is_seeded_and_in_range(popularity):
+    ids = bench.request_adapters(popularity, 200, 16)
+    assert ids.shape == (200,) and ids.dtype == torch.int64
+    assert torch.equal(ids, bench.request_adapters(popularity, 200, 16))
+    assert _used(ids) <= set(range(16))
+    assert set(ids.tolist()) <= set(range(-1, 16))
+
+
+def test_identical_uses_adapter_0_only():
+    assert set(bench.request_adapters("identical", 64, 64).tolist()) == {0}
+
+
+@pytest.mark.parametrize(("requests", "adapters"), [(1, 64), (16, 64), (64, 64), (256, 64), (5, 1)])
+def test_distinct_uses_min_of_requests_and_adapters(requests, adapters):
+    ids = bench.request_adapters("distinct", requests, adapters)
+    assert len(_used(ids)) == min(requests, adapters)
+    counts = torch.bincount(ids, minlength=adapters)
+    assert int(counts.max() - counts[counts > 0].min()) <= 1          # spread evenly
+
+
+def test_uniform_spreads_over_all_adapters():
+    counts = torch.bincount(bench.request_adapters("uniform", 8000, 8), minlength=8)
+    assert (counts - 1000).abs().max() < 150
+
+
+def test_zipf_popularity_falls_with_the_adapter_index():
+    requests, adapters = 20000, 16
+    counts = torch.bincount(bench.request_adapters("zipf", requests, adapters), minlength=adapters)
+    weights = (torch.arange(adapters, dtype=torch.float64) + 1) ** -bench.ZIPF_EXPONENT
+    expected = weights / weights.sum()
+    assert int(counts.argmax()) == 0
+    assert all(counts[j] > counts[j + 1] for j in range(4)), counts.tolist()     # the head, strictly
+    assert (counts / requests - expected).abs().max() < 0.02
+
+
+@pytest.mark.parametrize(("requests", "adapters"), [(64, 64), (100, 8), (16, 64), (7, 2)])
+def test_skewed_has_one_hot_adapter(requests, adapters):
+    ids = bench.request_adapters("skewed", requests, adapters)
+    assert int((ids == 0).sum()) == round(bench.SKEWED_HOT_SHARE * requests)
+    assert _used(ids[ids != 0]) <= set(range(1, adapters))
+    assert set(bench.request_adapters("skewed", requests, 1).tolist()) == {0}
+
+
+def test_none25_leaves_a_quarter_without_adapter():
+    ids = bench.request_adapters("none25", 64, 8)
+    assert int((ids == -1).sum()) == 16
+    assert _used(ids) <= set(range(8))
+
+
+def test_decode_is_one_row_per_request():
+    workload = bench.decode(37)
+    assert bench.request_lengths(workload).tolist() == [1] * 37
+    ids = bench.make_adapter_ids(workload, "zipf", 8, torch.device("cpu"))
+    assert torch.equal(ids, bench.request_adapters("zipf", 37, 8))
+
+
+def test_prefill_rows_are_contiguous_per_request():
+    workload = bench.prefill(12, 3, 9)
+    lengths = bench.request_lengths(workload)
+    assert lengths.shape == (12,) and int(lengths.min()) >= 3 and int(lengths.max()) <= 9
+    assert len(set(lengths.tolist())) > 1                              # ragged
+    ids = bench.make_adapter_ids(workload, "distinct", 64, torch.device("cpu"))   # request i -> adapter i
+    assert ids.numel() == int(lengths.sum())
+    starts = torch.cumsum(lengths, 0) - lengths
+    for request, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        assert ids[start:start + length].tolist() == [request] * length
+
+
+def test_mixed_ranks_cycle_8_16_32_64():
+    stack = bench.make_stack(SHAPE, 6, bench.MIXED, torch.float32, torch.device("cpu"))
+    assert stack.ranks == [8, 16, 32, 64, 8, 16] and stack.max_rank == 64 and stack.label == "mixed"
+    assert stack.ranks_tensor().tolist() == stack.ranks
+    for j, rank in enumerate(stack.ranks):     # past each true rank: large garbage (a provider reading it fails)
+        assert stack.lora_a[j, :rank].abs().max() < 1
+        assert rank == 64 or stack.lora_a[j, rank:].abs().max() > 5
+
+
+def test_command_line_lists():
+    assert bench.rank_list("16,mixed") == (bench.Ranks(16), bench.MIXED)
+    assert [(s.k, s.n) for s in bench.shape_list("576,4096x1024")] == [(576, 576), (4096, 1024)]
+
+
+def test_main_end_to_end(tmp_path, capsys):
+    """The script at a tiny size: decode and prefill over the mixed-rank stack, checked and timed."""
+    status = bench.main(["--device", "cpu", "--no-out", "--shapes", "64", "--ranks", "mixed", "--adapters", "4",
+                         "--decode-requests", "6", "--prefill-requests", "3", "--prefill-lengths", "2,5",
+                         "--popularity", "distinct", "--no-padding", "--providers", "base,ours,shared,lean_torch",
+                         "--lean-variants", "loop", "--repeats", "1", "--min-run-time", "0.01"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "ours/shared ×" in out and "| decode " in out and "| prefill " in out
+    assert "errors" not in out
