@@ -216,6 +216,25 @@ def test_ranks(backend, case):
     check_against_reference(x, w, bias, a, b, scales, ids, adapters=adapters, ranks=ranks)
 
 
+@pytest.mark.parametrize("used", [1, 3, 4, 12])
+def test_few_or_many_of_a_large_stack_with_ranks(backend, used):
+    """Few adapters of a 12-adapter stack in use (the torch backend takes one view per active
+    adapter below a third of the stack, bulk views from there on), ranks 1..16 mixed, some rows on
+    no adapter: forward and gradients against the reference on either side of that threshold."""
+    skip_unless_backend_serves(backend, FP32)
+    gen = torch.Generator().manual_seed(230 + used)
+    m, k, n, num_adapters, r_max = 70, 36, 22, 12, 16
+    ranks = [1, 16, 8, 12, 3, 16, 5, 16, 2, 9, 16, 4]
+    chosen = torch.randperm(num_adapters, generator=gen)[:used]
+    ids = chosen[torch.randint(used, (m,), generator=gen)]
+    ids[torch.rand(m, generator=gen) < 0.2] = -1
+    ids = ids.to(DEVICE)
+    x = make_x(m, k, "2d", FP32, gen)
+    w, bias, a, b, scales = make_stacks(num_adapters, n, k, r_max, FP32, True, gen, ranks)
+    check_against_reference(x, w, bias, a, b, scales, ids, adapters=AdapterBatch(ids, num_adapters, ranks=ranks),
+                            ranks=ranks)
+
+
 def test_ranks_as_tensor_or_list_and_full_ranks_equal_none(backend):
     """ranks given as a list or an int64 tensor give the same result; ranks all r_max equals no ranks."""
     skip_unless_backend_serves(backend, FP32)
