@@ -309,8 +309,10 @@ def _git_commit() -> str | None:
                              capture_output=True, text=True, timeout=10)
         commit = out.stdout.strip() if out.returncode == 0 else None
         if commit:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                                   capture_output=True, text=True, timeout=10)
+            # committed result files rewritten by an earlier run do not make the code dirty
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                    ":(exclude)bench/results"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                   timeout=10)
             if dirty.returncode == 0 and dirty.stdout.strip():
                 commit += "-dirty"
         return commit
