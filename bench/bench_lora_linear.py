@@ -308,6 +308,8 @@ def check(name: str, provider: Provider, mode: str, ref: Reference) -> str | Non
             outs = [provider.forward(ref.x), *provider.to_ref(out)]
             provider.train(True)
     expected = ref.get(name != "base", mode)
+    if len(outs) != len(expected):
+        return f"{len(outs)} outputs (y and gradients), expected {len(expected)}"
     tol = REL_TOL[ref.x.dtype]
     for label, got, want in zip(["y", "dX", "dA", "dB"], outs, expected):
         if got.shape != want.shape:

@@ -119,16 +119,33 @@ def _time_cuda_events(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) ->
 
 
 def _capture_cuda_graph(fn: Callable[[], Any]):
-    """fn() captured in a CUDA graph, or the reason it cannot be. Warm-up runs on a side stream first
-    (torch's capture recipe: lazy initialisation, autotuning and cuBLAS workspaces happen outside the
-    graph). A call that reads or writes the host (a .item(), a copy from pageable memory) fails capture."""
+    """fn() captured in a CUDA graph, or the reason it cannot be.
+
+    A call that synchronises with the host (a .item(), a .tolist(), a copy from pageable memory, as
+    PEFT's per-call index lists make) cannot be captured. It is found first, outside any capture, by
+    one call under torch's sync debug mode "error", because a capture that fails midway can leave the
+    stream and the caching allocator in a state that breaks every later capture. Then torch's recipe:
+    warm-up calls on a side stream (lazy initialisation, autotuning and cuBLAS workspaces happen
+    outside the graph), one capture, one replay."""
+    previous_mode = torch.cuda.get_sync_debug_mode()
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous_mode)
+    except Exception as e:  # noqa: BLE001 - a host synchronisation: time eagerly, nothing was captured
+        torch.cuda.synchronize()
+        return f"synchronises with the host, so it cannot be captured: {_first_line(e)}"
+    stream = torch.cuda.current_stream()
     try:
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(stream)
         with torch.cuda.stream(side):
             for _ in range(3):
                 fn()
-        torch.cuda.current_stream().wait_stream(side)
+        stream.wait_stream(side)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -136,13 +153,20 @@ def _capture_cuda_graph(fn: Callable[[], Any]):
         graph.replay()
         torch.cuda.synchronize()
         return graph
-    except Exception as e:  # noqa: BLE001 - any failure: time the call eagerly instead
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    except Exception as e:  # noqa: BLE001 - any other failure: time the call eagerly instead
+        torch.cuda.set_stream(stream)   # a failed capture_end skips torch.cuda.graph's own restore
+        # the capture's end raises over fn's own error: report the one that caused it
+        reason = _first_line(e.__context__ if e.__context__ is not None else e)
         try:
-            torch.cuda.synchronize()        # a failed capture's own error is not sticky; anything else shows here
+            torch.cuda.synchronize()
         except Exception as sync_error:  # noqa: BLE001
             raise RuntimeError(f"CUDA unusable after a failed graph capture ({reason})") from sync_error
-        return reason
+        return f"capture failed: {reason}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: float = CPU_MIN_RUN_TIME_S,

@@ -2,7 +2,8 @@
 
     pytest bench/ --benchmark-only
 
-Not part of the test suite (`pytest tests` never collects bench/). Each provider is checked against
+The test command (`pytest tests bench --benchmark-disable`) runs it as a smoke test of the main job,
+each provider timed once. Each provider is checked against
 the float64 reference before it is timed, exactly as in bench_lora_linear.py.
 """
 

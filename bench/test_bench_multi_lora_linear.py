@@ -3,7 +3,8 @@ generators' unit checks, and one tiny end-to-end run of the script.
 
     pytest bench/ --benchmark-only
 
-Not part of the test suite (`pytest tests` never collects bench/). Each provider is checked against
+The test command (`pytest tests bench --benchmark-disable`) runs it as a smoke test of the main job,
+each provider timed once. Each provider is checked against
 the float64 reference (lora_kernels.multi_lora_linear_reference; shared: lora_linear_reference, every
 row on adapter 0) before it is timed, exactly as in bench_multi_lora_linear.py. lean_torch appears as
 its three variants (lean_loop, lean_gather, lean_dense).
@@ -192,3 +193,31 @@ def test_main_end_to_end(tmp_path, capsys):
     assert status == 0
     assert "ours/shared ×" in out and "| decode " in out and "| prefill " in out
     assert "errors" not in out
+
+
+def test_flops_and_bytes_count_true_ranks():
+    m, k, n = 3, 5, 7
+    # two rows on a rank-2 adapter, one on a rank-4 one: Σr over rows = 8, over used adapters = 6
+    assert bench.flops("fwd", m, k, n, 8) == 2 * m * k * n + 2 * 8 * (k + n)
+    assert bench.flops("fwd_bwd", m, k, n, 8) == 4 * m * k * n + 6 * 8 * (k + n)
+    weights = n * k + n + 6 * (k + n)
+    assert bench.min_bytes("fwd", m, k, n, 6, 2) == 2 * (m * k + weights + m * n)
+    assert bench.min_bytes("fwd_bwd", m, k, n, 6, 4) == 4 * (2 * m * k + weights + 6 * (k + n) + 2 * m * n)
+
+
+def test_goals_table_judges_the_ratio_it_shows():
+    """The distinct-vs-shared goal is judged at L = 64, and the ratio shown is the one at L = 64 even
+    when a larger L was run too."""
+    def row(num_adapters, ours_ms, shared_ms=1.0):
+        return {"shape": "s", "r": "16", "mode": "fwd", "workload": "decode", "requests": 64, "m": 64,
+                "popularity": "distinct", "padding_case": False, "num_adapters": num_adapters, "base_ms": 1.0,
+                "ours_ms": ours_ms, "shared_ms": shared_ms, "overhead_pct": (ours_ms - 1) * 100,
+                "ours_over_shared": ours_ms / shared_ms}
+
+    rows = [row(1, 1.1), row(8, 1.1), row(64, 1.1), row(128, 1.6)]
+    (entry,) = bench.goals_table(rows)
+    assert entry["distinct_L"] == bench.GOAL_DISTINCT_L == 64
+    assert entry["ours_over_shared"] == pytest.approx(1.1)
+    assert entry["goal_met"] == "yes"
+    rows[2] = row(64, 1.1, shared_ms=0.8)   # overhead 10 %, but 1.375x one shared adapter: missed
+    assert bench.goals_table(rows)[0]["goal_met"] == "no"

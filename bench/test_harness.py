@@ -126,3 +126,115 @@ def test_single_adapter_main_job_end_to_end(tmp_path, capsys):
         assert row["errors"] is None, row["errors"]
         assert all(row[f"{p}_ms"] > 0 for p in ("base", "ours", "lean_torch"))
         assert row["ours_peak_pct"] > 0 and row["timed"] == "cpu"
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for _capture_cuda_graph's control flow on a machine without a GPU:
+    records the sync debug mode and the current stream; `graph` runs fn inside a fake capture."""
+
+    def __init__(self, capture_error=None):
+        self.mode, self.stream_now, self.capture_error, self.replays = 0, "default", capture_error, 0
+
+    def get_sync_debug_mode(self):
+        return self.mode
+
+    def set_sync_debug_mode(self, mode):
+        self.mode = {"default": 0, "warn": 1, "error": 2}.get(mode, mode)
+
+    def synchronize(self):
+        pass
+
+    def current_stream(self):
+        fake = self
+
+        class Stream:
+            def __init__(self, name):
+                self.name = name
+
+            def wait_stream(self, other):
+                pass
+
+        return Stream(fake.stream_now)
+
+    def Stream(self):  # noqa: N802 - torch's name
+        return self.current_stream().__class__("side")
+
+    def stream(self, s):
+        fake = self
+
+        class Ctx:
+            def __enter__(self):
+                self.prev, fake.stream_now = fake.stream_now, s.name
+
+            def __exit__(self, *exc):
+                fake.stream_now = self.prev
+
+        return Ctx()
+
+    def set_stream(self, s):
+        self.stream_now = s.name
+
+    def CUDAGraph(self):  # noqa: N802
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+
+        return Graph()
+
+    def graph(self, graph):
+        fake = self
+
+        class Capture:
+            def __enter__(self):
+                fake.stream_now = "capture"     # torch.cuda.graph switches to its capture stream
+
+            def __exit__(self, exc_type, exc, tb):
+                if exc is not None or fake.capture_error:       # capture_end raises, over fn's own error
+                    raise RuntimeError("operation failed due to a previous error during capture")
+                fake.stream_now = "default"
+
+        return Capture()
+
+
+def _patch_cuda(monkeypatch, fake):
+    for name in ("get_sync_debug_mode", "set_sync_debug_mode", "synchronize", "current_stream", "Stream",
+                 "stream", "set_stream", "CUDAGraph", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+
+
+def test_capture_refuses_a_host_sync_before_capturing(monkeypatch):
+    fake = _FakeCuda()
+    _patch_cuda(monkeypatch, fake)
+
+    def syncs():
+        if fake.mode == 2:
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    reason = harness._capture_cuda_graph(syncs)
+    assert isinstance(reason, str) and reason.startswith("synchronises with the host")
+    assert "synchronizing CUDA operation" in reason
+    assert fake.mode == 0 and fake.stream_now == "default"      # debug mode and stream as they were
+
+
+def test_failed_capture_restores_the_stream_and_reports_the_cause(monkeypatch):
+    fake = _FakeCuda()
+    _patch_cuda(monkeypatch, fake)
+
+    def fails_in_capture():
+        if fake.stream_now == "capture":
+            raise ValueError("the real cause")
+
+    reason = harness._capture_cuda_graph(fails_in_capture)
+    assert reason == "capture failed: ValueError: the real cause"
+    assert fake.stream_now == "default"
+
+
+def test_capture_of_a_clean_call_gives_a_graph(monkeypatch):
+    fake = _FakeCuda()
+    _patch_cuda(monkeypatch, fake)
+    calls = []
+    graph = harness._capture_cuda_graph(lambda: calls.append(fake.stream_now))
+    assert not isinstance(graph, str) and fake.replays == 1
+    assert calls == ["default", "side", "side", "side", "capture"]     # check, 3 warm-ups, the capture
