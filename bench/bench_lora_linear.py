@@ -486,9 +486,7 @@ def main(argv=None) -> int:
                      f"ours via {stamp['lora_kernels_backend']}); providers {', '.join(providers)}")
 
     t0 = time.perf_counter()
-    peak = harness.measure_peak(device, dtype, min_run_time=args.min_run_time)
-    stamp["peak_tflops"], stamp["peak_gbps"] = round(peak.tflops, 3), round(peak.gbps, 1)
-    harness.warm_up(device, seconds=1.0)    # right before the first row (it has come out 2-3x slow in some runs)
+    peak = harness.measure_peak_and_warm_up(device, dtype, stamp, args.min_run_time)
     graph_max_tokens = args.graph_max_tokens if device.type == "cuda" else 0
     rows = run(groups, providers, device, dtype, args.min_run_time, peak, graph_max_tokens)
     wall = time.perf_counter() - t0

@@ -74,11 +74,12 @@ from bench_lora_linear import (
     Weights,
     check,
     lora_kernels_backend,
-    timed_with,
     make_activations,
+    min_bytes,
     peft_base_module,
     peft_lora_layer,
     step_fn,
+    timed_with,
 )
 from bench_lora_linear import Reference as SingleAdapterReference
 
@@ -272,16 +273,6 @@ def flops(mode: str, m: int, k: int, n: int, rank_rows: int) -> int:
     if mode == "fwd":
         return 2 * m * k * n + 2 * rank_rows * (k + n)
     return 4 * m * k * n + 6 * rank_rows * (k + n)
-
-
-def min_bytes(mode: str, m: int, k: int, n: int, used_ranks: int, element_size: int) -> int:
-    """The least memory traffic of one call, each tensor read or written once; of the adapter stacks
-    only the used adapters' true-rank factors (used_ranks: the sum of their true ranks). fwd: x, W0, b,
-    the used A_j, B_j, y; fwd_bwd also dY, dX and the used dA_j, dB_j."""
-    weights = n * k + n + used_ranks * (k + n)
-    if mode == "fwd":
-        return element_size * (m * k + weights + m * n)
-    return element_size * (2 * m * k + weights + used_ranks * (k + n) + 2 * m * n)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -808,6 +799,7 @@ def make_row(prep: Prepared, mode: str, names: list[str], lean_variants: tuple[s
     row["speedup_vs_peft_layer"] = harness.ratio(row.get("peft_layer_ms"), ours)
     row["speedup_vs_lean_torch"] = harness.ratio(row.get("lean_torch_ms"), ours)
     row["flops"] = flops(mode, prep.m, case.shape.k, case.shape.n, prep.rank_rows)
+    # each used adapter's factors are read once: their summed true ranks play the single adapter's r
     row["bytes"] = min_bytes(mode, prep.m, case.shape.k, case.shape.n, prep.used_ranks, prep.x.element_size())
     achieved = harness.roofline(row["flops"], row["bytes"], ours, peak)
     row["ours_tflops"], row["ours_gbps"], row["ours_peak_pct"] = achieved["tflops"], achieved["gbps"], achieved["peak_pct"]
@@ -1115,9 +1107,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     repeats = args.repeats or (2 if device.type == "cpu" else 1)
     stamp["timing_rounds"] = repeats
-    peak = harness.measure_peak(device, dtype, min_run_time=args.min_run_time)
-    stamp["peak_tflops"], stamp["peak_gbps"] = round(peak.tflops, 3), round(peak.gbps, 1)
-    harness.warm_up(device, seconds=1.0)    # right before the first row (it has come out 2-3x slow in some runs)
+    peak = harness.measure_peak_and_warm_up(device, dtype, stamp, args.min_run_time)
     graph_max_tokens = args.graph_max_tokens if device.type == "cuda" else 0
     rows = run(units, providers, lean_variants, device, dtype, args.min_run_time, repeats, peak, graph_max_tokens)
     wall = time.perf_counter() - t0

@@ -5,6 +5,7 @@ Every bench script imports this module; it knows nothing about LoRA.
     time_fn(fn, device, cuda_graph=) -> Timing(median_ms, p20_ms, p80_ms, samples, method)
     timer_name(device)               -> what time_fn measures with there, for a table's notes
     measure_peak(device, dtype)      -> Peak(tflops, gbps): what one large GEMM and one large copy reach
+    measure_peak_and_warm_up(...)    -> the same, into the stamp, then a warm-up: a run's start
     roofline(flops, bytes, ms, peak) -> achieved TFLOP/s, GB/s and % of the measured peak
     Progress(total)                  -> a progress bar for sweeps, one line per step on stderr
     peak_memory_mib(fn, device)      -> extra CUDA memory one call allocates at its peak (None on CPU)
@@ -262,6 +263,16 @@ def measure_peak(device: torch.device | str, dtype: torch.dtype, *, min_run_time
     name = str(dtype).replace("torch.", "")
     return Peak(tflops=2 * n**3 / (gemm_ms * 1e-3) / 1e12, gbps=2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
                 how=f"{n}×{n}×{n} {name} GEMM (torch.matmul) and a {copy_bytes // 2**20} MiB copy_, timed as the rows are")
+
+
+def measure_peak_and_warm_up(device: torch.device | str, dtype: torch.dtype, stamp: dict[str, Any],
+                             min_run_time: float = CPU_MIN_RUN_TIME_S) -> Peak:
+    """A run's start: measure_peak, recorded in the stamp (peak_tflops, peak_gbps), then warm_up right
+    before the first row (the first rows have come out 2-3x slow in some CPU runs without it)."""
+    peak = measure_peak(device, dtype, min_run_time=min_run_time)
+    stamp["peak_tflops"], stamp["peak_gbps"] = round(peak.tflops, 3), round(peak.gbps, 1)
+    warm_up(device, seconds=1.0)
+    return peak
 
 
 def roofline(flops: float, bytes_moved: float, ms: float | None, peak: Peak | None) -> dict[str, float | None]:
