@@ -4,7 +4,7 @@ different adapter per row (multi_lora_linear).
 Importing this package never imports triton and never touches a GPU.
 """
 
-from ._backend import get_backend, set_backend
+from ._backend import get_backend, set_backend, use_backend
 from .adapter_io import AdapterWeights, LayerAdapter, load_adapter, save_adapter
 from .merging import delta_weight, merge_cat, merge_linear, merge_svd
 from .metadata import AdapterBatch, set_check_adapter_ids
@@ -45,6 +45,7 @@ __all__ = [
     "set_check_adapter_ids",
     "unpatch_peft",
     "use_adapters",
+    "use_backend",
     "wrap_multi_lora",
 ]
 __version__ = "0.1.0"

@@ -2,28 +2,66 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
+from typing import Iterator
 
 import torch
 
 from ._env import BACKENDS, backend_from_env, triton_interpreter_enabled
 
+# Precedence, highest first: use_backend (this thread / asyncio task), set_backend (the process),
+# LORA_KERNELS_BACKEND, "auto".
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("lora_kernels_backend", default=None)
 _override: str | None = None
 
 
-def set_backend(name: str) -> None:
-    """Force a backend for every later call: "auto" (CUDA -> triton, CPU -> torch), "triton",
-    or "torch". Overrides LORA_KERNELS_BACKEND; set_backend("auto") hands control back to it."""
-    global _override
+
+def _check_name(call: str, name: str) -> None:
     if name not in BACKENDS:
-        raise ValueError(f"set_backend({name!r}): expected one of {BACKENDS}")
+        raise ValueError(f"{call}({name!r}): expected one of {BACKENDS}")
+    if torch.compiler.is_compiling():
+        # The registered ops read the backend when they run. Traced, this assignment would be a side
+        # effect replayed after the whole graph has run, so the ops traced after it would not see it:
+        # end the graph here instead, so the choice applies from here on as in eager mode
+        # (under fullgraph=True dynamo raises, naming this line).
+        torch._dynamo.graph_break()
+
+
+def set_backend(name: str) -> None:
+    """Force a backend for every later call in every thread of the process: "auto" (CUDA -> triton,
+    CPU -> torch), "triton", or "torch". Overrides LORA_KERNELS_BACKEND; set_backend("auto") hands
+    control back to it. Process-global: for one thread or one asyncio task, use `use_backend`."""
+    global _override
+    _check_name("set_backend", name)
     _override = None if name == "auto" else name
 
 
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block, for the current thread or asyncio task only
+    (a contextvars.ContextVar): other threads and tasks keep their own choice. Overrides set_backend
+    and LORA_KERNELS_BACKEND; blocks nest, and the previous choice comes back on exit.
+
+    >>> import torch, lora_kernels
+    >>> with lora_kernels.use_backend("torch"):
+    ...     lora_kernels.get_backend()
+    'torch'
+    """
+    _check_name("use_backend", name)
+    token = _scoped.set(name)
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
 def get_backend() -> str:
-    """The requested backend: set_backend's choice, else LORA_KERNELS_BACKEND, else "auto"."""
-    return _override or backend_from_env()
+    """The requested backend: use_backend's (this thread or task), else set_backend's, else
+    LORA_KERNELS_BACKEND, else "auto"."""
+    return _scoped.get() or _override or backend_from_env()
 
 
 @functools.cache
