@@ -7,13 +7,24 @@ changes: the same modules, parameters, state_dict, save/load, merge/unmerge and 
 Whatever the fused path cannot serve goes to PEFT's own forward, per call (a dtype it cannot take,
 dropout on several summed adapters, lora_bias in a mixed batch) or per layer (DoRA and other
 variants, fan_in_fan_out, a base layer that is not an nn.Linear); patch_peft reports the layers.
+Adapters added later (add_adapter, load_adapter) are patched as PEFT creates their layers.
 PEFT is imported only when these functions are called.
+
+A patch is an instance attribute holding a bound method whose function is named after the PEFT
+method it replaces (`_replaces`). copy.deepcopy rebinds it to the copy, which stays patched. pickle
+stores a bound method as ``getattr(module, <function name>)``, which a freshly unpickled, still empty
+module answers with PEFT's own method: a saved patched model names nothing of lora_kernels and loads
+as plain PEFT, with or without lora_kernels (patch_peft it again after loading).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
+import copy
+import copyreg
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -22,8 +33,8 @@ from ..metadata import AdapterBatch
 from ..ops.lora_linear import lora_linear
 from ..ops.multi_lora_linear import multi_lora_linear
 
-_PATCHED = "_lora_kernels_patched"
 _HOOKS = "_enable_peft_forward_hooks"
+_INJECT = "inject_adapter"
 
 
 class PatchResult(int):
@@ -45,16 +56,39 @@ def _lora_linear_class():
 
 
 _FUSED_CLASS = None
+_PEFT_FORWARD = None   # PEFT's lora.Linear.forward as it was when lora_kernels first patched or created a layer
+
+
+def _remember_peft_forward() -> None:
+    """The fused forward's fallback calls this reference, not lora.Linear.forward looked up per call:
+    a library that replaces that method later and routes it back through the patched layer's own
+    forward would otherwise make the two call each other until RecursionError."""
+    global _PEFT_FORWARD
+    if _PEFT_FORWARD is None:
+        _PEFT_FORWARD = _lora_linear_class().forward
+
+
+class _PicklesAsPeftLinear(abc.ABCMeta):
+    """FusedLoraLinear's metaclass: its own type, so that copyreg can pickle the class, wherever it
+    appears (a layer's class, a LoraConfig's custom-module mapping), as PEFT's lora.Linear."""
+
+
+def _pickle_as_peft_linear(cls):
+    return copy.copy, (_lora_linear_class(),)   # copy.copy of a class is the class itself
 
 
 def fused_lora_linear_class() -> type:
     """FusedLoraLinear: PEFT's lora.Linear with the fused forward, for PEFT's custom-module route
-    (register_fused_peft), so layers are created on the fused path rather than patched afterwards."""
+    (register_fused_peft), so layers are created on the fused path rather than patched afterwards.
+    Pickled, the class is PEFT's lora.Linear: a saved model loads as plain PEFT, without lora_kernels;
+    copy.deepcopy keeps it."""
     global _FUSED_CLASS
     if _FUSED_CLASS is None:
-        _FUSED_CLASS = type("FusedLoraLinear", (_lora_linear_class(),), {
+        _remember_peft_forward()
+        _FUSED_CLASS = _PicklesAsPeftLinear("FusedLoraLinear", (_lora_linear_class(),), {
             "forward": _fused_forward, "__module__": __name__,
             "__doc__": "PEFT's lora.Linear on lora_kernels' fused ops (see lora_kernels.nn.peft)."})
+        copyreg.pickle(_PicklesAsPeftLinear, _pickle_as_peft_linear)
     return _FUSED_CLASS
 
 
@@ -112,10 +146,29 @@ def _dropout_p(layer, adapter: str) -> float | None:
     return None
 
 
+def _replaces(name: str):
+    """Names the decorated function after the PEFT method it replaces on a patched module, so that
+    the pickled patch loads as that PEFT method (see the module docstring)."""
+    def rename(function):
+        function.__name__ = name
+        return function
+    return rename
+
+
+def _patch(module: nn.Module, function) -> None:
+    setattr(module, function.__name__, types.MethodType(function, module))
+
+
+def _is_patched(module: nn.Module, function) -> bool:
+    """Whether `module` itself (not what PEFT's wrappers forward attributes to) holds the patch."""
+    return getattr(vars(module).get(function.__name__), "__func__", None) is function
+
+
+@_replaces("forward")
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Bound to a PEFT lora.Linear by patch_peft (or FusedLoraLinear's forward): the fused ops
     where they give PEFT's result, PEFT's own lora.Linear.forward otherwise."""
-    peft_forward = _lora_linear_class().forward
+    peft_forward = _PEFT_FORWARD
     adapter_names = kwargs.get("adapter_names")
     if args or set(kwargs) - {"adapter_names"} or self.disable_adapters or self.merged \
             or _layer_fallback_reason(self) is not None:
@@ -184,6 +237,7 @@ def _mixed_forward(layer, base: nn.Linear, x: torch.Tensor, adapter_names) -> to
     return multi_lora_linear(x, base.weight, base.bias, lora_a, lora_b, scales, batch)
 
 
+@_replaces(_HOOKS)
 @contextlib.contextmanager
 def _forward_hooks_allowing_training(self, *args, **kwargs):
     """Bound to a PEFT LoraModel by patch_peft: PEFT's own set-up of ``adapter_names=`` (name
@@ -225,33 +279,48 @@ def patch_peft(model: nn.Module) -> PatchResult:
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.lora.model import LoraModel
 
+    _remember_peft_forward()
     count, fallbacks = 0, {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraModel) and _PATCHED not in vars(module):
-            setattr(module, _HOOKS, types.MethodType(_forward_hooks_allowing_training, module))
-            setattr(module, _PATCHED, True)
+        if isinstance(module, LoraModel):
+            for function in (_forward_hooks_allowing_training, _inject_adapter_and_patch):
+                if not _is_patched(module, function):
+                    _patch(module, function)
         if not isinstance(module, LoraLayer):
             continue
         reason = _layer_fallback_reason(module)
         if reason is not None:
             fallbacks[name] = reason
             continue
-        if _PATCHED not in vars(module) and type(module) is not _FUSED_CLASS:
-            module.forward = types.MethodType(_fused_forward, module)
-            setattr(module, _PATCHED, True)
+        if not _is_patched(module, _fused_forward) and type(module) is not _FUSED_CLASS:
+            _patch(module, _fused_forward)
         count += 1
     return PatchResult(count, fallbacks)
+
+
+@_replaces(_INJECT)
+def _inject_adapter_and_patch(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+    """Bound to a PEFT LoraModel by patch_peft: PEFT's inject_adapter (under add_adapter and
+    load_adapter), then the new adapter's layers on the fused path; a warning names the layers
+    where the new adapter stays on PEFT's forward, as patch_peft's `.fallbacks` would."""
+    type(self).inject_adapter(self, model, adapter_name, *args, **kwargs)
+    fallbacks = patch_peft(self).fallbacks
+    here = {name: why for name, why in fallbacks.items()
+            if adapter_name in getattr(self.get_submodule(name), "scaling", {})}   # LoRA layers of every kind
+    if here:
+        listed = "; ".join(f"{name}: {why}" for name, why in here.items())
+        warnings.warn(f"lora_kernels: adapter {adapter_name!r} runs on PEFT's forward, not fused, in "
+                      f"{len(here)} layer(s): {listed}", stacklevel=3)
 
 
 def unpatch_peft(model: nn.Module) -> int:
     """Gives every layer patch_peft patched its PEFT forward back; returns how many."""
     count = 0
-    for module in model.modules():
-        if _PATCHED in vars(module):   # its own flag: PEFT's wrappers forward unknown attributes inward
-            delattr(module, _PATCHED)
-            if _HOOKS in vars(module):      # a LoraModel
-                delattr(module, _HOOKS)
-            else:                           # a LoRA layer
-                del module.forward
-                count += 1
+    for module in model.modules():   # vars(): PEFT's wrappers forward unknown attributes inward
+        for function in (_forward_hooks_allowing_training, _inject_adapter_and_patch):   # a LoraModel
+            if _is_patched(module, function):
+                delattr(module, function.__name__)
+        if _is_patched(module, _fused_forward):                                         # a LoRA layer
+            del module.forward
+            count += 1
     return count
