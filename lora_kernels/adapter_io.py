@@ -12,7 +12,9 @@ A PEFT LoRA adapter is a directory holding two files:
 The layer computes ``y = x W0ᵀ + b + scale · (x Aᵀ) Bᵀ (+ scale · lora_bias)`` with
 ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), where ``r`` and ``lora_alpha``
 come from ``rank_pattern`` / ``alpha_pattern`` when a key there matches the module path (first
-matching key wins, matched as PEFT does: ``re.match(rf"(.*\\.)?({key})$", path)``).
+matching key wins, matched as PEFT does: ``re.match(rf"(.*\\.)?({key})$", path)``, but without
+backtracking, so a crafted key such as ``(a+)+`` cannot take exponential time; keys using regex features
+beyond SafeRegex's subset (back-references, look-arounds, inline flags) raise ValueError).
 
 Only that plain-LoRA-on-Linear content is supported. Anything else that PEFT may store (DoRA, LoRA on
 embeddings or convolutions, ``fan_in_fan_out``, trained base biases, ``modules_to_save``, other PEFT
@@ -46,12 +48,14 @@ import math
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ._safe_regex import SafeRegex
 from .nn.lora_linear import lora_scaling
 
 __all__ = [
@@ -69,6 +73,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 _PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the base model
+# save_adapter's transaction (see its docstring): the new pair is written into a staging directory,
+# which is renamed to _PENDING (the commit point), from where the pair is moved into place.
+_STAGING_PREFIX = ".lora_kernels_save."  # + random + ".tmp"
+_PENDING = ".lora_kernels_save.pending"
+_OLD = "old."  # inside _PENDING: the replaced pair, kept until the new one is in place
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
 _NAMED_ADAPTER_KEY_RE = re.compile(r"\.lora_[AB]\.[^.]+\.(weight|bias)$")
 
@@ -138,12 +147,57 @@ class AdapterWeights:
 # config
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_MAX_RANK = 2**63 - 1  # the largest tensor dimension
+_MAX_PATTERN_CHARS = 1000  # a module path is ~60 characters; the matching cost grows with the length
+_REGEX_OPERATORS = frozenset("*+?{}|()")
+
+
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_RANK
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float that a float can hold (10**400 is an int but no float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _module_matcher(regex: str, user_part: str, whole: bool):
+    """name -> bool: ``re.fullmatch(regex, name)`` (whole) or ``re.match(regex, name)``, where `regex` is
+    `user_part`, a pattern from a config, as PEFT embeds it. ValueError for a pattern that is invalid or
+    outside SafeRegex's subset (back-references, look-arounds, flags).
+
+    The cost is bounded by len(name) · len(user_part): a user part without quantifiers, groups or
+    alternation (a module path such as "model.layers.0.q_proj" — the common case) goes to `re`, which
+    then has at most one loop to retry (PEFT's own "(.*\\.)?" prefix); any other runs on SafeRegex,
+    which never backtracks ("(a+)+" against "aaa…a!" would take ~2**len(name) steps in `re`)."""
+    if len(user_part) > _MAX_PATTERN_CHARS:
+        raise ValueError(f"longer than {_MAX_PATTERN_CHARS} characters")
+    if _REGEX_OPERATORS.isdisjoint(user_part):
+        try:
+            compiled = re.compile(regex)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+        find = compiled.fullmatch if whole else compiled.match
+        return lambda name: find(name) is not None
+    try:
+        re.compile(regex)  # compiling does not backtrack; it gives re's own message for invalid syntax
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression: {e}") from None
+    except RecursionError:
+        raise ValueError("groups nested too deeply") from None
+    safe = SafeRegex(regex)
+    return safe.fullmatch if whole else safe.match
+
+
+def _peft_key_matcher(key: str):
+    """name -> whether PEFT's get_pattern_key takes `key` for module path `name`:
+    ``re.match(rf"(.*\\.)?({key})$", name)``, with the cost bounded (_module_matcher)."""
+    return _module_matcher(rf"(.*\.)?({key})$", key, whole=False)
 
 
 def _check_supported(config: dict, source: str) -> None:
@@ -177,8 +231,8 @@ class _Spec:
     r: int
     lora_alpha: float
     use_rslora: bool
-    rank_pattern: dict
-    alpha_pattern: dict
+    rank_pattern: list  # [(key, matcher: name -> bool, r)] in the config's order
+    alpha_pattern: list  # [(key, matcher, lora_alpha)]
     lora_bias: bool
 
     def resolve(self, module: str) -> tuple[int, float, str | None, str | None]:
@@ -191,11 +245,15 @@ class _Spec:
         return lora_scaling(r, alpha, self.use_rslora)
 
 
-def _match_pattern(patterns: dict, module: str, default):
+def _match_pattern(patterns: list, module: str, default):
     # peft.utils.other.get_pattern_key: the first key (in the config's order) for which the module path
-    # is the key, or ends with "." + key, with the key read as a regex.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+    # is the key, or ends with "." + key, with the key read as a regex; failing that, PEFT looks the
+    # path itself up (pattern.get(path, default)).
+    for key, matches, value in patterns:
+        if matches(module):
+            return key, value
+    for key, _, value in patterns:
+        if key == module:
             return key, value
     return None, default
 
@@ -203,11 +261,11 @@ def _match_pattern(patterns: dict, module: str, default):
 def _spec(config: dict, source: str) -> _Spec:
     """The fields that decide ranks and scales, checked."""
     r = config.get("r", _DEFAULT_R)
-    if not _is_int(r) or r <= 0:
-        raise ValueError(f"{source}: r={r!r}; expected a positive integer")
+    if not _is_rank(r):
+        raise ValueError(f"{source}: r={r!r}; expected a positive integer (at most 2**63 - 1)")
     alpha = config.get("lora_alpha", _DEFAULT_ALPHA)
     if not _is_number(alpha):
-        raise ValueError(f"{source}: lora_alpha={alpha!r}; expected a finite number")
+        raise ValueError(f"{source}: lora_alpha={alpha!r}; expected a finite number within float range")
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise ValueError(f"{source}: use_rslora={use_rslora!r}; expected true or false")
@@ -215,19 +273,24 @@ def _spec(config: dict, source: str) -> _Spec:
     if not isinstance(lora_bias, bool):
         raise ValueError(f"{source}: lora_bias={lora_bias!r}; expected true or false")
     patterns = {}
-    for name, check, expected in (("rank_pattern", lambda v: _is_int(v) and v > 0, "a positive integer"),
-                                  ("alpha_pattern", _is_number, "a finite number")):
+    for name, check, expected in (("rank_pattern", _is_rank, "a positive integer (at most 2**63 - 1)"),
+                                  ("alpha_pattern", _is_number, "a finite number within float range")):
         pattern = config.get(name) or {}
         if not isinstance(pattern, dict):
             raise ValueError(f"{source}: {name}={pattern!r}; expected an object mapping module patterns to values")
+        patterns[name] = []
         for key, value in pattern.items():
             if not check(value):
                 raise ValueError(f"{source}: {name}[{key!r}]={value!r}; expected {expected}")
+            if not isinstance(key, str):
+                raise ValueError(f"{source}: {name} key {key!r} is not a string")
             try:
-                re.compile(key)
-            except re.error as e:
-                raise ValueError(f"{source}: {name} key {key!r} is not a valid regular expression: {e}") from None
-        patterns[name] = pattern
+                patterns[name].append((key, _peft_key_matcher(key), value))
+            except ValueError as e:
+                raise ValueError(
+                    f"{source}: {name} key {key!r} is refused as a module pattern: {e} (keys are regular "
+                    "expressions; load_adapter evaluates them without backtracking and supports literals, '.', "
+                    "classes, groups, '|', quantifiers, '^' and '$')") from None
     return _Spec(r, alpha, use_rslora, patterns["rank_pattern"], patterns["alpha_pattern"], lora_bias)
 
 
@@ -239,7 +302,7 @@ def _read_config(path: Path) -> dict:
             f"{path} not found: a PEFT adapter keeps {CONFIG_NAME} next to its weights") from None
     try:
         config = json.loads(text)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer of more than sys.get_int_max_str_digits() digits
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} holds a JSON {type(config).__name__}; expected an object")
@@ -253,6 +316,10 @@ def _read_config(path: Path) -> dict:
 def _locate(path) -> tuple[Path, Path]:
     """(weights file, config file) for a directory or a weights file."""
     p = Path(os.fspath(path))
+    pending = p / _PENDING
+    if (pending / CONFIG_NAME).is_file():  # a save_adapter interrupted after its commit point: its new pair
+        weights = pending / WEIGHTS_NAME
+        return (weights if weights.is_file() else p / WEIGHTS_NAME), pending / CONFIG_NAME
     if p.is_dir():
         for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
             if (p / name).is_file():
@@ -463,16 +530,17 @@ def _targets(config: dict, names) -> bool:
         return False
     targets, excluded = config.get("target_modules"), config.get("exclude_modules")
 
-    def matches(spec, name) -> bool:
+    def matcher(spec):  # a string is a regex PEFT fullmatches; a list holds module paths or their ends
         if isinstance(spec, str):
-            return re.fullmatch(spec, name) is not None
-        return any(name == t or name.endswith("." + t) for t in spec)
+            return _module_matcher(spec, spec, whole=True)
+        return lambda name: any(name == t or name.endswith("." + t) for t in spec)
 
     try:
         if not targets or targets == "all-linear":
             return False
-        return all(matches(targets, n) and not (excluded and matches(excluded, n)) for n in names)
-    except (re.error, TypeError):
+        is_target, is_excluded = matcher(targets), (matcher(excluded) if excluded else lambda name: False)
+        return all(is_target(n) and not is_excluded(n) for n in names)
+    except (ValueError, TypeError):  # a pattern we do not evaluate: target_modules is rewritten instead
         return False
 
 
@@ -503,10 +571,10 @@ def _pattern_keys(names: list[str]) -> dict[str, str]:
     path, which PEFT >= 0.15 matches exactly."""
     keys = {}
     for name in names:
-        others = [n for n in names if n != name]
         try:
-            plain = re.match(rf"(.*\.)?({name})$", name) and not any(re.match(rf"(.*\.)?({name})$", n) for n in others)
-        except re.error:
+            matches = _peft_key_matcher(name)
+            plain = matches(name) and not any(matches(n) for n in names if n != name)
+        except ValueError:  # not a regex we evaluate (e.g. a crafted name such as "(a+)+")
             plain = False
         keys[name] = name if plain else "^" + re.escape(name)
     return keys
@@ -554,16 +622,56 @@ def _config_for_save(adapter: AdapterWeights) -> dict:
     return {key: config[key] for key in sorted(config)}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def _fsync(path: Path) -> None:
+    """Make a file's contents, or a directory's entries, durable (directories: POSIX only)."""
+    if os.name == "nt" and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish_pending_save(directory: Path) -> None:
+    """Complete a save that stopped after its commit point (process killed while moving the pair into
+    place, or a failed roll-back), and remove staging directories of saves killed before it."""
+    pending = directory / _PENDING
+    if pending.is_dir():
+        if (pending / CONFIG_NAME).exists():  # the new pair is not in place yet
+            if os.path.lexists(directory / CONFIG_NAME):  # the old config goes first: no mixed pair
+                os.replace(directory / CONFIG_NAME, pending / (_OLD + CONFIG_NAME))
+            for name in (WEIGHTS_NAME, CONFIG_NAME):  # the new config comes last
+                if (pending / name).exists():
+                    os.replace(pending / name, directory / name)
+            _fsync(directory)
+        shutil.rmtree(pending)
+    for staging in directory.glob(_STAGING_PREFIX + "*.tmp"):
+        shutil.rmtree(staging)
+
+
+def _install_pending(directory: Path) -> None:
+    """Move the committed pair from _PENDING into `directory`: old config out, old weights out, new
+    weights in, new config in, so that a config is only ever present beside its own weights. On an
+    error, the moves are undone in reverse order (restoring the old pair) before it is raised."""
+    pending = directory / _PENDING
+    moves = []  # (source, destination), done
+    try:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if os.path.lexists(directory / name):
+                os.replace(directory / name, pending / (_OLD + name))
+                moves.append((directory / name, pending / (_OLD + name)))
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(pending / name, directory / name)
+            moves.append((pending / name, directory / name))
+        _fsync(directory)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for source, destination in reversed(moves):
+            os.replace(destination, source)
+        os.remove(pending / CONFIG_NAME)  # un-commit first: a leftover _PENDING must not be rolled forward
+        shutil.rmtree(pending)
         raise
+    shutil.rmtree(pending)
 
 
 def save_adapter(path, adapter: AdapterWeights) -> None:
@@ -579,6 +687,22 @@ def save_adapter(path, adapter: AdapterWeights) -> None:
     whether any layer has one (layers without a bias then get zeros). Tensors are written from CPU
     copies in their own dtypes. Raises ValueError / TypeError for inconsistent layers and
     NotImplementedError for a config that asks for something load_adapter refuses.
+
+    The two files are replaced as a pair; other files in `path` (README.md, tokenizer files, other
+    adapters' subdirectories) are left alone. Both new files are written and fsynced in a staging
+    directory inside `path`, which is then renamed to ``.lora_kernels_save.pending`` (the commit point);
+    from there the old config, then the old weights move out and the new weights, then the new config
+    move in. So a config is never beside weights it was not saved with: a reader that looks at `path`
+    meanwhile (PEFT included) finds the old pair, the new pair, or no ``adapter_config.json`` (an error,
+    never a mixed adapter).
+
+    - An exception anywhere (writing either file, fsync, any rename) leaves the old pair (or no pair,
+      if there was none) and no temporary files, then propagates. (Should undoing fail as well, the
+      new pair stays committed, as after a kill.)
+    - A process killed before the commit point leaves the old pair and a stale staging directory; one
+      killed after it leaves the new pair committed: load_adapter(path) then reads the new pair, and
+      the next save_adapter(path) first completes it and removes stale staging directories.
+    - One writer at a time: concurrent save_adapter calls on the same `path` are not supported.
     """
     try:
         from safetensors.torch import save_file
@@ -606,5 +730,19 @@ def save_adapter(path, adapter: AdapterWeights) -> None:
 
     directory = Path(os.fspath(path))
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _finish_pending_save(directory)
+    staging = Path(tempfile.mkdtemp(dir=directory, prefix=_STAGING_PREFIX, suffix=".tmp"))
+    try:
+        save_file(tensors, os.fspath(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(text, encoding="utf-8")
+        for file in (staging / WEIGHTS_NAME, staging / CONFIG_NAME, staging):
+            _fsync(file)
+        os.rename(staging, directory / _PENDING)  # the commit point
+        _fsync(directory)
+    except BaseException:
+        if not staging.exists() and (directory / _PENDING).is_dir():  # renamed, then the fsync failed
+            staging = directory / _PENDING
+            os.remove(staging / CONFIG_NAME)  # un-commit
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _install_pending(directory)
