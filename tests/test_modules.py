@@ -10,6 +10,7 @@ import lora_kernels
 from lora_kernels import LoRALinear, MultiLoRALinear, use_adapters, wrap_multi_lora
 
 from .helpers import DEVICE, skip_unless_backend_serves
+from .tolerance import assert_same_maths
 
 K, N = 24, 20
 
@@ -51,7 +52,7 @@ def test_forward_matches_reference(backend, bias):
     layer = trained(LoRALinear.from_linear(make_linear(bias), r=6, lora_alpha=12))
     x = torch.randn(2, 7, K, device=DEVICE)
     expected = layer.base_layer(x) + layer.scaling * (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert_same_maths(layer(x), expected)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -74,7 +75,7 @@ def test_matches_peft_lora_linear(use_rslora):
                                "lora_B.weight": peft_layer.lora_B["default"].weight})
         assert layer.scaling == peft_layer.scaling["default"]
         setattr(ours, index, layer)
-    torch.testing.assert_close(ours.eval()(x), expected, rtol=1e-5, atol=1e-5)
+    assert_same_maths(ours.eval()(x), expected)
 
 
 def test_merge_unmerge_round_trip():
@@ -83,12 +84,12 @@ def test_merge_unmerge_round_trip():
     unmerged, weight = layer(x), layer.base_layer.weight.detach().clone()
     layer.merge()
     assert layer.merged
-    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert_same_maths(layer(x), unmerged)
     with pytest.raises(RuntimeError, match="already merged"):
         layer.merge()
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert_same_maths(layer(x), unmerged)
     with pytest.raises(RuntimeError, match="not merged"):
         layer.unmerge()
 
@@ -108,7 +109,7 @@ def test_training_changes_only_lora_parameters_and_dropout_only_in_train():
     x = torch.randn(16, K, device=DEVICE)
     layer.eval()
     expected = layer.base_layer(x) + layer.scaling * (x @ layer.lora_A.weight.T) @ layer.lora_B.weight.T
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)   # eval: no dropout
+    assert_same_maths(layer(x), expected)   # eval: no dropout
     layer.train()
     assert not torch.allclose(layer(x), expected, rtol=1e-3, atol=1e-3)    # train: dropout on the branch
     before = {n: p.detach().clone() for n, p in layer.named_parameters()}
@@ -173,7 +174,7 @@ def test_multi_slots_rows_and_hot_swap(backend):
     with use_adapters(ids, num_adapters=4):
         y = layer(x)
     expected = per_row_expected(layer.base_layer, {0: a0, 2: a1, 3: a2}, ids, x)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert_same_maths(y, expected)
     base = layer.base_layer(x)
     assert torch.equal(y[ids == -1], base[ids == -1]) and torch.equal(y[ids == 1], base[ids == 1])
     # hot swap: slot 2 gets a rank-3 adapter in place, slot 0 is emptied
@@ -183,7 +184,7 @@ def test_multi_slots_rows_and_hot_swap(backend):
     assert [t.data_ptr() for t in (layer.lora_a, layer.lora_b, layer.scales, layer.ranks)] == pointers
     with use_adapters(ids, num_adapters=4):
         y = layer(x)
-    torch.testing.assert_close(y, per_row_expected(layer.base_layer, {2: b2, 3: a2}, ids, x), rtol=1e-5, atol=1e-5)
+    assert_same_maths(y, per_row_expected(layer.base_layer, {2: b2, 3: a2}, ids, x))
 
 
 def test_wrap_model_one_batch_for_all_layers(backend):
@@ -212,7 +213,7 @@ def test_wrap_model_one_batch_for_all_layers(backend):
                 a, b = weights[index, slot]
                 h_new = h_new + 0.25 * (h @ a.T) @ b.T
             h = act(h_new) if act else h_new
-        torch.testing.assert_close(y[row], h, rtol=1e-5, atol=1e-5)
+        assert_same_maths(y[row], h)
 
 
 def test_multi_errors():
@@ -246,11 +247,11 @@ def test_review_fixes_autocast_disabled_merge_and_scales():
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), layer(x), rtol=3e-2, atol=3e-2)
+    assert_same_maths(y.float(), layer(x), dtype=torch.bfloat16)
     base = layer.base_layer(x)
     layer.merge()
     layer.disable_adapter = True
-    torch.testing.assert_close(layer(x), base, rtol=1e-5, atol=1e-5)
+    assert_same_maths(layer(x), base)
     multi = MultiLoRALinear(make_linear(), num_slots=2, max_rank=4)
     multi.load_adapter(0, *adapters([4])[0][:2], scale=0.3)
     multi.to(torch.bfloat16)

@@ -19,7 +19,7 @@ from lora_kernels import AdapterBatch, lora_linear, multi_lora_linear, multi_lor
 
 from .helpers import DEVICE, skip_unless_backend_serves
 from .test_lora_linear import make_x
-from .tolerance import assert_close
+from .tolerance import assert_close, assert_same_maths
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPE_NAMES = {FP32: "fp32", FP16: "fp16", BF16: "bf16"}
@@ -382,7 +382,7 @@ def test_float64_matches_reference_tightly():
     y_ref = multi_lora_linear_reference(x, w, bias, a, b, scales, ids, ranks=[8, 2, 5, 8])
     for ours, ref in zip((y, *torch.autograd.grad(y, [x, a, b], grad_y)),
                          (y_ref, *torch.autograd.grad(y_ref, [x, a, b], grad_y))):
-        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        assert_same_maths(ours, ref)                    # float64: 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,13 +434,13 @@ def test_row_permutation_equivariance(backend):
         assert torch.equal(y_p, y[perm]), "y of a row depends on where the row sits"
         assert torch.equal(dx_p, dx[perm]), "dx of a row depends on where the row sits"
     else:
-        torch.testing.assert_close(y_p, y[perm], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(dx_p, dx[perm], rtol=1e-5, atol=1e-5)
+        assert_same_maths(y_p, y[perm])
+        assert_same_maths(dx_p, dx[perm])
         # rows of no adapter never go through the rank products: bitwise on every backend
         base_rows = ids[perm] < 0
         assert torch.equal(y_p[base_rows], y[perm][base_rows])
-    torch.testing.assert_close(da_p, da, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(db_p, db, rtol=1e-5, atol=1e-5)
+    assert_same_maths(da_p, da)
+    assert_same_maths(db_p, db)
 
 
 def test_matches_lora_linear_per_adapter(backend):
@@ -458,7 +458,7 @@ def test_matches_lora_linear_per_adapter(backend):
         rows = (ids == j).nonzero()[:, 0]
         assert rows.numel() > 0
         y_single = lora_linear(x[rows], w, bias, a[j, :r].contiguous(), b[j, :, :r].contiguous(), float(scales[j]))
-        torch.testing.assert_close(y[rows], y_single, rtol=1e-5, atol=1e-5, msg=f"adapter {j}")
+        assert_same_maths(y[rows], y_single, msg=f"adapter {j}")
     base_rows = ids < 0
     assert torch.equal(y[base_rows], F.linear(x, w, bias)[base_rows])
 
@@ -477,7 +477,7 @@ def test_backends_agree_on_cpu_fp32():
         lora_kernels.set_backend(name)
         results[name] = _forward_backward(x, w, bias, a, b, scales, batch, grad_y)
     for what, ours, theirs in zip(("y", "dx", "dA", "dB"), results["triton"], results["torch"]):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=what)
+        assert_same_maths(ours, theirs, msg=what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,13 +572,12 @@ def test_from_segments_equals_from_ids(backend, dtype):
                                       AdapterBatch.from_segments(starts, adapters, num_adapters), grad_y)
     from_batch = _forward_backward(x, w, bias, a, b, scales, AdapterBatch(ids, num_adapters), grad_y)
     from_ids = _forward_backward(x, w, bias, a, b, scales, ids, grad_y)
-    tol = {FP32: 1e-5, FP16: 2e-3}[dtype]
     for what, seg, bat, raw in zip(("y", "dx", "dA", "dB"), from_segments, from_batch, from_ids):
         assert torch.equal(bat, raw), what
         if backend == "torch":
             assert torch.equal(seg, bat), what
         else:
-            torch.testing.assert_close(seg, bat, rtol=tol, atol=tol, msg=what)
+            assert_same_maths(seg, bat, msg=what)      # fp32 1e-5, fp16 2e-3
 
 
 def test_batch_reused_for_two_layers(backend):
