@@ -32,6 +32,19 @@ def dropped(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
     return x * keep * (1.0 / (1.0 - dropout_p))
 
 
+def add_scaled_product_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, scale: float,
+                        beta: int = 1) -> None:
+    """out = beta · out + scale · (left @ right), in place; beta 0 ignores out's old values (NaN too).
+    The scale multiplies the finished product, as in the reference; at scale 0 BLAS would skip the
+    product (alpha = 0), dropping the NaN that 0 · inf gives there: then the product is formed."""
+    if scale != 0.0:
+        out.addmm_(left, right, beta=beta, alpha=scale)
+    elif beta == 0:
+        torch.mm(left, right, out=out).mul_(0.0)
+    else:
+        out.add_(torch.mm(left, right).mul_(0.0))
+
+
 def lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
@@ -39,7 +52,7 @@ def lora_linear_forward(
     """y (M, N) and lora_hidden T = dropout(x) Aᵀ (M, r) in hidden_dtype (no copy for fp32/fp64)."""
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T    # (M, N)
     hidden = dropped(x, dropout_p, seed) @ lora_a.T                             # (M, r)
-    y.addmm_(hidden, lora_b.T, alpha=scale)
+    add_scaled_product_(y, hidden, lora_b.T, scale)
     saved_dtype = hidden_dtype(hidden.dtype)
     return y, (hidden if hidden.dtype is saved_dtype else hidden.to(saved_dtype))     # fp32 / fp64: no copy
 
@@ -111,11 +124,11 @@ class _AdapterViews:
 
 def _host_groups(adapter_starts: torch.Tensor, ranks: torch.Tensor | None, scales: torch.Tensor,
                  max_rank: int) -> tuple[list[int], list[int], list[float], list[int]]:
-    """(rows per adapter, rank per adapter (clamped to R), scale per adapter, the adapters with
-    rows and rank > 0), read on the host once."""
+    """(rows per adapter, rank per adapter (clamped to [0, R], as the Triton kernels read it), scale per
+    adapter, the adapters with rows and rank > 0), read on the host once."""
     starts = adapter_starts.tolist()
     counts = [end - start for start, end in zip(starts[:-1], starts[1:])]
-    host_ranks = [max_rank] * len(counts) if ranks is None else [min(r, max_rank) for r in ranks.tolist()]
+    host_ranks = [max_rank] * len(counts) if ranks is None else [min(max(r, 0), max_rank) for r in ranks.tolist()]
     active = [j for j, (count, rank) in enumerate(zip(counts, host_ranks)) if count and rank]
     return counts, host_ranks, scales.tolist(), active
 
@@ -155,7 +168,7 @@ def multi_lora_add_(
         rank = host_ranks[j]
         a_j, b_j = (a_t[j], b_t[j]) if rank == max_rank else (a_t[j][:, :rank], b_t[j][:rank])
         t = torch.mm(x_blocks[j], a_j)                                              # (m_j, r_j)
-        torch.addmm(out_blocks[j], t, b_j, beta=beta, alpha=host_scales[j], out=out_blocks[j])
+        add_scaled_product_(out_blocks[j], t, b_j, host_scales[j], beta=beta)
         if t_blocks is not None:
             t_blocks[j][:, :rank] = t
     if rows is not None:
@@ -217,7 +230,7 @@ def multi_lora_linear_backward(
                 torch.mm(grad_u.T, x_blocks[j], out=grad_a[j, :rank])
         if need_b:
             block = grad_b[j, :, :rank]
-            torch.addmm(block, grad_y_blocks[j].T, hidden_blocks[j][:, :rank], beta=0, alpha=scale, out=block)
+            add_scaled_product_(block, grad_y_blocks[j].T, hidden_blocks[j][:, :rank], scale, beta=0)
     if need_x and rows is not None:
         grad_x.index_add_(0, rows, grad_x_lora)
     return grad_x, grad_a, grad_b

@@ -38,14 +38,15 @@ def set_check_adapter_ids(enabled: bool | None) -> None:
     On (the default, unless ``LORA_KERNELS_CHECK_IDS=0`` or ``python -O``): ids outside [-1, L) and
     malformed segments raise ValueError when the batch is built. On CUDA that costs one host
     synchronisation per batch (not per layer). Off, or while a CUDA graph is being captured or
-    torch.compile traces: nothing is read back, and out-of-range ids are treated as -1 (base layer
-    only): the kernels never address memory outside the adapter stacks."""
+    torch.compile traces, or for meta tensors (no values): nothing is read back, out-of-range ids are
+    treated as -1 (base layer only) and ranks are clamped into [0, r_max]: the kernels never address
+    memory outside the adapter stacks, and both backends read malformed metadata the same way."""
     global _check_override
     _check_override = enabled
 
 
 def check_adapter_ids_enabled(device: torch.device) -> bool:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or device.type == "meta":   # meta tensors hold no values to check
         return False
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
@@ -80,10 +81,14 @@ def _checked_ranks(ranks, num_adapters: int, device: torch.device, check: bool) 
     _check_index_tensor("ranks", ranks)
     if ranks.shape[0] != num_adapters:
         raise ValueError(f"ranks ({describe(ranks)}) must have one entry per adapter: shape ({num_adapters},)")
+    if ranks.is_meta and device.type != "meta":
+        raise ValueError(f"ranks ({describe(ranks)}) is a meta tensor (no values) but the ids are on {device}")
     if check and bool((ranks < 0).any()):
         raise ValueError(f"ranks ({describe(ranks)}) must be >= 0, got {ranks.min().item()}")
     # the kernels index it as a dense array: contiguous, whatever view came in
-    return ranks.to(device=device, dtype=torch.int32).contiguous()
+    ranks = ranks.to(device=device, dtype=torch.int32).contiguous()
+    # unchecked, negative ranks mean 0 (device-side, no sync); both backends clamp to r_max themselves
+    return ranks if check else ranks.clamp(min=0)
 
 
 def _group_by_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +131,9 @@ class AdapterBatch:
         num_adapters = _check_num_adapters(num_adapters)
         if check is None:
             check = check_adapter_ids_enabled(adapter_ids.device)
+        elif check and adapter_ids.is_meta:
+            raise ValueError(f"adapter_ids ({describe(adapter_ids)}) is a meta tensor: it holds no values to check; "
+                             "pass check=False (or None) to build a batch for shape inference")
         if check and adapter_ids.numel():
             bad = (adapter_ids < -1) | (adapter_ids >= num_adapters)
             if bool(bad.any()):
@@ -172,6 +180,9 @@ class AdapterBatch:
             raise ValueError(f"segment_starts is on {segment_starts.device} but segment_adapters is on "
                              f"{segment_adapters.device}: both must be on one device")
         if num_rows is None:
+            if segment_starts.is_meta:
+                raise ValueError(f"segment_starts ({describe(segment_starts)}) is a meta tensor (no values): "
+                                 "pass num_rows")
             num_rows = int(segment_starts[-1])
         check = check_adapter_ids_enabled(segment_starts.device)
         if check:

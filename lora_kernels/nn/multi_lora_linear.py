@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..metadata import AdapterBatch
+from ..ops._checks import check_scale
 from ..ops.multi_lora_linear import multi_lora_linear
 from .lora_linear import fused_inputs
 
@@ -83,6 +84,7 @@ class MultiLoRALinear(nn.Module):
                 or lora_a.shape[0] != lora_b.shape[1]:
             raise ValueError(f"load_adapter: lora_a must be (r, K={k}) and lora_b (N={n}, r), got "
                              f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+        scale = check_scale(scale)   # finite, within float32: the scales on a GPU are not checked per call
         rank = lora_a.shape[0]
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"load_adapter: rank {rank} does not fit this layer's slots (max_rank={self.max_rank})")
@@ -90,7 +92,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_b[slot].zero_()
         self.lora_a[slot, :rank].copy_(lora_a)
         self.lora_b[slot, :, :rank].copy_(lora_b)
-        self.scales[slot] = float(scale)
+        self.scales[slot] = scale
         self.ranks[slot] = rank
 
     @torch.no_grad()

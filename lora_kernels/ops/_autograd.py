@@ -1,11 +1,12 @@
-"""Autograd plumbing shared by the ops: the eager fast path and the frozen layer's gradients."""
+"""Autograd plumbing shared by the ops: the eager fast path, when to leave the kernels for the
+differentiable compositions (second derivatives, forward-mode AD), the frozen layer's gradients."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad
 
 
 def eager_fast_path(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> type:
@@ -13,8 +14,9 @@ def eager_fast_path(name: str, forward: Callable, setup_context: Callable, backw
     round trips (about 16 µs a call forward, 50 µs with autograd, measured on a CPU: it matters at
     decode sizes). torch.compile and the profiler take the registered op instead.
     forward(ctx, ...) rather than a separate setup_context: with the latter, apply() binds the
-    arguments through inspect.signature on every call (about 30 µs). The kernels' gradients are not
-    themselves differentiable: double backward raises, never returns zeros."""
+    arguments through inspect.signature on every call (about 30 µs). backward runs as given (no
+    once_differentiable): a backward recorded with create_graph=True computes differentiable
+    gradients itself (see records_second_derivative)."""
 
     def run_forward(ctx, *inputs):
         output = forward(*inputs)
@@ -24,10 +26,30 @@ def eager_fast_path(name: str, forward: Callable, setup_context: Callable, backw
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(run_forward),
-        "backward": staticmethod(once_differentiable(backward)),
+        "backward": staticmethod(backward),
         "__doc__": eager_fast_path.__doc__,
         "__module__": forward.__module__,
     })
+
+
+def records_second_derivative(*tensors: torch.Tensor | None) -> bool:
+    """Whether a backward reading `tensors` must be differentiable itself: it runs with grad mode on
+    (create_graph=True; an ordinary backward runs with it off) and something it reads requires grad.
+    The kernels' gradients would then be constants to autograd: silently wrong second derivatives."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def in_transform() -> bool:
+    """Whether inputs may carry forward-mode tangents or torch.func wrappers (jvp, vmap, grad, ...)
+    that the kernels would drop: inside a forward-AD dual level, or under a torch.func transform.
+    Two cheap reads: the public functions check it on every call."""
+    return forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def carries_tangent(t: torch.Tensor) -> bool:
+    """Whether t is a forward-AD dual tensor or a torch.func-wrapped tensor."""
+    return (torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or (forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None))
 
 
 def backward_impl(ctx, direct: Callable, registered: Callable) -> Callable:

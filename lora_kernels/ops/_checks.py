@@ -57,9 +57,15 @@ def check_dropout_p(dropout_p) -> float:
     return float(dropout_p)
 
 
+# The kernels hold a scale in fp32: a larger one would round to inf there (a float64 torch run would not).
+MAX_SCALE = torch.finfo(torch.float32).max
+
+
 def check_scale(scale) -> float:
-    """A python number or a 0-d tensor (read once on the host: a device sync for a CUDA tensor)."""
-    if type(scale) is float:   # the common case, without abc checks
+    """A finite python number or 0-d tensor with |scale| <= MAX_SCALE (float32's largest), read once on
+    the host (a device sync for a CUDA tensor); anything else raises, on every backend. A scale of 0
+    still multiplies the LoRA term: NaN / Inf in it propagate as in the reference (0 · inf = NaN)."""
+    if type(scale) is float and -MAX_SCALE <= scale <= MAX_SCALE:   # the common case (NaN fails both)
         return scale
     if isinstance(scale, torch.Tensor):
         if scale.dim() != 0:
@@ -67,7 +73,34 @@ def check_scale(scale) -> float:
         if scale.requires_grad:
             raise ValueError(f"scale ({describe(scale)}) must not require grad: LoRA scaling is a constant, "
                              "not a parameter")
-        return float(scale)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        if scale.is_meta:
+            raise ValueError(f"scale ({describe(scale)}) is a meta tensor: it holds no value, and the kernels "
+                             "take the scale as a number; pass a python float")
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a python float or a 0-d tensor, got {type(scale).__name__}")
-    return float(scale)
+    try:
+        value = float(scale)
+    except OverflowError:   # an int past float64's range
+        value = float("inf")
+    if not -MAX_SCALE <= value <= MAX_SCALE:
+        raise ValueError(f"scale must be finite with |scale| <= {MAX_SCALE:.6e} (float32's largest: the kernels "
+                         f"hold it in float32), got {value!r}")
+    return value
+
+
+def check_scales(scales: torch.Tensor) -> None:
+    """The multi-adapter scales (L,) of a CPU tensor: check_scale's rule for each (about 1 µs at L = 8:
+    one tolist, one sum). Callers skip it for GPU tensors (reading them back is a host sync per layer)."""
+    values = scales.tolist()
+    if sum(map(abs, values)) <= MAX_SCALE:   # NaN / inf make the sum fail; so, rarely, do many large scales
+        return
+    for index, value in enumerate(values):
+        if not -MAX_SCALE <= value <= MAX_SCALE:
+            raise ValueError(f"scales ({describe(scales)}) must be finite with |scale| <= {MAX_SCALE:.6e} "
+                             f"(float32's largest: the kernels hold them in float32), got scales[{index}] = {value!r}")
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """True when elements of t certainly share memory: a dim of size > 1 with stride 0 (expand),
+    torch's own test for in-place ops (at::has_internal_overlap's YES); shapes and strides only."""
+    return t.numel() > 1 and any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))

@@ -3,6 +3,10 @@
 Layers: public function (validate, flatten, draw the dropout seed) -> torch.library custom ops
 ``lora_kernels::lora_linear`` / ``lora_kernels::lora_linear_backward`` (fake impls for
 torch.compile, autograd registered between them) -> backend (Triton launcher or torch fallback).
+Routes of a call: torch.compile -> the registered op; forward-mode AD / torch.func -> the
+differentiable composition (_composite); profiler -> the registered op; autograd -> the eager fast
+path; else the forward directly. A backward recorded with create_graph=True computes its gradients
+with the composition's formulas, so second derivatives are exact on every route.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from torch import Tensor
 
 from .. import fallback
 from .._backend import resolve_backend
-from ._autograd import backward_impl, eager_fast_path, frozen_layer_grads
+from . import _composite
+from ._autograd import (
+    backward_impl,
+    eager_fast_path,
+    frozen_layer_grads,
+    in_transform,
+    records_second_derivative,
+)
 from ._checks import (
     FLOAT_DTYPES,
     check_dropout_p,
@@ -99,11 +110,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.need = (need_x, need_w, need_bias, need_a, need_b)
-    # save only what the requested gradients read
+    # save only what the requested gradients read; lora_a (a parameter: no memory) also for dB,
+    # whose second derivative differentiates T = dropout(x) Aᵀ in A
     ctx.save_for_backward(
         x if (need_a or need_w) else None,
         weight if need_x else None,
-        lora_a if need_x else None,
+        lora_a if (need_x or need_b) else None,
         lora_b if (need_x or need_a) else None,
         output[1] if need_b else None,
         seed,
@@ -116,13 +128,47 @@ def _backward(ctx, grad_y, _grad_hidden):
     if grad_y.stride(-1) != 1:
         grad_y = grad_y.contiguous()
     grad_x = grad_a = grad_b = None
-    if need_x or need_a or need_b:
+    if records_second_derivative(grad_y, x, weight, lora_a, lora_b):
+        grad_x, grad_a, grad_b = _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed)
+    elif need_x or need_a or need_b:
         grad_x, grad_a, grad_b = backward_impl(ctx, _backward_grads, lora_linear_backward_op)(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
             need_x, need_a, need_b)
     grad_w, grad_bias = frozen_layer_grads(grad_y, x, need_w, need_bias)
     return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
             grad_b if need_b else None, None, None, None)
+
+
+def _keep_mask(m: int, k: int, dropout_p: float, seed: Tensor, like: Tensor) -> Optional[Tensor]:
+    """The (M, K) bool dropout keep-mask the backend serving `like` derives from seed; None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    with torch._C._DisableFuncTorch():   # a constant: a plain tensor even under torch.func (a kernel writes it)
+        return _backend_module(like).dropout_keep_mask(m, k, dropout_p, int(seed), like.device)
+
+
+def _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed):
+    """(dX, dA, dB) as torch ops (create_graph=True): autograd differentiates them again."""
+    need_x, _, _, need_a, need_b = ctx.need
+    if need_b and need_x and x is None:
+        raise RuntimeError(_UNSAVED_X)
+    m, k = grad_y.shape[0], next(t.shape[1] for t in (x, weight, lora_a) if t is not None)
+    keep = _keep_mask(m, k, ctx.dropout_p, seed, grad_y)
+    hidden = None                                                               # T = dropout(x) Aᵀ (M, r)
+    if need_b:
+        if x is not None:   # lora_a is saved with dB
+            hidden = _composite.dropped(x, keep, ctx.dropout_p) @ lora_a.T
+        else:               # x was not saved (dA not asked for): the fp32 T of forward, a constant
+            hidden = lora_hidden.to(grad_y.dtype)
+    return _composite.lora_linear_grads(grad_y, x, weight, lora_a, lora_b, hidden, ctx.scale, ctx.dropout_p,
+                                        keep, need_x, need_a, need_b)
+
+
+_UNSAVED_X = (
+    "lora_linear: a backward with create_graph=True needs x to differentiate lora_b's gradient "
+    "(dB = s·dYᵀ·dropout(x)Aᵀ) in x, but x requires grad and was not saved: lora_a is frozen, so dA does "
+    "not need it, and saving x would cost LoRA-FA-style training its memory. For second derivatives "
+    "with a frozen lora_a, detach x or freeze lora_b for that call.")
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -191,11 +237,14 @@ def lora_linear(
     scale: float | Tensor = 1.0, *, dropout_p: float = 0.0,
 ) -> Tensor:
     """y = x W0ᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ, fused; differentiable in every input that
-    requires grad, computing only the gradients asked for.
+    requires grad, computing only the gradients asked for. Second derivatives (create_graph=True)
+    and forward-mode AD / torch.func (jvp, dual tensors, vmap) run plain torch ops: exact, slower.
 
     x (..., K), weight (N, K), bias (N,) | None, lora_a (r, K), lora_b (N, r) -> y (..., N).
     dropout_p > 0 drops entries of x on the LoRA branch only (PEFT semantics), always: the caller
     decides training vs eval. The mask derives from a seed drawn from torch's CPU generator.
+    scale: a python number or 0-d tensor, finite with |scale| <= float32's largest, else ValueError.
+    NaN / ±inf in the tensors propagate as in the float64 reference (README, "Non-finite values").
 
     >>> import torch, lora_kernels
     >>> x, w, a, b = torch.randn(3, 5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
@@ -211,7 +260,12 @@ def lora_linear(
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     args = (x2d, weight, bias, lora_a, lora_b, scale, dropout_p, _dropout_seed(dropout_p))
-    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+    if torch.compiler.is_compiling():
+        y2d, _ = lora_linear_op(*args)
+    elif in_transform():   # forward-mode AD, torch.func: tangents and wrappers need torch ops
+        keep = _keep_mask(x2d.shape[0], k, dropout_p, args[-1], x2d)
+        y2d = _composite.lora_linear(*args[:-1], keep)
+    elif torch.autograd._profiler_enabled():
         y2d, _ = lora_linear_op(*args)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
         y2d, _ = _LoRALinearFunction.apply(*args)

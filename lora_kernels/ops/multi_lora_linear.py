@@ -4,6 +4,10 @@ Layers: public function (validate, flatten, group rows by adapter) -> torch.libr
 ``lora_kernels::multi_lora_linear`` / ``lora_kernels::multi_lora_linear_backward`` (fake impls,
 autograd registered between them) -> backend (Triton launcher or torch fallback). The base layer
 is torch's own GEMM in both backends, so rows of no adapter equal F.linear's output bit for bit.
+Routes of a call as in lora_linear: torch.compile -> the registered op; forward-mode AD / torch.func
+-> the differentiable composition (_composite); profiler -> the registered op; autograd -> the eager
+fast path; else the forward directly. A backward recorded with create_graph=True computes its
+gradients with the composition's formulas, so second derivatives are exact on every route.
 """
 
 from __future__ import annotations
@@ -16,8 +20,23 @@ from torch import Tensor
 from .. import fallback
 from .._backend import resolve_backend
 from ..metadata import AdapterBatch
-from ._autograd import backward_impl, eager_fast_path, frozen_layer_grads
-from ._checks import check_same_dtype_and_device, check_shape, check_tensor, describe
+from . import _composite
+from ._autograd import (
+    backward_impl,
+    carries_tangent,
+    eager_fast_path,
+    frozen_layer_grads,
+    in_transform,
+    records_second_derivative,
+)
+from ._checks import (
+    check_same_dtype_and_device,
+    check_scales,
+    check_shape,
+    check_tensor,
+    describe,
+    has_internal_overlap,
+)
 
 
 def _backend_module(t: Tensor):
@@ -36,7 +55,7 @@ def _forward(
     """x (M, K) last stride 1 -> (y (M, N), T = x A[j]ᵀ (M, R) in hidden dtype when need_hidden, else (M, 0)).
     The AdapterBatch comes as its tensors (see lora_kernels.metadata)."""
     m, n, max_rank = x.shape[0], weight.shape[0], lora_a.shape[1]
-    if m == 0 or n == 0:
+    if m == 0 or n == 0 or x.is_meta:   # meta tensors: shapes only (their ids have no values to group by)
         return (x.new_empty((m, n)),
                 x.new_zeros((m, max_rank if need_hidden else 0), dtype=fallback.hidden_dtype(x.dtype)))
     backend = _backend_module(x)
@@ -55,7 +74,7 @@ def _backward_grads(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dX (M, K), dA (L, R, K), dB (L, N, R)); a gradient not asked for comes back empty."""
     grads = (None, None, None)
-    if grad_y.shape[0] > 0:
+    if grad_y.shape[0] > 0 and not grad_y.is_meta:
         grads = _backend_module(grad_y).multi_lora_linear_backward(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
             need_x, need_a, need_b)
@@ -107,13 +126,26 @@ def _backward(ctx, grad_y, _grad_hidden):
     if grad_y.stride(-1) != 1:
         grad_y = grad_y.contiguous()
     grad_x = grad_a = grad_b = None
-    if need_x or need_a or need_b:
+    if records_second_derivative(grad_y, x, weight, lora_a, lora_b):   # create_graph=True: torch ops
+        if need_b and need_x and x is None:   # dB's T = x A[j]ᵀ depends on x, which was not saved
+            raise RuntimeError(_UNSAVED_X)
+        grad_x, grad_a, grad_b = _composite.multi_lora_linear_grads(
+            grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
+            need_x, need_a, need_b)
+    elif need_x or need_a or need_b:
         grad_x, grad_a, grad_b = backward_impl(ctx, _backward_grads, multi_lora_linear_backward_op)(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
             need_x, need_a, need_b)
     grad_w, grad_bias = frozen_layer_grads(grad_y, x, need_w, need_bias)
     return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
             grad_b if need_b else None) + (None,) * 8
+
+
+_UNSAVED_X = (
+    "multi_lora_linear: a backward with create_graph=True needs x to differentiate lora_b's gradient "
+    "(dB[j] = s_j·dY_jᵀ·X_j A[j]ᵀ) in x, but x requires grad and was not saved: lora_a is frozen, so dA "
+    "does not need it, and saving x would cost LoRA-FA-style training its memory. For second "
+    "derivatives with a frozen lora_a, detach x or freeze lora_b for that call.")
 
 
 multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,6 +186,10 @@ def _validate_adapters(x, lora_a, lora_b, scales, n: int, k: int, others: dict) 
     if scales.requires_grad:
         raise ValueError(f"scales ({describe(scales)}) must not require grad: LoRA scaling is a constant, "
                          "not a parameter")
+    # finite, |s| <= float32's largest: checked where the values are in host memory (not inside a
+    # torch.compile trace: no values there); on a GPU reading them would be a host sync per layer
+    if scales.is_cpu and not torch.compiler.is_compiling():
+        check_scales(scales)
 
 
 def _adapter_batch(adapter_ids, num_rows: int, num_adapters: int, max_rank: int,
@@ -187,10 +223,15 @@ def multi_lora_linear(
     """y[i] = x[i] W0ᵀ + b + scales[j] · (x[i] A[j]ᵀ) B[j]ᵀ with j = adapter_ids[i]; j = -1 leaves
     row i exactly as the base layer (F.linear) computes it. Differentiable in x, lora_a, lora_b
     (adapters with no rows get zero gradients), and in weight / bias when they require grad.
+    Second derivatives (create_graph=True) and forward-mode AD / torch.func (jvp, dual tensors, vmap)
+    run plain torch ops: exact, slower.
 
     x (..., K), weight (N, K), bias (N,) | None, lora_a (L, r_max, K), lora_b (L, N, r_max),
     scales (L,) floating tensor, adapter_ids (M,) int32/int64 over x's rows flattened to (M, K),
     or an AdapterBatch built once per batch (with per-adapter true ranks, or from segments).
+    scales must be finite with |s| <= float32's largest: checked (ValueError) for CPU scales, not read
+    back on a GPU. NaN / ±inf in the tensors propagate as in the float64 reference (README,
+    "Non-finite values").
 
     >>> import torch, lora_kernels
     >>> x, w = torch.randn(4, 8), torch.randn(6, 8)
@@ -213,7 +254,11 @@ def multi_lora_linear(
     need_hidden = grad_wanted and lora_b.requires_grad
     args = (*tensors, scales, batch.sorted_rows, batch.adapter_starts, batch.segment_rows,
             batch.segment_starts, batch.segment_adapters, batch.ranks, need_hidden)
-    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+    if torch.compiler.is_compiling():
+        y2d, _ = multi_lora_linear_op(*args)
+    elif in_transform():   # forward-mode AD, torch.func: tangents and wrappers need torch ops
+        y2d = _composite.multi_lora_linear(*tensors, scales, batch.sorted_rows, batch.adapter_starts, batch.ranks)
+    elif torch.autograd._profiler_enabled():
         y2d, _ = multi_lora_linear_op(*args)
     elif grad_wanted:
         y2d, _ = _MultiLoRALinearFunction.apply(*args)
@@ -227,7 +272,7 @@ def multi_lora_linear(
 def _add(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor, sorted_rows: Tensor,
          adapter_starts: Tensor, segment_rows: Tensor, segment_starts: Tensor,
          segment_adapters: Optional[Tensor], ranks: Optional[Tensor]) -> None:
-    if x.shape[0] == 0 or out.shape[1] == 0:
+    if x.shape[0] == 0 or out.shape[1] == 0 or x.is_meta:
         return
     backend = _backend_module(x)
     if backend is fallback:
@@ -245,7 +290,8 @@ def add_multi_lora_(
 ) -> Tensor:
     """out[i] += scales[j] · (x[i] A[j]ᵀ) B[j]ᵀ in place, j = adapter_ids[i]; rows with j = -1 are not
     touched. For serving: `out` may be any strided view with the base output already in it, such as
-    one projection's column slice of a fused qkv GEMM's output; it is updated without a copy.
+    one projection's column slice of a fused qkv GEMM's output; it is updated without a copy — but
+    not one whose elements share memory (an expand()ed tensor): ValueError.
     Inference only (no autograd): multi_lora_linear is the differentiable op.
 
     out (..., N) with the leading dims of x (..., K); lora_a (L, r_max, K), lora_b (L, N, r_max),
@@ -266,9 +312,16 @@ def add_multi_lora_(
         raise ValueError(f"out ({describe(out)}) must have the leading dims of x ({describe(x)}): one output "
                          "row per row of x")
     _validate_adapters(x, lora_a, lora_b, scales, out.shape[-1], x.shape[-1], {"out": out})
+    if has_internal_overlap(out):
+        raise ValueError(f"out ({describe(out)}, strides {out.stride()}) has internal overlap (an expand()ed "
+                         "tensor, say): several of its elements share one memory location, so an in-place "
+                         "update cannot be right; pass a tensor with distinct elements")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, lora_a, lora_b)):
         raise ValueError("add_multi_lora_ is inference-only (no autograd through an in-place update): "
                          "call it under torch.no_grad(), or use multi_lora_linear to train")
+    if in_transform() and any(carries_tangent(t) for t in (out, x, lora_a, lora_b, scales)):
+        raise ValueError("add_multi_lora_ is inference-only: no forward-mode AD tangents or torch.func "
+                         "transforms (jvp, vmap, ...) through an in-place update; use multi_lora_linear")
     num_adapters, _, k = lora_a.shape
     x2d = x if x.dim() == 2 else x.reshape(-1, k)
     if x2d.stride(-1) != 1:

@@ -165,7 +165,7 @@ def fused_matmul(
     epilogue_dropout_p: float = 0.0,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """out (M, N) = x·w + bias + dropout_mask ⊙ (scale · (Σ_s t_partials[s]) · v), and, when
+    """out (M, N) = x·w + bias + scale · (dropout_mask ⊙ ((Σ_s t_partials[s]) · v)), and, when
     store_t_sum, the reduced (M, R) fp32 intermediate Σ_s t_partials[s]."""
     m, k = x.shape
     n = w.shape[1]

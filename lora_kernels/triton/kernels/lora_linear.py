@@ -3,7 +3,7 @@
 Three kernels serve every matmul of ``y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` and of its backward:
 
 * ``lora_shrink_kernel``        partial[s] = dropout(X)[:, k in split s] · Aᵀ      (M, K) x (K, R) -> (M, R)
-* ``lora_fused_matmul_kernel``  out = X · W + b + (scale · Σ_s partial[s]) · V      (M, K) x (K, N) + (M, R) x (R, N)
+* ``lora_fused_matmul_kernel``  out = X · W + b + scale · ((Σ_s partial[s]) · V)    (M, K) x (K, N) + (M, R) x (R, N)
 * ``lora_rows_matmul_kernel``   partial[s] = alpha · Lᵀ · dropout(Rm) over the rows m of split s   (P, M) x (M, Q)
 
 Every operand is addressed through its strides, so transposed views (W0ᵀ, Bᵀ) are read in place.
@@ -85,7 +85,7 @@ def lora_fused_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_DOT_PRECISION: tl.constexpr,
 ):
-    """out = x·w + bias + mask ⊙ (scale · (Σ_s t[s]) · v), with the LoRA term added to the fp32
+    """out = x·w + bias + scale · (mask ⊙ ((Σ_s t[s]) · v)), with the LoRA term added to the fp32
     accumulator before the one cast at the store: no (M, N) intermediate besides out; t_sum = Σ_s t[s].
     Forward: x, W0ᵀ, bias, xAᵀ partials, Bᵀ -> y, T.   Backward: dY, W0, none, dY·B partials, A -> dX, dU
     (the dropout mask then applies to the LoRA term of dX, EPILOGUE_DROPOUT)."""
@@ -134,11 +134,13 @@ def lora_fused_matmul_kernel(
                 tl.store(t_sum_ptr + rows[:, None] * stride_sm + offs_r[None, :], t, mask=tile_mask)
         v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        lora = tl.dot(t * scale, v, lora, input_precision=LORA_DOT_PRECISION)
+        lora = tl.dot(t, v, lora, input_precision=LORA_DOT_PRECISION)
     if EPILOGUE_DROPOUT:
         keep = dropout_keep(seed, offs_m, offs_n, dropout_p)
         lora = tl.where(keep, lora * dropout_scale, 0.0)
-    acc += lora
+    # the scale multiplies the finished rank product, as in the reference: scaling T first turns a
+    # large finite scale into ±inf terms whose sum is NaN where the reference has a finite value
+    acc += scale * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 

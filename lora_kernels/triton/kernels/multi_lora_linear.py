@@ -227,4 +227,7 @@ def segmented_rows_matmul_kernel(
     scale = tl.load(scales_ptr + adapter)
     out = (out_ptr + pid_s.to(tl.int64) * stride_os + adapter.to(tl.int64) * stride_ol
            + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :])
-    tl.store(out, acc * scale, mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
+    # past the rank the masked-out operand is 0, but 0 · inf or NaN in the other is NaN: store the zeros
+    # the reference has there
+    in_rank = p_mask[:, None] & q_mask[None, :]
+    tl.store(out, tl.where(in_rank, acc * scale, 0.0), mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
