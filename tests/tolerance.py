@@ -108,8 +108,9 @@ def assert_close_deep(actual: torch.Tensor, reference64: torch.Tensor, baselines
 
     Why not a max-error ratio: through 30 fp32 layers a change of summation order is amplified
     chaotically; the max of 1.2 M errors of one run against the max of another is a coin flip
-    (2.5x on an Intel Xeon, 3.2x here). Why several baselines: their spread measures this model's
-    amplification on this machine and BLAS, so the bound moves with the CPU, not a constant.
+    (2.5x on an Intel Xeon, 3.2x on the AMD EPYC above). Why several baselines: their spread
+    measures this model's amplification on this machine and BLAS, so the bound moves with the CPU,
+    not a constant.
 
     Why it cannot pass a wrong scale or a dropped adapter: the baselines' errors are rounding, ~1e-5
     of the output's RMS; a LoRA scale off by 1 % moves the output by 1 % of the adapters'
