@@ -64,6 +64,9 @@ def _check_index_tensor(name: str, t, ndim: int = 1) -> None:
         raise ValueError(f"{name} ({describe(t)}) must be {ndim}-D")
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def _check_num_adapters(num_adapters) -> int:
     if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
         raise ValueError(f"num_adapters must be an int >= 1, got {num_adapters!r}")
@@ -77,7 +80,7 @@ def _checked_ranks(ranks, num_adapters: int, device: torch.device, check: bool) 
     if isinstance(ranks, (list, tuple)):
         if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
             raise TypeError(f"ranks must hold ints (or be an int32/int64 tensor), got {list(ranks)[:16]}")
-        ranks = torch.tensor(ranks, dtype=torch.int32)
+        ranks = torch.tensor(ranks, dtype=torch.int64)
     _check_index_tensor("ranks", ranks)
     if ranks.shape[0] != num_adapters:
         raise ValueError(f"ranks ({describe(ranks)}) must have one entry per adapter: shape ({num_adapters},)")
@@ -85,10 +88,12 @@ def _checked_ranks(ranks, num_adapters: int, device: torch.device, check: bool) 
         raise ValueError(f"ranks ({describe(ranks)}) is a meta tensor (no values) but the ids are on {device}")
     if check and bool((ranks < 0).any()):
         raise ValueError(f"ranks ({describe(ranks)}) must be >= 0, got {ranks.min().item()}")
+    # int32, clamped first: a rank past int32's range must not wrap to a small or negative one (it stays
+    # past r_max: rejected against the stacks when checked, read as r_max by both backends otherwise);
+    # unchecked, negative ranks mean 0 (device-side, no sync)
+    ranks = ranks.clamp(min=None if check else 0, max=_INT32_MAX)
     # the kernels index it as a dense array: contiguous, whatever view came in
-    ranks = ranks.to(device=device, dtype=torch.int32).contiguous()
-    # unchecked, negative ranks mean 0 (device-side, no sync); both backends clamp to r_max themselves
-    return ranks if check else ranks.clamp(min=0)
+    return ranks.to(device=device, dtype=torch.int32).contiguous()
 
 
 def _group_by_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,15 +204,18 @@ class AdapterBatch:
         batch = cls(adapter_ids, num_adapters, ranks)
         batch.segment_rows = torch.arange(num_rows, device=batch.device, dtype=torch.int32)
         batch.segment_starts = starts.to(torch.int32)   # contiguous: the kernels index it densely
-        # out-of-range adapters (check off) mean "none", as for ids
-        adapters = segment_adapters.to(torch.int32)
-        batch.segment_adapters = torch.where((adapters >= 0) & (adapters < num_adapters), adapters, -1)
+        # out-of-range adapters (check off) mean "none", as for ids; compared before the narrowing to int32,
+        # which would wrap 2**32 + 1 to adapter 1
+        in_range = (segment_adapters >= 0) & (segment_adapters < num_adapters)
+        batch.segment_adapters = torch.where(in_range, segment_adapters, -1).to(torch.int32)
         return batch
 
     def with_ranks(self, ranks: torch.Tensor | None) -> AdapterBatch:
         """The same grouping with other true ranks (L,) int32, unchecked: one layer's ranks per slot
         (MultiLoRALinear keeps its own, validated when an adapter is loaded). No copy, no sync."""
         batch = copy.copy(self)
+        if ranks is not None and ranks.dtype is torch.int64:   # past int32's range: r_max, not a wrapped rank
+            ranks = ranks.clamp(max=_INT32_MAX)
         batch.ranks = None if ranks is None else ranks.to(device=self.device, dtype=torch.int32).contiguous()
         batch.max_rank = None
         return batch

@@ -94,6 +94,42 @@ def test_with_ranks_negative_and_too_large_on_both_backends(backend):
     _check_against_clamped_reference(backend, lambda ids: AdapterBatch(ids, L).with_ranks(ranks), raw_ranks)
 
 
+# ranks and segment adapters past int32's range: narrowed to int32 for the kernels, they wrapped
+# (2**32 + 1 read as rank or adapter 1, 2**31 as rank -2**31 even when checked)
+PAST_INT32 = [2**32 + 1, 2**31, 1]
+
+
+def test_unchecked_ranks_past_int32_are_clamped_not_wrapped(backend):
+    ranks = torch.tensor(PAST_INT32, dtype=torch.int64)
+    _check_against_clamped_reference(backend, lambda ids: AdapterBatch(ids, L, ranks=ranks, check=False), PAST_INT32)
+
+
+def test_with_ranks_past_int32_are_clamped_not_wrapped(backend):
+    ranks = torch.tensor(PAST_INT32, dtype=torch.int64, device=DEVICE)
+    _check_against_clamped_reference(backend, lambda ids: AdapterBatch(ids, L).with_ranks(ranks), PAST_INT32)
+
+
+@pytest.mark.parametrize("rank", [2**32 + 1, 2**31])
+def test_checked_ranks_past_int32_raise(rank):
+    x, w, bias, a, b, scales = _inputs()
+    batch = AdapterBatch(torch.tensor(IDS, device=DEVICE), L, ranks=torch.tensor([rank, 1, 1]))
+    with pytest.raises(ValueError, match="ranks must be <= r_max"):
+        lora_kernels.multi_lora_linear(x, w, bias, a, b, scales, batch)
+
+
+def test_unchecked_segment_adapter_past_int32_means_none(backend):
+    """Both backends read segment 0's adapter 2**32 + 1 as none (-1), like an out-of-range id."""
+    skip_unless_backend_serves(backend, torch.float32)
+    set_check_adapter_ids(False)
+    x, w, bias, a, b, scales = _inputs()
+    starts = torch.tensor([0, 3, M], device=DEVICE)
+    batch = AdapterBatch.from_segments(starts, torch.tensor([2**32 + 1, 1], device=DEVICE), L)
+    y = lora_kernels.multi_lora_linear(x, w, bias, a, b, scales, batch)
+    ids = torch.tensor([-1] * 3 + [1] * (M - 3))
+    expected = multi_lora_linear_reference(*(t.double() for t in (x, w, bias, a, b, scales)), ids)
+    assert_close(y, expected, multi_lora_linear_reference(x, w, bias, a, b, scales, ids), "y")
+
+
 def test_unchecked_ranks_in_add_multi_lora_(backend):
     skip_unless_backend_serves(backend, torch.float32)
     x, w, _, a, b, scales = _inputs()
