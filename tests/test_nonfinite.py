@@ -70,6 +70,16 @@ def test_scale_not_finite_in_float32_raises(backend, scale):
         lora_kernels.lora_linear(args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"], scale)
 
 
+@pytest.mark.parametrize("scale", [True, torch.tensor(True), 1j, torch.tensor(0.5 + 1j)],
+                         ids=["bool", "tensor_bool", "complex", "tensor_complex"])
+def test_scale_not_a_real_number_raises(scale):
+    """A bool or complex scale is a TypeError, as a python value and as a 0-d tensor alike (a bool tensor
+    was taken as 1.0, a complex one failed with "cannot be converted to type double without overflow")."""
+    args = _single_inputs(torch.float32)
+    with pytest.raises(TypeError, match="scale"):
+        lora_kernels.lora_linear(args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"], scale)
+
+
 def test_largest_float32_scale_is_accepted(backend):
     skip_unless_backend_serves(backend, torch.float32)
     args = _single_inputs(torch.float32)

@@ -70,6 +70,8 @@ def check_scale(scale) -> float:
     if isinstance(scale, torch.Tensor):
         if scale.dim() != 0:
             raise ValueError(f"scale ({describe(scale)}) must be a python float or a 0-d tensor")
+        if scale.dtype is torch.bool or scale.is_complex():   # as for a python bool or complex
+            raise TypeError(f"scale ({describe(scale)}) must be a real number: a floating or integer tensor")
         if scale.requires_grad:
             raise ValueError(f"scale ({describe(scale)}) must not require grad: LoRA scaling is a constant, "
                              "not a parameter")
