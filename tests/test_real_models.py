@@ -60,8 +60,8 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 def test_smollm2_one_adapter_rslora_and_two_adapters(smollm2):
     """Logits of the patched model against float64 (PEFT's forward on a float64 copy), by the deep-model
     rule (tests/tolerance.py: error RMS, p99.9 and max against PEFT's fp32 runs in three summation
-    orders). Mutation-checked in place: the same comparison fails with every LoRA scale off by 1 % and
-    with the second adapter dropped."""
+    orders). Mutation-checked in place: the same comparison fails with the default adapter's scale off
+    by 1 % in every layer and with the second adapter dropped."""
     ids = torch.randint(0, smollm2.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     model = with_lora(smollm2, LLAMA_TARGETS, use_rslora=True).eval()
     model.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
