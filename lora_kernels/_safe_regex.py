@@ -19,6 +19,9 @@ from __future__ import annotations
 
 MAX_STATES = 1000  # a dotted module path is ~60; counted repeats ({m,n}) copy their body
 MAX_NESTING = 50  # groups inside groups; the parser and the builder recurse once per level
+# Cached DFA transitions per pattern. Realistic patterns need a few dozen; a crafted pattern and name can
+# reach a new set of up to MAX_STATES states at every character (~17 kB each), so the cache is bounded.
+MAX_CACHED = 1000
 
 _CHAR, _SPLIT, _START, _END, _FINAL = range(5)
 _ASCII_ALNUM = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -250,7 +253,10 @@ class SafeRegex:
             for _ in range(high - low):
                 next_state = self._add(_SPLIT, [self._build(body, next_state), exit_state], -1)
         for _ in range(low):
+            size = len(self._kinds)
             next_state = self._build(body, next_state)
+            if len(self._kinds) == size:  # a body without states ("()", "a{0}") matches only "": once is all
+                break
         return next_state
 
     def _closure(self, states: frozenset, at_start: bool, at_end: bool) -> frozenset:
@@ -279,6 +285,9 @@ class SafeRegex:
         key = (closed, ch, at_end)
         after = self._transitions.get(key)
         if after is None:
+            if len(self._transitions) >= MAX_CACHED:
+                self._transitions.clear()
+                self._closures.clear()
             states = frozenset(self._nexts[s] for s in closed if self._kinds[s] == _CHAR and self._args[s](ch))
             after = self._transitions[key] = self._closure(states, False, at_end)
         return after

@@ -252,6 +252,40 @@ def test_crafted_target_modules_and_layer_names_save_without_backtracking(tmp_pa
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == sorted(adapter.layers)
 
 
+@pytest.mark.parametrize("key, same_as", [("(){4000000000}", ""), ("(a{0}){4000000000}", ""),
+                                           ("((){10000}){100000}q_proj", "q_proj")])
+def test_a_repeated_empty_group_takes_no_time_to_build(tmp_path, key, same_as):
+    """A group that matches only "" adds no automaton state, so MAX_STATES does not bound how often a
+    count repeats it: building it must not loop the count's times (4e9 here; `re` compiles the key,
+    and runs out of memory matching it)."""
+    directory = write_adapter(tmp_path, NAMES, 2, {"r": 2, "lora_alpha": 2, "alpha_pattern": {key: 6}})
+    with alarm(10):
+        layers = load_adapter(directory).layers
+    matched = [re.match(rf"(.*\.)?({same_as})$", n) is not None for n in NAMES]
+    assert matched == [True, False] if same_as else matched == [False, False]
+    assert [layers[n].scale for n in NAMES] == [3.0 if m else 1.0 for m in matched]
+
+
+def test_crafted_key_and_long_layer_names_take_bounded_memory(tmp_path):
+    """Each character of a crafted name can lead a crafted key's automaton to a new set of states
+    (here: where the 'a's of the last 400 characters are); a cache of every set seen grew by ~17 kB per
+    character of the file's layer names (~170 MB for this 10k-character name)."""
+    import tracemalloc
+
+    from lora_kernels.adapter_io import _peft_key_matcher
+
+    matches = _peft_key_matcher(r"(a|b)*a.{400}x")
+    rng = random.Random(0)
+    name = "".join(rng.choice("ab.") for _ in range(10_000))
+    tracemalloc.start()
+    try:
+        assert not matches(name)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6, f"matching one {len(name)}-character name took {peak / 1e6:.0f} MB"
+
+
 def test_a_key_equal_to_the_module_path_applies_even_when_it_does_not_match_as_a_regex(tmp_path):
     # PEFT: rank_pattern.get(get_pattern_key(keys, path), r), and get_pattern_key returns the path itself
     # when no key matches; "x.q+" does not match "x.q+" as a regex ("+" repeats the "q")
