@@ -43,7 +43,8 @@ def set_backend(name: str) -> None:
 def use_backend(name: str) -> Iterator[None]:
     """Force a backend inside a ``with`` block, for the current thread or asyncio task only
     (a contextvars.ContextVar): other threads and tasks keep their own choice. Overrides set_backend
-    and LORA_KERNELS_BACKEND; blocks nest, and the previous choice comes back on exit.
+    and LORA_KERNELS_BACKEND; blocks nest, and the previous choice comes back on exit. Asyncio tasks
+    created inside the block inherit the choice; threads and executor workers started inside it do not.
 
     >>> import torch, lora_kernels
     >>> with lora_kernels.use_backend("torch"):

@@ -108,6 +108,26 @@ def test_use_backend_is_per_asyncio_task():
     assert lora_kernels.get_backend() == "auto"
 
 
+def test_use_backend_reaches_tasks_it_creates_not_threads_it_starts():
+    """As documented: asyncio tasks and asyncio.to_thread created inside a block start with a copy of
+    the choice (contextvars); a threading.Thread or an executor started inside it does not."""
+    import concurrent.futures
+
+    async def inside():
+        task = asyncio.create_task(asyncio.sleep(0, lora_kernels.get_backend()))
+        return await task, await asyncio.to_thread(lora_kernels.get_backend)
+
+    with lora_kernels.use_backend("torch"):
+        assert asyncio.run(inside()) == ("torch", "torch")
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(lora_kernels.get_backend()))
+        thread.start()
+        thread.join(timeout=60)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            seen.append(pool.submit(lora_kernels.get_backend).result(timeout=60))
+    assert seen == ["auto", "auto"]
+
+
 @pytest.mark.skipif(triton_unavailable_reason(CPU, torch.float32) is not None,
                     reason=str(triton_unavailable_reason(CPU, torch.float32)))
 def test_use_backend_routes_the_op():
