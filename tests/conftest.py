@@ -2,8 +2,15 @@
 Triton kernels run interpreted on CPU tensors, so CPU CI exercises the real kernels."""
 
 import os
+import tempfile
 
-import torch
+# A fresh Inductor cache per run: its on-disk cache (/tmp/torchinductor_<user>) keys compiled graphs
+# without our ops' schemas, so code compiled before a schema change calls the op with the old
+# arguments ("missing value for argument 'backend'", seen when lora_linear_backward gained one).
+_INDUCTOR_CACHE = tempfile.TemporaryDirectory(prefix="lora_kernels_inductor_")   # removed at exit
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _INDUCTOR_CACHE.name)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -171,3 +171,28 @@ def test_choice_inside_compiled_function_applies_to_later_calls(how, served_by):
         torch.compile(f, backend="eager", fullgraph=True)(x)
     lora_kernels.set_backend("auto")
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(triton_unavailable_reason(CPU, torch.float32) is not None,
+                    reason=str(triton_unavailable_reason(CPU, torch.float32)))
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_backward_outside_the_block_uses_the_forward_backend(create_graph):
+    """The backward regenerates the dropout mask of the backend that served the forward, wherever it
+    runs: here outside the use_backend block (on CUDA it runs on autograd's device thread, which
+    never sees the block). On another backend's mask dX and dA were silently wrong (by ~1e3 here)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 32, generator=g, requires_grad=True)
+    w = torch.randn(24, 32, generator=g)
+    a = torch.randn(4, 32, generator=g, requires_grad=True)
+    b = torch.randn(24, 4, generator=g, requires_grad=True)
+
+    def grads(backward_inside: bool):
+        torch.manual_seed(1)                                   # the dropout seed: the same mask twice
+        with lora_kernels.use_backend("triton"):
+            y = lora_kernels.lora_linear(x, w, None, a, b, 0.5, dropout_p=0.5)
+            if backward_inside:
+                return torch.autograd.grad(y.square().sum(), (x, a, b), create_graph=create_graph)
+        return torch.autograd.grad(y.square().sum(), (x, a, b), create_graph=create_graph)
+
+    for name, inside, outside in zip("xab", grads(True), grads(False)):
+        torch.testing.assert_close(outside, inside, rtol=0, atol=0, msg=f"grad of {name}")

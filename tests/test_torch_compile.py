@@ -254,7 +254,7 @@ def test_opcheck_lora_linear_backward(backend, need, dropout_p):
             lora_a if need_x else None,
             lora_b if (need_x or need_a) else None,
             lora_hidden if need_b else None,
-            0.5, dropout_p, seed, need_x, need_a, need_b)
+            0.5, dropout_p, seed, need_x, need_a, need_b, backend)
     torch.library.opcheck(LORA_BACKWARD_OP, args)
 
 

@@ -39,9 +39,10 @@ from ._checks import (
 SEED_BOUND = 2**31 - 1
 
 
-def _backend_module(t: Tensor):
-    """The module holding lora_linear_forward / lora_linear_backward for this tensor."""
-    if resolve_backend(t.device, t.dtype) == "triton":
+def _backend_module(backend: str):
+    """The module holding lora_linear_forward / lora_linear_backward / dropout_keep_mask of `backend`
+    ("triton" or "torch", as resolve_backend names them)."""
+    if backend == "triton":
         from ..triton import lora_linear as triton_lora_linear   # imports triton: only here
 
         return triton_lora_linear
@@ -57,20 +58,21 @@ def _forward(
     m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
     if m == 0 or n == 0:
         return x.new_empty((m, n)), x.new_zeros((m, r), dtype=fallback.hidden_dtype(x.dtype))
-    return _backend_module(x).lora_linear_forward(
+    return _backend_module(resolve_backend(x.device, x.dtype)).lora_linear_forward(
         x, weight, bias, lora_a, lora_b, scale, dropout_p, int(seed) if dropout_p > 0.0 else 0)
 
 
 def _backward_grads(
     grad_y: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_a: Optional[Tensor],
     lora_b: Optional[Tensor], lora_hidden: Optional[Tensor], scale: float, dropout_p: float, seed: Tensor,
-    need_x: bool, need_a: bool, need_b: bool,
+    need_x: bool, need_a: bool, need_b: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dX (M, K), dA (r, K), dB (N, r)); a gradient not asked for comes back as an empty tensor."""
+    """(dX (M, K), dA (r, K), dB (N, r)); a gradient not asked for comes back as an empty tensor.
+    backend: the one that served the forward (its dropout mask is the one to regenerate)."""
     m = grad_y.shape[0]
     grads = (None, None, None)
     if m > 0:
-        grads = _backend_module(grad_y).lora_linear_backward(
+        grads = _backend_module(backend).lora_linear_backward(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p,
             int(seed) if dropout_p > 0.0 else 0,
             need_x, need_a, need_b)
@@ -99,7 +101,7 @@ def _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b)
 
 
 @lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p, seed, need_x, need_a, need_b):
+def _(grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p, seed, need_x, need_a, need_b, backend):
     shapes = _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b)
     return tuple(grad_y.new_empty(shape) for shape in shapes)
 
@@ -110,6 +112,10 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.scale, ctx.dropout_p = scale, dropout_p
     ctx.need = (need_x, need_w, need_bias, need_a, need_b)
+    # The backend that served the forward serves the backward: another one's dropout mask differs, and
+    # the backward may run outside the forward's use_backend block, or on autograd's device thread
+    # (which does not see it). Under torch.compile: the backend current when the graph was traced.
+    ctx.backend = resolve_backend(x.device, x.dtype)
     # save only what the requested gradients read; lora_a (a parameter: no memory) also for dB,
     # whose second derivative differentiates T = dropout(x) Aᵀ in A
     ctx.save_for_backward(
@@ -133,18 +139,18 @@ def _backward(ctx, grad_y, _grad_hidden):
     elif need_x or need_a or need_b:
         grad_x, grad_a, grad_b = backward_impl(ctx, _backward_grads, lora_linear_backward_op)(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
-            need_x, need_a, need_b)
+            need_x, need_a, need_b, ctx.backend)
     grad_w, grad_bias = frozen_layer_grads(grad_y, x, need_w, need_bias)
     return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
             grad_b if need_b else None, None, None, None)
 
 
-def _keep_mask(m: int, k: int, dropout_p: float, seed: Tensor, like: Tensor) -> Optional[Tensor]:
-    """The (M, K) bool dropout keep-mask the backend serving `like` derives from seed; None without dropout."""
+def _keep_mask(m: int, k: int, dropout_p: float, seed: Tensor, backend: str, device: torch.device) -> Optional[Tensor]:
+    """The (M, K) bool dropout keep-mask `backend` derives from seed; None without dropout."""
     if dropout_p == 0.0:
         return None
     with torch._C._DisableFuncTorch():   # a constant: a plain tensor even under torch.func (a kernel writes it)
-        return _backend_module(like).dropout_keep_mask(m, k, dropout_p, int(seed), like.device)
+        return _backend_module(backend).dropout_keep_mask(m, k, dropout_p, int(seed), device)
 
 
 def _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed):
@@ -153,7 +159,7 @@ def _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, s
     if need_b and need_x and x is None:
         raise RuntimeError(_UNSAVED_X)
     m, k = grad_y.shape[0], next(t.shape[1] for t in (x, weight, lora_a) if t is not None)
-    keep = _keep_mask(m, k, ctx.dropout_p, seed, grad_y)
+    keep = _keep_mask(m, k, ctx.dropout_p, seed, ctx.backend, grad_y.device)
     hidden = None                                                               # T = dropout(x) Aᵀ (M, r)
     if need_b:
         if x is not None:   # lora_a is saved with dB
@@ -263,7 +269,7 @@ def lora_linear(
     if torch.compiler.is_compiling():
         y2d, _ = lora_linear_op(*args)
     elif in_transform():   # forward-mode AD, torch.func: tangents and wrappers need torch ops
-        keep = _keep_mask(x2d.shape[0], k, dropout_p, args[-1], x2d)
+        keep = _keep_mask(x2d.shape[0], k, dropout_p, args[-1], resolve_backend(x2d.device, x2d.dtype), x2d.device)
         y2d = _composite.lora_linear(*args[:-1], keep)
     elif torch.autograd._profiler_enabled():
         y2d, _ = lora_linear_op(*args)
