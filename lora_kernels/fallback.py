@@ -28,7 +28,11 @@ def dropped(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
     """dropout(x) with the mask of `seed`; x itself when dropout is off."""
     if dropout_p == 0.0:
         return x
-    keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device)
+    return apply_keep_mask(x, dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device), dropout_p)
+
+
+def apply_keep_mask(x: torch.Tensor, keep: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """x (M, K) with the dropped entries zeroed and the kept ones scaled by 1 / (1 - dropout_p)."""
     return x * keep * (1.0 / (1.0 - dropout_p))
 
 

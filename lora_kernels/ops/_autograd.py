@@ -39,6 +39,17 @@ def records_second_derivative(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def check_x_saved_for_second_derivative(op: str, grad_b_formula: str, x, need_x: bool, need_b: bool) -> None:
+    """A create_graph=True backward differentiates lora_b's gradient in x: it needs x, which is not
+    saved when lora_a is frozen (dA does not read it; saving it would cost LoRA-FA training its memory)."""
+    if need_b and need_x and x is None:
+        raise RuntimeError(
+            f"{op}: a backward with create_graph=True needs x to differentiate lora_b's gradient "
+            f"({grad_b_formula}) in x, but x requires grad and was not saved: lora_a is frozen, so dA does "
+            "not need it, and saving x would cost LoRA-FA-style training its memory. For second derivatives "
+            "with a frozen lora_a, detach x or freeze lora_b for that call.")
+
+
 def in_transform() -> bool:
     """Whether inputs may carry forward-mode tangents or torch.func wrappers (jvp, vmap, grad, ...)
     that the kernels would drop: inside a forward-AD dual level, or under a torch.func transform.

@@ -23,9 +23,7 @@ from .. import fallback
 
 def dropped(t: Tensor, keep: Tensor | None, dropout_p: float) -> Tensor:
     """dropout(t) with the (M, K) bool keep-mask `keep`; t itself when keep is None (no dropout)."""
-    if keep is None:
-        return t
-    return t * keep * (1.0 / (1.0 - dropout_p))
+    return t if keep is None else fallback.apply_keep_mask(t, keep, dropout_p)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,

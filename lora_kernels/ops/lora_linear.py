@@ -6,7 +6,8 @@ torch.compile, autograd registered between them) -> backend (Triton launcher or 
 Routes of a call: torch.compile -> the registered op; forward-mode AD / torch.func -> the
 differentiable composition (_composite); profiler -> the registered op; autograd -> the eager fast
 path; else the forward directly. A backward recorded with create_graph=True computes its gradients
-with the composition's formulas, so second derivatives are exact on every route.
+with the composition's formulas, so second derivatives are exact on the eager and registered-op
+routes (torch.compile's AOT autograd refuses double backward itself).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .._backend import resolve_backend
 from . import _composite
 from ._autograd import (
     backward_impl,
+    check_x_saved_for_second_derivative,
     eager_fast_path,
     frozen_layer_grads,
     in_transform,
@@ -156,8 +158,7 @@ def _keep_mask(m: int, k: int, dropout_p: float, seed: Tensor, backend: str, dev
 def _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed):
     """(dX, dA, dB) as torch ops (create_graph=True): autograd differentiates them again."""
     need_x, _, _, need_a, need_b = ctx.need
-    if need_b and need_x and x is None:
-        raise RuntimeError(_UNSAVED_X)
+    check_x_saved_for_second_derivative("lora_linear", "dB = s·dYᵀ·dropout(x)Aᵀ", x, need_x, need_b)
     m, k = grad_y.shape[0], next(t.shape[1] for t in (x, weight, lora_a) if t is not None)
     keep = _keep_mask(m, k, ctx.dropout_p, seed, ctx.backend, grad_y.device)
     hidden = None                                                               # T = dropout(x) Aᵀ (M, r)
@@ -168,13 +169,6 @@ def _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, s
             hidden = lora_hidden.to(grad_y.dtype)
     return _composite.lora_linear_grads(grad_y, x, weight, lora_a, lora_b, hidden, ctx.scale, ctx.dropout_p,
                                         keep, need_x, need_a, need_b)
-
-
-_UNSAVED_X = (
-    "lora_linear: a backward with create_graph=True needs x to differentiate lora_b's gradient "
-    "(dB = s·dYᵀ·dropout(x)Aᵀ) in x, but x requires grad and was not saved: lora_a is frozen, so dA does "
-    "not need it, and saving x would cost LoRA-FA-style training its memory. For second derivatives "
-    "with a frozen lora_a, detach x or freeze lora_b for that call.")
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -7,7 +7,8 @@ is torch's own GEMM in both backends, so rows of no adapter equal F.linear's out
 Routes of a call as in lora_linear: torch.compile -> the registered op; forward-mode AD / torch.func
 -> the differentiable composition (_composite); profiler -> the registered op; autograd -> the eager
 fast path; else the forward directly. A backward recorded with create_graph=True computes its
-gradients with the composition's formulas, so second derivatives are exact on every route.
+gradients with the composition's formulas, so second derivatives are exact on the eager and
+registered-op routes (torch.compile's AOT autograd refuses double backward itself).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from . import _composite
 from ._autograd import (
     backward_impl,
     carries_tangent,
+    check_x_saved_for_second_derivative,
     eager_fast_path,
     frozen_layer_grads,
     in_transform,
@@ -127,8 +129,7 @@ def _backward(ctx, grad_y, _grad_hidden):
         grad_y = grad_y.contiguous()
     grad_x = grad_a = grad_b = None
     if records_second_derivative(grad_y, x, weight, lora_a, lora_b):   # create_graph=True: torch ops
-        if need_b and need_x and x is None:   # dB's T = x A[j]ᵀ depends on x, which was not saved
-            raise RuntimeError(_UNSAVED_X)
+        check_x_saved_for_second_derivative("multi_lora_linear", "dB[j] = s_j·dY_jᵀ·X_j A[j]ᵀ", x, need_x, need_b)
         grad_x, grad_a, grad_b = _composite.multi_lora_linear_grads(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
             need_x, need_a, need_b)
@@ -139,13 +140,6 @@ def _backward(ctx, grad_y, _grad_hidden):
     grad_w, grad_bias = frozen_layer_grads(grad_y, x, need_w, need_bias)
     return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
             grad_b if need_b else None) + (None,) * 8
-
-
-_UNSAVED_X = (
-    "multi_lora_linear: a backward with create_graph=True needs x to differentiate lora_b's gradient "
-    "(dB[j] = s_j·dY_jᵀ·X_j A[j]ᵀ) in x, but x requires grad and was not saved: lora_a is frozen, so dA "
-    "does not need it, and saving x would cost LoRA-FA-style training its memory. For second "
-    "derivatives with a frozen lora_a, detach x or freeze lora_b for that call.")
 
 
 multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
