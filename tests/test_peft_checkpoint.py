@@ -2,7 +2,8 @@
 
 - torch.save / pickle: a patched (or register_fused_peft) model loads in a fresh process, as plain
   PEFT, even where lora_kernels cannot be imported; patch_peft puts it back on the fused path.
-- copy.deepcopy: the copy stays patched, bound to itself.
+- copy.deepcopy, copy.copy, nn.DataParallel's replicas: the copy stays patched and runs on its own
+  state (a patch is the module's class, not a method bound to the original).
 - Adapters added after patch_peft (add_adapter, load_adapter) are patched as they are created; a
   warning names the layers that stay on PEFT's forward.
 - Another library wrapping PEFT's lora.Linear.forward after patch_peft does not loop.
@@ -113,6 +114,9 @@ def test_saved_patched_model_loads_as_plain_peft_without_lora_kernels(tmp_path):
             assert "lora_kernels" not in sys.modules
             layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
             assert [type(m) for m in layers] == [peft.tuners.lora.Linear] * 2
+            assert type(model.base_model) is peft.tuners.lora.LoraModel
+            assert not any({{"forward", "inject_adapter", "_enable_peft_forward_hooks"}} & set(vars(m))
+                           for m in model.modules()), "a method stored in a module's __dict__"
             assert all(torch.equal(v, io["state"][k]) for k, v in model.state_dict().items())
             assert list(model.state_dict()) == list(io["state"])
             assert torch.equal(model(io["x"]), io["expected"]), "outputs differ from PEFT's"
@@ -139,9 +143,8 @@ def test_saved_patched_model_patches_again_after_loading(tmp_path):
         model = torch.load({str(tmp_path / "model.pt")!r}, weights_only=False)
         result = lora_kernels.patch_peft(model)
         assert result == 2 and result.fallbacks == {{}}, (int(result), result.fallbacks)
-        fused_forward = lora_kernels.nn.peft._fused_forward
-        assert all(vars(model.base_model.model.get_submodule(name))["forward"].__func__ is fused_forward
-                   for name in ("q_proj", "v_proj"))
+        fused_class = lora_kernels.nn.peft.fused_lora_linear_class()
+        assert all(type(model.base_model.model.get_submodule(name)) is fused_class for name in ("q_proj", "v_proj"))
         assert torch.equal(model(io["x"], adapter_names=io["names"]), io["expected"])
         model.train()
         model(io["x"], adapter_names=io["names"]).sum().backward()     # PEFT alone refuses this
@@ -190,7 +193,7 @@ def test_deepcopy_stays_patched_and_independent(monkeypatch):
     lora_kernels.patch_peft(model)
     clone = copy.deepcopy(model)
     for name, layer in lora_layers(clone).items():
-        assert vars(layer)["forward"].__self__ is layer, name
+        assert type(layer) is fused_peft.fused_lora_linear_class() and "forward" not in vars(layer), name
     x, names = torch.randn(4, K), ["default", "other", "__base__", "other"]
     assert torch.equal(clone(x, adapter_names=names), model(x, adapter_names=names))
     calls = fused_calls(monkeypatch)
@@ -202,8 +205,55 @@ def test_deepcopy_stays_patched_and_independent(monkeypatch):
         clone.base_model.model.q_proj.lora_B["default"].weight.add_(1.0)
     assert not torch.equal(clone(x), model(x))             # the copy owns its weights
     clone.add_adapter("late", lora_config(target_modules=["out"]))   # the copy's hook patches the copy
-    assert vars(clone.base_model.model.out)["forward"].__self__ is clone.base_model.model.out
-    assert "forward" not in vars(model.base_model.model.out)
+    assert type(clone.base_model.model.out) is fused_peft.fused_lora_linear_class()
+    assert type(model.base_model.model.out) is nn.Linear
+
+
+def test_loaded_pickle_of_patched_model_has_no_method_in_instance_dicts():
+    """A pickled patched model loads with clean instance dicts: no forward (nor LoraModel method)
+    stored per instance, which would bind PEFT's forward to that one layer and shadow any later
+    class-level patch (patch_peft, or another library's)."""
+    model = peft_model()
+    model.add_adapter("other", lora_config(r=2, lora_alpha=2))
+    lora_kernels.patch_peft(model)
+    loaded = pickle.loads(pickle.dumps(model))
+    assert type(loaded.base_model) is peft.tuners.lora.LoraModel
+    assert [type(m) for m in lora_layers(loaded).values()] == [peft.tuners.lora.Linear] * 2
+    for name, module in loaded.named_modules():
+        assert not {"forward", "inject_adapter", "_enable_peft_forward_hooks"} & set(vars(module)), name
+    x = torch.randn(3, K)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_shallow_copy_of_patched_layer_runs_on_its_own_state():
+    """copy.copy of a patched layer: the copy's forward reads the copy's flags, so disabling the
+    copy's adapters gives the base output (as PEFT does), and the original is unaffected."""
+    model = peft_model()
+    layer = model.base_model.model.q_proj
+    x = torch.randn(4, K)
+    expected_lora, expected_base = layer(x), layer.base_layer(x)
+    lora_kernels.patch_peft(model)
+    shallow = copy.copy(layer)
+    shallow._disable_adapters = True
+    assert torch.equal(shallow(x), expected_base)
+    assert_same_maths(layer(x), expected_lora)
+
+
+def test_data_parallel_replica_of_patched_layer_runs_on_its_own_modules():
+    """nn.DataParallel builds its replicas with _replicate_for_data_parallel (a shallow copy whose
+    modules it then replaces by copies on each device): a replica must run on its own modules."""
+    model = peft_model()
+    lora_kernels.patch_peft(model)
+    layer = model.base_model.model.q_proj
+    x = torch.randn(4, K)
+    before = layer(x)
+    replica = layer._replicate_for_data_parallel()
+    replica.lora_B = copy.deepcopy(layer.lora_B)           # the replica's own factors, as on another device
+    replica.lora_B["default"].weight = nn.Parameter(2 * layer.lora_B["default"].weight.detach())
+    with torch.no_grad():
+        delta, expected_delta = replica(x) - layer.base_layer(x), 2 * (before - layer.base_layer(x))
+    assert_same_maths(delta, expected_delta)               # the replica runs on its doubled lora_B
+    assert torch.equal(layer(x), before)                   # the original still runs on its own factors
 
 
 # --- item 11: adapters added after patch_peft ------------------------------------------------------
@@ -215,8 +265,7 @@ def test_adapter_added_after_patch_on_new_modules_is_patched(monkeypatch):
         torch.manual_seed(1)
         m.add_adapter("late", lora_config(r=3, lora_alpha=6, target_modules=["v_proj", "out"]))
         m.base_model.set_adapter(["default", "late"])
-    out_layer = model.base_model.model.out
-    assert vars(out_layer)["forward"].__func__ is fused_peft._fused_forward
+    assert type(model.base_model.model.out) is fused_peft.fused_lora_linear_class()
     x = torch.randn(6, K)
     calls = fused_calls(monkeypatch)
     assert_same_maths(model(x), plain(x))
@@ -235,7 +284,7 @@ def test_adapter_loaded_after_patch_on_new_modules_is_patched(tmp_path, monkeypa
     for m in (model, plain):
         m.load_adapter(tmp_path, adapter_name="loaded")
         m.base_model.set_adapter(["default", "loaded"])
-    assert vars(model.base_model.model.out)["forward"].__func__ is fused_peft._fused_forward
+    assert type(model.base_model.model.out) is fused_peft.fused_lora_linear_class()
     x = torch.randn(3, K)
     calls = fused_calls(monkeypatch)
     assert_same_maths(model(x), plain(x))
@@ -257,8 +306,8 @@ def test_adapter_added_after_patch_that_cannot_fuse_is_reported():
 
 def test_wrapper_around_peft_forward_installed_after_patch_does_not_loop(monkeypatch):
     """A tracing library replaces lora.Linear.forward after patch_peft with a wrapper that routes
-    each call through the module's own forward when it has one. The fused forward's fallback calls
-    PEFT's forward as it was at patch time, so no RecursionError, and PEFT's results."""
+    each call through the module's own class's forward when that is another one. The fused forward's
+    fallback calls PEFT's forward as it was at patch time, so no RecursionError, and PEFT's results."""
     model = peft_model()
     x = torch.randn(4, K)
     expected = model(x)
@@ -270,8 +319,8 @@ def test_wrapper_around_peft_forward_installed_after_patch_does_not_loop(monkeyp
 
     def tracing_forward(self, *args, **kwargs):
         traced.append(type(self).__name__)
-        own = vars(self).get("forward")
-        return own(*args, **kwargs) if own is not None else peft_forward(self, *args, **kwargs)
+        own = type(self).forward
+        return own(self, *args, **kwargs) if own is not tracing_forward else peft_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(peft.tuners.lora.layer.Linear, "forward", tracing_forward)
     layer = model.base_model.model.q_proj
@@ -279,4 +328,4 @@ def test_wrapper_around_peft_forward_installed_after_patch_does_not_loop(monkeyp
     with model.disable_adapter():                          # the fused forward falls back to PEFT's
         assert torch.equal(model(x), expected_base)
     assert_same_maths(model(x), expected)
-    assert traced == ["Linear"]
+    assert traced == ["FusedLoraLinear"]

@@ -10,11 +10,12 @@ variants, fan_in_fan_out, a base layer that is not an nn.Linear); patch_peft rep
 Adapters added later (add_adapter, load_adapter) are patched as PEFT creates their layers.
 PEFT is imported only when these functions are called.
 
-A patch is an instance attribute holding a bound method whose function is named after the PEFT
-method it replaces (`_replaces`). copy.deepcopy rebinds it to the copy, which stays patched. pickle
-stores a bound method as ``getattr(module, <function name>)``, which a freshly unpickled, still empty
-module answers with PEFT's own method: a saved patched model names nothing of lora_kernels and loads
-as plain PEFT, with or without lora_kernels (patch_peft it again after loading).
+A patch swaps the module's class for a fused subclass of its PEFT class: FusedLoraLinear for a
+lora.Linear, a Fused<LoraModel> (mixed-batch training, patching of later adapters) for the LoraModel;
+the instance itself is unchanged. Copies (copy.copy, copy.deepcopy, nn.DataParallel's replicas) keep
+the class, so they stay patched and run on their own weights. The fused classes pickle as their PEFT
+class: a saved patched model names nothing of lora_kernels and loads as plain PEFT, with or without
+lora_kernels (patch_peft it again after loading). unpatch_peft swaps the PEFT class back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import abc
 import contextlib
 import copy
 import copyreg
-import types
 import warnings
 
 import torch
@@ -32,9 +32,6 @@ from torch import nn
 from ..metadata import AdapterBatch
 from ..ops.lora_linear import lora_linear
 from ..ops.multi_lora_linear import multi_lora_linear
-
-_HOOKS = "_enable_peft_forward_hooks"
-_INJECT = "inject_adapter"
 
 
 class PatchResult(int):
@@ -55,7 +52,7 @@ def _lora_linear_class():
     return Linear
 
 
-_FUSED_CLASS = None
+_FUSED_CLASSES: dict[type, type] = {}   # PEFT class -> its fused subclass (FusedLoraLinear, Fused<LoraModel>)
 _PEFT_FORWARD = None   # PEFT's lora.Linear.forward as it was when lora_kernels first patched or created a layer
 
 
@@ -68,28 +65,43 @@ def _remember_peft_forward() -> None:
         _PEFT_FORWARD = _lora_linear_class().forward
 
 
-class _PicklesAsPeftLinear(abc.ABCMeta):
-    """FusedLoraLinear's metaclass: its own type, so that copyreg can pickle the class, wherever it
-    appears (a layer's class, a LoraConfig's custom-module mapping), as PEFT's lora.Linear."""
+class _PicklesAsPeft(abc.ABCMeta):
+    """The fused classes' metaclass: its own type, so that copyreg can pickle a fused class, wherever
+    it appears (a module's class, a LoraConfig's custom-module mapping), as its PEFT class."""
 
 
-def _pickle_as_peft_linear(cls):
-    return copy.copy, (_lora_linear_class(),)   # copy.copy of a class is the class itself
+def _pickle_as_peft(cls):
+    peft_class = cls.__bases__[0]
+    if _FUSED_CLASSES.get(peft_class) is not cls:
+        return cls.__qualname__                  # someone's own subclass of a fused class: by name, as usual
+    return copy.copy, (peft_class,)              # copy.copy of a class is the class itself
+
+
+def _register_fused_class(peft_class: type, fused_class: type) -> type:
+    """Records `fused_class` as the fused subclass of `peft_class`; the first one also registers the
+    fused classes' pickling (so importing lora_kernels registers nothing)."""
+    if not _FUSED_CLASSES:
+        copyreg.pickle(_PicklesAsPeft, _pickle_as_peft)
+    _FUSED_CLASSES[peft_class] = fused_class
+    return fused_class
+
+
+def _is_fused(module: nn.Module) -> bool:
+    """Whether `module`'s class is one of the fused classes (patched, or created by register_fused_peft)."""
+    return _FUSED_CLASSES.get(type(module).__bases__[0]) is type(module)
 
 
 def fused_lora_linear_class() -> type:
-    """FusedLoraLinear: PEFT's lora.Linear with the fused forward, for PEFT's custom-module route
-    (register_fused_peft), so layers are created on the fused path rather than patched afterwards.
-    Pickled, the class is PEFT's lora.Linear: a saved model loads as plain PEFT, without lora_kernels;
-    copy.deepcopy keeps it."""
-    global _FUSED_CLASS
-    if _FUSED_CLASS is None:
+    """FusedLoraLinear: PEFT's lora.Linear with the fused forward. patch_peft gives this class to
+    lora.Linear layers; PEFT's custom-module route (register_fused_peft) creates layers of it. Pickled,
+    the class is PEFT's lora.Linear: a saved model loads as plain PEFT, without lora_kernels."""
+    peft_class = _lora_linear_class()
+    if peft_class not in _FUSED_CLASSES:
         _remember_peft_forward()
-        _FUSED_CLASS = _PicklesAsPeftLinear("FusedLoraLinear", (_lora_linear_class(),), {
+        _register_fused_class(peft_class, _PicklesAsPeft("FusedLoraLinear", (peft_class,), {
             "forward": _fused_forward, "__module__": __name__,
-            "__doc__": "PEFT's lora.Linear on lora_kernels' fused ops (see lora_kernels.nn.peft)."})
-        copyreg.pickle(_PicklesAsPeftLinear, _pickle_as_peft_linear)
-    return _FUSED_CLASS
+            "__doc__": "PEFT's lora.Linear on lora_kernels' fused ops (see lora_kernels.nn.peft)."}))
+    return _FUSED_CLASSES[peft_class]
 
 
 def register_fused_peft(config) -> None:
@@ -109,7 +121,7 @@ def register_fused_peft(config) -> None:
 
 def _layer_fallback_reason(layer) -> str | None:
     """Why a PEFT lora.Linear cannot take the fused path at all, or None."""
-    if type(layer) not in (_lora_linear_class(), _FUSED_CLASS):
+    if type(layer) not in (_lora_linear_class(), _FUSED_CLASSES.get(_lora_linear_class())):
         return f"{type(layer).__name__} is not peft's lora.Linear"
     if type(layer.get_base_layer()) is not nn.Linear:
         return f"base layer is {type(layer.get_base_layer()).__name__}, not nn.Linear"
@@ -146,28 +158,9 @@ def _dropout_p(layer, adapter: str) -> float | None:
     return None
 
 
-def _replaces(name: str):
-    """Names the decorated function after the PEFT method it replaces on a patched module, so that
-    the pickled patch loads as that PEFT method (see the module docstring)."""
-    def rename(function):
-        function.__name__ = name
-        return function
-    return rename
-
-
-def _patch(module: nn.Module, function) -> None:
-    setattr(module, function.__name__, types.MethodType(function, module))
-
-
-def _is_patched(module: nn.Module, function) -> bool:
-    """Whether `module` itself (not what PEFT's wrappers forward attributes to) holds the patch."""
-    return getattr(vars(module).get(function.__name__), "__func__", None) is function
-
-
-@_replaces("forward")
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Bound to a PEFT lora.Linear by patch_peft (or FusedLoraLinear's forward): the fused ops
-    where they give PEFT's result, PEFT's own lora.Linear.forward otherwise."""
+    """FusedLoraLinear's forward: the fused ops where they give PEFT's result, PEFT's own
+    lora.Linear.forward otherwise."""
     peft_forward = _PEFT_FORWARD
     adapter_names = kwargs.get("adapter_names")
     if args or set(kwargs) - {"adapter_names"} or self.disable_adapters or self.merged \
@@ -237,29 +230,52 @@ def _mixed_forward(layer, base: nn.Linear, x: torch.Tensor, adapter_names) -> to
     return multi_lora_linear(x, base.weight, base.bias, lora_a, lora_b, scales, batch)
 
 
-@_replaces(_HOOKS)
-@contextlib.contextmanager
-def _forward_hooks_allowing_training(self, *args, **kwargs):
-    """Bound to a PEFT LoraModel by patch_peft: PEFT's own set-up of ``adapter_names=`` (name
-    checks, the hooks that hand the names to every LoRA layer), minus its refusal in training mode:
-    a mixed batch trains on the fused path, each row's gradient going to its own adapter. The
-    refusal reads the LoraModel's own `training` flag only; it is lowered just while PEFT checks."""
-    training = self.training
-    if kwargs.get("adapter_names") is not None and training:
-        if any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules()):
-            raise ValueError("mixed adapter batches (adapter_names=) cannot train with gradient checkpointing: "
-                             "the recomputation in backward would run without the adapter names. Disable "
-                             "gradient checkpointing for these steps")
-        self.training = False
-    try:
-        hooks = type(self)._enable_peft_forward_hooks(self, *args, **kwargs)
-        hooks.__enter__()
-    finally:
-        self.training = training
-    try:
-        yield
-    finally:
-        hooks.__exit__(None, None, None)
+def _fused_lora_model_class(peft_class: type) -> type:
+    """Fused<LoraModel>: the LoraModel class `peft_class` with mixed-batch training and the patching
+    of adapters added later (one class per PEFT class, created when first needed)."""
+    if peft_class in _FUSED_CLASSES:
+        return _FUSED_CLASSES[peft_class]
+
+    class FusedLoraModel(peft_class, metaclass=_PicklesAsPeft):
+        @contextlib.contextmanager
+        def _enable_peft_forward_hooks(self, *args, **kwargs):
+            """PEFT's own set-up of ``adapter_names=`` (name checks, the hooks that hand the names
+            to every LoRA layer), minus its refusal in training mode: a mixed batch trains on the
+            fused path, each row's gradient going to its own adapter. The refusal reads the
+            LoraModel's own `training` flag only; it is lowered just while PEFT checks."""
+            training = self.training
+            if kwargs.get("adapter_names") is not None and training:
+                if any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules()):
+                    raise ValueError("mixed adapter batches (adapter_names=) cannot train with gradient "
+                                     "checkpointing: the recomputation in backward would run without the "
+                                     "adapter names. Disable gradient checkpointing for these steps")
+                self.training = False
+            try:
+                hooks = super()._enable_peft_forward_hooks(*args, **kwargs)
+                hooks.__enter__()
+            finally:
+                self.training = training
+            try:
+                yield
+            finally:
+                hooks.__exit__(None, None, None)
+
+        def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+            """PEFT's inject_adapter (under add_adapter and load_adapter), then the new adapter's
+            layers on the fused path; a warning names the layers where the new adapter stays on
+            PEFT's forward, as patch_peft's `.fallbacks` would."""
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            fallbacks = patch_peft(self).fallbacks
+            here = {name: why for name, why in fallbacks.items()
+                    if adapter_name in getattr(self.get_submodule(name), "scaling", {})}   # LoRA layers of every kind
+            if here:
+                listed = "; ".join(f"{name}: {why}" for name, why in here.items())
+                warnings.warn(f"lora_kernels: adapter {adapter_name!r} runs on PEFT's forward, not fused, in "
+                              f"{len(here)} layer(s): {listed}", stacklevel=3)
+
+    FusedLoraModel.__name__ = FusedLoraModel.__qualname__ = "Fused" + peft_class.__name__
+    FusedLoraModel.__doc__ = f"PEFT's {peft_class.__name__} with lora_kernels' patch (see lora_kernels.nn.peft)."
+    return _register_fused_class(peft_class, FusedLoraModel)
 
 
 def patch_peft(model: nn.Module) -> PatchResult:
@@ -282,45 +298,28 @@ def patch_peft(model: nn.Module) -> PatchResult:
     _remember_peft_forward()
     count, fallbacks = 0, {}
     for name, module in model.named_modules():
-        if isinstance(module, LoraModel):
-            for function in (_forward_hooks_allowing_training, _inject_adapter_and_patch):
-                if not _is_patched(module, function):
-                    _patch(module, function)
+        if isinstance(module, LoraModel) and not _is_fused(module):
+            module.__class__ = _fused_lora_model_class(type(module))
         if not isinstance(module, LoraLayer):
             continue
         reason = _layer_fallback_reason(module)
         if reason is not None:
             fallbacks[name] = reason
             continue
-        if not _is_patched(module, _fused_forward) and type(module) is not _FUSED_CLASS:
-            _patch(module, _fused_forward)
+        if type(module) is _lora_linear_class():
+            module.__class__ = fused_lora_linear_class()
         count += 1
     return PatchResult(count, fallbacks)
 
 
-@_replaces(_INJECT)
-def _inject_adapter_and_patch(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-    """Bound to a PEFT LoraModel by patch_peft: PEFT's inject_adapter (under add_adapter and
-    load_adapter), then the new adapter's layers on the fused path; a warning names the layers
-    where the new adapter stays on PEFT's forward, as patch_peft's `.fallbacks` would."""
-    type(self).inject_adapter(self, model, adapter_name, *args, **kwargs)
-    fallbacks = patch_peft(self).fallbacks
-    here = {name: why for name, why in fallbacks.items()
-            if adapter_name in getattr(self.get_submodule(name), "scaling", {})}   # LoRA layers of every kind
-    if here:
-        listed = "; ".join(f"{name}: {why}" for name, why in here.items())
-        warnings.warn(f"lora_kernels: adapter {adapter_name!r} runs on PEFT's forward, not fused, in "
-                      f"{len(here)} layer(s): {listed}", stacklevel=3)
-
-
 def unpatch_peft(model: nn.Module) -> int:
-    """Gives every layer patch_peft patched its PEFT forward back; returns how many."""
+    """Gives every LoRA layer and LoraModel on a fused class (patch_peft's, or register_fused_peft's
+    layers) its PEFT class back; returns how many LoRA layers."""
+    from peft.tuners.lora.layer import LoraLayer
+
     count = 0
-    for module in model.modules():   # vars(): PEFT's wrappers forward unknown attributes inward
-        for function in (_forward_hooks_allowing_training, _inject_adapter_and_patch):   # a LoraModel
-            if _is_patched(module, function):
-                delattr(module, function.__name__)
-        if _is_patched(module, _fused_forward):                                         # a LoRA layer
-            del module.forward
-            count += 1
+    for module in model.modules():
+        if _is_fused(module):
+            count += isinstance(module, LoraLayer)
+            module.__class__ = type(module).__bases__[0]
     return count
