@@ -18,7 +18,6 @@ _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("lora_kerne
 _override: str | None = None
 
 
-
 def _check_name(call: str, name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"{call}({name!r}): expected one of {BACKENDS}")

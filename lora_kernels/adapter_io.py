@@ -177,19 +177,15 @@ def _module_matcher(regex: str, user_part: str, whole: bool):
     which never backtracks ("(a+)+" against "aaa…a!" would take ~2**len(name) steps in `re`)."""
     if len(user_part) > _MAX_PATTERN_CHARS:
         raise ValueError(f"longer than {_MAX_PATTERN_CHARS} characters")
-    if _REGEX_OPERATORS.isdisjoint(user_part):
-        try:
-            compiled = re.compile(regex)
-        except re.error as e:
-            raise ValueError(f"not a valid regular expression: {e}") from None
-        find = compiled.fullmatch if whole else compiled.match
-        return lambda name: find(name) is not None
     try:
-        re.compile(regex)  # compiling does not backtrack; it gives re's own message for invalid syntax
+        compiled = re.compile(regex)  # compiling does not backtrack; it gives re's own message for invalid syntax
     except re.error as e:
         raise ValueError(f"not a valid regular expression: {e}") from None
     except RecursionError:
         raise ValueError("groups nested too deeply") from None
+    if _REGEX_OPERATORS.isdisjoint(user_part):
+        find = compiled.fullmatch if whole else compiled.match
+        return lambda name: find(name) is not None
     safe = SafeRegex(regex)
     return safe.fullmatch if whole else safe.match
 

@@ -126,7 +126,7 @@ class _AdapterViews:
         return {j: t[j] for j in self.active}
 
 
-def _host_groups(adapter_starts: torch.Tensor, ranks: torch.Tensor | None, scales: torch.Tensor,
+def host_groups(adapter_starts: torch.Tensor, ranks: torch.Tensor | None, scales: torch.Tensor,
                  max_rank: int) -> tuple[list[int], list[int], list[float], list[int]]:
     """(rows per adapter, rank per adapter (clamped to [0, R], as the Triton kernels read it), scale per
     adapter, the adapters with rows and rank > 0), read on the host once."""
@@ -153,7 +153,7 @@ def multi_lora_add_(
     """out[rows of j] += scales[j] · (x A[j]ᵀ) B[j]ᵀ in place (out (M, N), any strides); when hidden
     (M, R), zero-filled, is given, its rows of adapter j get the unscaled T = x A[j]ᵀ."""
     m, max_rank = x.shape[0], lora_a.shape[1]
-    counts, host_ranks, host_scales, active = _host_groups(adapter_starts, ranks, scales, max_rank)
+    counts, host_ranks, host_scales, active = host_groups(adapter_starts, ranks, scales, max_rank)
     if not active:
         return
     rows, gather = _rows_in_adapter_order(sorted_rows, counts, active, m)
@@ -211,7 +211,7 @@ def multi_lora_linear_backward(
     grad_x = grad_y @ weight if need_x else None                                    # (M, K)
     grad_a = lora_a.new_zeros(lora_a.shape) if need_a else None                     # (L, R, K)
     grad_b = lora_b.new_zeros(lora_b.shape) if need_b else None                     # (L, N, R)
-    counts, host_ranks, host_scales, active = _host_groups(adapter_starts, ranks, scales, max_rank)
+    counts, host_ranks, host_scales, active = host_groups(adapter_starts, ranks, scales, max_rank)
     if not active:
         return grad_x, grad_a, grad_b
     rows, gather = _rows_in_adapter_order(sorted_rows, counts, active, m)

@@ -88,11 +88,17 @@ def _checked_ranks(ranks, num_adapters: int, device: torch.device, check: bool) 
         raise ValueError(f"ranks ({describe(ranks)}) is a meta tensor (no values) but the ids are on {device}")
     if check and bool((ranks < 0).any()):
         raise ValueError(f"ranks ({describe(ranks)}) must be >= 0, got {ranks.min().item()}")
-    # int32, clamped first: a rank past int32's range must not wrap to a small or negative one (it stays
-    # past r_max: rejected against the stacks when checked, read as r_max by both backends otherwise);
-    # unchecked, negative ranks mean 0 (device-side, no sync)
-    ranks = ranks.clamp(min=None if check else 0, max=_INT32_MAX)
-    # the kernels index it as a dense array: contiguous, whatever view came in
+    if not check:   # unchecked, negative ranks mean 0 (device-side, no sync)
+        ranks = ranks.clamp(min=0)
+    return _int32_ranks(ranks, device)
+
+
+def _int32_ranks(ranks: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """ranks (L,) as the kernels index them: int32, contiguous (whatever view came in), on `device`.
+    Clamped first: a rank past int32's range must not wrap to a small or negative one (it stays past
+    r_max: rejected against the stacks when checked, read as r_max by both backends otherwise)."""
+    if ranks.dtype is torch.int64:
+        ranks = ranks.clamp(max=_INT32_MAX)
     return ranks.to(device=device, dtype=torch.int32).contiguous()
 
 
@@ -214,9 +220,7 @@ class AdapterBatch:
         """The same grouping with other true ranks (L,) int32, unchecked: one layer's ranks per slot
         (MultiLoRALinear keeps its own, validated when an adapter is loaded). No copy, no sync."""
         batch = copy.copy(self)
-        if ranks is not None and ranks.dtype is torch.int64:   # past int32's range: r_max, not a wrapped rank
-            ranks = ranks.clamp(max=_INT32_MAX)
-        batch.ranks = None if ranks is None else ranks.to(device=self.device, dtype=torch.int32).contiguous()
+        batch.ranks = None if ranks is None else _int32_ranks(ranks, self.device)
         batch.max_rank = None
         return batch
 

@@ -295,7 +295,6 @@ def patch_peft(model: nn.Module) -> PatchResult:
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.lora.model import LoraModel
 
-    _remember_peft_forward()
     count, fallbacks = 0, {}
     for name, module in model.named_modules():
         if isinstance(module, LoraModel) and not _is_fused(module):

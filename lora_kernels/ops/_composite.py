@@ -57,7 +57,7 @@ def _adapter_blocks(sorted_rows: Tensor, adapter_starts: Tensor, ranks: Tensor |
                     max_rank: int) -> list[tuple[int, Tensor, int, float]]:
     """(j, rows of adapter j (m_j,), its rank, its scale) for each adapter with rows and rank > 0,
     grouped exactly as the torch backend groups them."""
-    counts, host_ranks, host_scales, active = fallback._host_groups(adapter_starts, ranks, scales, max_rank)
+    counts, host_ranks, host_scales, active = fallback.host_groups(adapter_starts, ranks, scales, max_rank)
     starts = adapter_starts.tolist()
     return [(j, sorted_rows[starts[j]:starts[j] + counts[j]], host_ranks[j], host_scales[j]) for j in active]
 
