@@ -28,6 +28,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -372,15 +373,37 @@ def _load_average() -> float | None:
         return None
 
 
+# Words of a GPU's name that are not the model: the vendor's, and (ending the model) a memory size or
+# a form factor, as in "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 NVL".
+_GPU_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "instinct", "radeon"}
+_GPU_VARIANT_WORD = re.compile(r"\d+gb|sxm\d*|pcie|hbm\d*e?|nvl|mig")
+
+
+def gpu_slug(name: str) -> str:
+    """A GPU's model as a file-name slug: "NVIDIA H200" -> "h200", "NVIDIA H100 80GB HBM3" -> "h100",
+    "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx-4090"; "cuda" if nothing is left."""
+    words = []
+    for word in re.split(r"[\s_/-]+", name.lower()):
+        word = re.sub(r"[^a-z0-9]", "", word)
+        if _GPU_VARIANT_WORD.fullmatch(word):
+            break
+        if word and word not in _GPU_VENDOR_WORDS:
+            words.append(word)
+    return "-".join(words) or "cuda"
+
+
 def device_kind(device: torch.device | str) -> str:
-    return torch.device(device).type
+    """The device in result file names (<name>-<device kind>.json): the GPU's slug on CUDA (h200, a100),
+    so runs on two GPU models do not overwrite each other; else the device type ("cpu")."""
+    device = torch.device(device)
+    return gpu_slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else device.type
 
 
 def environment_stamp(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, Any]:
     """What a result needs to be reproduced and compared: where, with what, when."""
     device = torch.device(device)
     stamp: dict[str, Any] = {
-        "device_kind": device.type,
+        "device_kind": device_kind(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()),
         "cpu": _cpu_name(),
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
@@ -396,8 +419,10 @@ def environment_stamp(device: torch.device | str = "cpu", dtype: torch.dtype | N
         "cpu_count": os.cpu_count(),
         "load_average_1m": _load_average(),     # > ~0.5 before a CPU run: something else is competing
     }
-    if device.type == "cuda":
-        stamp["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    if device.type == "cuda":   # cuBLAS's fp32 mode: allow_tf32's getter raises once fp32_precision alone was set
+        matmul = torch.backends.cuda.matmul
+        stamp["allow_tf32"] = (matmul.fp32_precision == "tf32" if hasattr(torch.backends, "fp32_precision")
+                               else matmul.allow_tf32)
     return stamp
 
 

@@ -84,6 +84,22 @@ def test_write_plot_without_times_writes_nothing(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("name, slug", [
+    ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA H100 NVL", "h100"), ("NVIDIA GeForce RTX 4090", "rtx-4090"), ("Tesla T4", "t4"),
+    ("NVIDIA GH200 480GB", "gh200"), ("AMD Instinct MI300X", "mi300x"), ("NVIDIA", "cuda"),
+])
+def test_gpu_slug(name, slug):
+    assert harness.gpu_slug(name) == slug
+
+
+def test_result_files_are_named_after_the_gpu_model(monkeypatch):
+    """On CUDA, device_kind (the stamp's, hence the file names') is the GPU's slug, not "cuda"."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert harness.device_kind("cuda") == harness.device_kind(torch.device("cuda", 0)) == "h100"
+    assert harness.device_kind("cpu") == "cpu"
+
+
 def test_visible_columns_keeps_non_provider_cuda_columns():
     cuda_columns = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("peft_peak_mib", "peft MiB")]
     cols = harness.visible_columns([{}], ("base", "ours"), [("ours_ms", "ours ms"), ("peft_ms", "peft ms")],

@@ -17,14 +17,17 @@ def hidden_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def dropout_keep_mask(m: int, k: int, dropout_p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """(M, K) bool keep-mask derived from `seed` alone, so backward regenerates what forward used.
-    Drawn by a private CPU generator: the global generator's state is untouched."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+def dropout_keep_mask(m: int, k: int, dropout_p: float, seed: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(M, K) bool keep-mask derived from `seed` (0-d int64 tensor) alone, so backward regenerates what
+    forward used. Drawn by a private CPU generator: the global generator's state is untouched.
+    On the meta device (shape inference; x's seed is meta too): a meta mask, nothing read."""
+    if device.type == "meta":
+        return torch.empty((m, k), dtype=torch.bool, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
     return (torch.rand((m, k), generator=generator) >= dropout_p).to(device)
 
 
-def dropped(x: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def dropped(x: torch.Tensor, dropout_p: float, seed: torch.Tensor | None) -> torch.Tensor:
     """dropout(x) with the mask of `seed`; x itself when dropout is off."""
     if dropout_p == 0.0:
         return x
@@ -51,7 +54,7 @@ def add_scaled_product_(out: torch.Tensor, left: torch.Tensor, right: torch.Tens
 
 def lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: int,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (M, N) and lora_hidden T = dropout(x) Aᵀ (M, r) in hidden_dtype (no copy for fp32/fp64)."""
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T    # (M, N)
@@ -64,7 +67,7 @@ def lora_linear_forward(
 def lora_linear_backward(
     grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,
     lora_a: torch.Tensor | None, lora_b: torch.Tensor, lora_hidden: torch.Tensor | None,
-    scale: float, dropout_p: float, seed: int,
+    scale: float, dropout_p: float, seed: torch.Tensor | None,
     need_x: bool, need_a: bool, need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dX, dA, dB): dT = s·dY·B;  dX = dY·W0 + mask ⊙ (dT·A);  dA = dTᵀ·dropout(x);  dB = dYᵀ·(s·T).

@@ -1,8 +1,10 @@
 """AdapterBatch: which rows of a batch go through which adapter, built once per batch.
 
 Every layer of a model reuses one AdapterBatch (build it once per forward, pass it to every
-multi_lora_linear). Construction runs on the ids' device and needs no host synchronisation, except
-the optional id check (see ``set_check_adapter_ids``).
+multi_lora_linear). Construction runs on the ids' device. Its cost per batch on CUDA: with the id check
+on (see ``set_check_adapter_ids``), ONE host synchronisation, however many conditions it checks; with
+it off, none (``from_segments`` without ``num_rows``: one, to read it); ``ranks`` given as a list or a
+CPU tensor: one host-to-device copy (pinned, non-blocking: it does not wait for the device).
 
 Two views of the same grouping:
 
@@ -73,8 +75,51 @@ def _check_num_adapters(num_adapters) -> int:
     return num_adapters
 
 
-def _checked_ranks(ranks, num_adapters: int, device: torch.device, check: bool) -> torch.Tensor | None:
-    """(L,) int32 true ranks on `device`, or None (every adapter uses the stack's full rank)."""
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`. Host to CUDA through pinned memory, non-blocking: the copy waits for nothing
+    (a plain .to("cuda") of pageable memory, as torch.tensor(..., device="cuda") does, synchronises
+    the stream); the caching host allocator keeps the pinned block until the copy has run. Inside a
+    torch.compile trace, a plain copy (the trace has no memory to pin). Always from a private pinned
+    copy: t.pin_memory() is t itself when the caller's tensor is pinned already, and a write to it
+    before the copy has run (a reused staging buffer) would reach the device."""
+    if t.device == device:
+        return t
+    if t.is_cpu and device.type == "cuda" and not torch.compiler.is_compiling():
+        if torch.cuda.is_current_stream_capturing():
+            # a captured copy re-reads its staging buffer at every replay, long after it was freed
+            raise RuntimeError(f"a host-to-device copy ({describe(t)} to {device}) inside CUDA-graph capture: "
+                               "build it before the capture (an AdapterBatch from device tensors, the "
+                               "warm-up call of a patched PEFT layer), and capture only its use")
+        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        return staged.to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _read_once(*values: torch.Tensor) -> list[int]:
+    """One-element integer/bool tensors on one device, read back together: one host synchronisation
+    on CUDA for every condition a batch checks, not one each."""
+    return torch.stack([v.reshape(()).to(torch.int64) for v in values]).tolist() if values else []
+
+
+def _range_reads(ranks: torch.Tensor | None) -> list[torch.Tensor]:
+    """What the rank check reads (for _read_once): ranks' (min, max), or nothing without ranks."""
+    return [] if ranks is None else [ranks.min(), ranks.max()]
+
+
+def _max_rank(rank_range: list[int], given_ranks: torch.Tensor | None) -> int | None:
+    """The largest rank from _range_reads' values, once no rank is negative; None without ranks."""
+    if not rank_range:
+        return None
+    min_rank, max_rank = rank_range
+    if min_rank < 0:
+        raise ValueError(f"ranks ({describe(given_ranks)}) must be >= 0, got {min_rank}")
+    return max_rank
+
+
+def _ranks_tensor(ranks, num_adapters: int, device: torch.device) -> torch.Tensor | None:
+    """ranks (a list of ints, or an (L,) int32/int64 tensor) checked for what the host knows (type,
+    shape, meta), as a tensor where it came from (a list: on the host), or None (every adapter uses
+    the stack's full rank)."""
     if ranks is None:
         return None
     if isinstance(ranks, (list, tuple)):
@@ -86,11 +131,7 @@ def _checked_ranks(ranks, num_adapters: int, device: torch.device, check: bool) 
         raise ValueError(f"ranks ({describe(ranks)}) must have one entry per adapter: shape ({num_adapters},)")
     if ranks.is_meta and device.type != "meta":
         raise ValueError(f"ranks ({describe(ranks)}) is a meta tensor (no values) but the ids are on {device}")
-    if check and bool((ranks < 0).any()):
-        raise ValueError(f"ranks ({describe(ranks)}) must be >= 0, got {ranks.min().item()}")
-    if not check:   # unchecked, negative ranks mean 0 (device-side, no sync)
-        ranks = ranks.clamp(min=0)
-    return _int32_ranks(ranks, device)
+    return ranks
 
 
 def _int32_ranks(ranks: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -99,7 +140,7 @@ def _int32_ranks(ranks: torch.Tensor, device: torch.device) -> torch.Tensor:
     r_max: rejected against the stacks when checked, read as r_max by both backends otherwise)."""
     if ranks.dtype is torch.int64:
         ranks = ranks.clamp(max=_INT32_MAX)
-    return ranks.to(device=device, dtype=torch.int32).contiguous()
+    return to_device(ranks, device).to(torch.int32).contiguous()
 
 
 def _group_by_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,15 +155,15 @@ def _group_by_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> tuple[tor
 
 
 def _monotone_starts(segment_starts: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """segment_starts made well formed without a sync: clamped to [0, num_rows], non-decreasing,
-    first 0 and last num_rows. The identity on valid input (the id check rejects invalid input);
-    with the check off, malformed segments become disjoint, in-bounds ones (some rows then fall in
-    another segment, or in none), so the kernels never read past the rows nor race on an output."""
+    """segment_starts made well formed without a sync or a copy from the host: clamped to
+    [0, num_rows], non-decreasing, first 0 and last num_rows. The identity on valid input (the id
+    check rejects invalid input); with the check off, malformed segments become disjoint, in-bounds
+    ones (some rows then fall in another segment, or in none), so the kernels never read past the
+    rows nor race on an output."""
     starts = torch.cummax(segment_starts.to(torch.int64).clamp(0, num_rows), dim=0).values
     if starts.shape[0] == 1:
         return torch.zeros_like(starts)
-    ends = starts.new_tensor([0, num_rows])
-    return torch.cat([ends[:1], starts[1:-1], ends[1:]])
+    return torch.cat([starts.new_zeros(1), starts[1:-1], starts.new_full((1,), num_rows)])
 
 
 class AdapterBatch:
@@ -136,8 +177,8 @@ class AdapterBatch:
 
     def __init__(self, adapter_ids: torch.Tensor, num_adapters: int, ranks=None, *, check: bool | None = None):
         """adapter_ids (M,) int32/int64, -1 = no adapter; ranks: per-adapter true ranks (L,) or None.
-        check: run the id check (a host sync on CUDA) for this batch or not; None: the global setting
-        (set_check_adapter_ids). Callers whose ids are valid by construction pass False."""
+        check: run the id check (one host sync per batch on CUDA) for this batch or not; None: the
+        global setting (set_check_adapter_ids). Callers whose ids are valid by construction pass False."""
         _check_index_tensor("adapter_ids", adapter_ids)
         num_adapters = _check_num_adapters(num_adapters)
         if check is None:
@@ -145,21 +186,36 @@ class AdapterBatch:
         elif check and adapter_ids.is_meta:
             raise ValueError(f"adapter_ids ({describe(adapter_ids)}) is a meta tensor: it holds no values to check; "
                              "pass check=False (or None) to build a batch for shape inference")
-        if check and adapter_ids.numel():
-            bad = (adapter_ids < -1) | (adapter_ids >= num_adapters)
-            if bool(bad.any()):
-                first = int(bad.nonzero()[0, 0])
+        given_ranks = _ranks_tensor(ranks, num_adapters, adapter_ids.device)
+        ranks = None if given_ranks is None else to_device(given_ranks, adapter_ids.device)
+        max_rank = None
+        if check:   # every condition read back in one sync
+            id_reads = []
+            if adapter_ids.numel():
+                bad = (adapter_ids < -1) | (adapter_ids >= num_adapters)                      # (M,)
+                first = bad.to(torch.int32).argmax()      # the first bad id's row (argmax: the first maximum)
+                id_reads = [bad.any(), first, adapter_ids.gather(0, first.reshape(1))]
+            values = _read_once(*id_reads, *_range_reads(ranks))
+            if id_reads and values[0]:
                 raise ValueError(
                     f"adapter_ids ({describe(adapter_ids)}) must be in [-1, {num_adapters}) "
-                    f"(-1 = no adapter, L = {num_adapters} adapters): adapter_ids[{first}] = "
-                    f"{int(adapter_ids[first])}")
+                    f"(-1 = no adapter, L = {num_adapters} adapters): adapter_ids[{values[1]}] = {values[2]}")
+            max_rank = _max_rank(values[len(id_reads):], given_ranks)
+        self._group(adapter_ids, num_adapters, ranks, check, max_rank)
+
+    def _group(self, adapter_ids: torch.Tensor, num_adapters: int, ranks: torch.Tensor | None, checked: bool,
+               max_rank: int | None) -> None:
+        """The by-adapter view (and the segments of the ids) from checked or unchecked ids, on their device,
+        with no sync. ranks: (L,) on that device, checked or not; max_rank: their maximum when checked."""
         self.num_rows = adapter_ids.shape[0]
         self.num_adapters = num_adapters
         self.device = adapter_ids.device
-        self.ranks = _checked_ranks(ranks, num_adapters, self.device, check)
-        # the largest true rank, read once per batch with the check on (None when unchecked or no ranks):
-        # multi_lora_linear then rejects ranks past the stacks' r_max instead of clamping them
-        self.max_rank = int(self.ranks.max()) if check and self.ranks is not None else None
+        if ranks is not None and not checked:   # unchecked, negative ranks mean 0 (device-side, no sync)
+            ranks = ranks.clamp(min=0)
+        self.ranks = None if ranks is None else _int32_ranks(ranks, self.device)
+        # the largest true rank, read with the check (None when unchecked or no ranks): multi_lora_linear
+        # then rejects ranks past the stacks' r_max instead of clamping them
+        self.max_rank = max_rank
         valid = (adapter_ids >= 0) & (adapter_ids < num_adapters)
         self.adapter_ids = torch.where(valid, adapter_ids, -1).to(torch.int32)   # unchecked bad ids: -1
         self.sorted_rows, self.adapter_starts = _group_by_adapter(adapter_ids, num_adapters)
@@ -173,7 +229,9 @@ class AdapterBatch:
                       *, num_rows: int | None = None, ranks=None) -> AdapterBatch:
         """Rows already grouped: segment s is rows segment_starts[s]:segment_starts[s + 1] of x and uses
         adapter segment_adapters[s] (-1: none); an adapter may own several segments. segment_starts
-        (S + 1,) starts at 0 and ends at num_rows (read from it, one sync, when num_rows is None).
+        (S + 1,) starts at 0 and ends at num_rows (read from it when num_rows is None). Host syncs on
+        CUDA: one with the id check on (every condition, and num_rows, read together), none with it off
+        and num_rows given (one to read num_rows otherwise).
 
         >>> import torch, lora_kernels
         >>> batch = lora_kernels.AdapterBatch.from_segments(torch.tensor([0, 2, 3, 5]), torch.tensor([1, -1, 1]), 2)
@@ -190,24 +248,37 @@ class AdapterBatch:
         if segment_starts.device != segment_adapters.device:
             raise ValueError(f"segment_starts is on {segment_starts.device} but segment_adapters is on "
                              f"{segment_adapters.device}: both must be on one device")
-        if num_rows is None:
-            if segment_starts.is_meta:
-                raise ValueError(f"segment_starts ({describe(segment_starts)}) is a meta tensor (no values): "
-                                 "pass num_rows")
-            num_rows = int(segment_starts[-1])
-        check = check_adapter_ids_enabled(segment_starts.device)
+        if num_rows is None and segment_starts.is_meta:
+            raise ValueError(f"segment_starts ({describe(segment_starts)}) is a meta tensor (no values): "
+                             "pass num_rows")
+        device = segment_starts.device
+        given_ranks = _ranks_tensor(ranks, num_adapters, device)
+        ranks = None if given_ranks is None else to_device(given_ranks, device)
+        check = check_adapter_ids_enabled(device)
+        max_rank = None
         if check:
-            lengths = segment_starts[1:] - segment_starts[:-1]
-            if int(segment_starts[0]) != 0 or int(segment_starts[-1]) != num_rows or bool((lengths < 0).any()):
+            lengths = segment_starts[1:] - segment_starts[:-1]                                # (S,)
+            bad_adapters = (segment_adapters < -1) | (segment_adapters >= num_adapters)      # (S,)
+            reads = [segment_starts[0], segment_starts[-1], (lengths < 0).any(), bad_adapters.any()]
+            values = _read_once(*reads, *_range_reads(ranks))
+            first, last, decreasing, any_bad_adapter = values[:4]
+            if num_rows is None:
+                num_rows = last
+            if first != 0 or last != num_rows or decreasing:
                 raise ValueError(f"segment_starts ({describe(segment_starts)}) must rise from 0 to num_rows="
                                  f"{num_rows}, got {segment_starts.tolist()[:16]}")
+            if any_bad_adapter:
+                raise ValueError(f"segment_adapters ({describe(segment_adapters)}) must be in [-1, {num_adapters}), "
+                                 f"got {segment_adapters.tolist()[:16]}")
+            max_rank = _max_rank(values[4:], given_ranks)
+        elif num_rows is None:
+            num_rows = int(segment_starts[-1])   # the one sync of an unchecked batch
         starts = _monotone_starts(segment_starts, num_rows)                          # (S + 1,) int64
-        # per-row ids (sync-free: the output size is given) give the by-adapter view
+        # per-row ids (sync-free: the output size is given) give the by-adapter view; checked above
+        # through segment_adapters, which they repeat
         adapter_ids = torch.repeat_interleave(segment_adapters, starts[1:] - starts[:-1], output_size=num_rows)
-        if check and num_segments and bool(((segment_adapters < -1) | (segment_adapters >= num_adapters)).any()):
-            raise ValueError(f"segment_adapters ({describe(segment_adapters)}) must be in [-1, {num_adapters}), "
-                             f"got {segment_adapters.tolist()[:16]}")
-        batch = cls(adapter_ids, num_adapters, ranks)
+        batch = cls.__new__(cls)
+        batch._group(adapter_ids, num_adapters, ranks, check, max_rank)
         batch.segment_rows = torch.arange(num_rows, device=batch.device, dtype=torch.int32)
         batch.segment_starts = starts.to(torch.int32)   # contiguous: the kernels index it densely
         # out-of-range adapters (check off) mean "none", as for ids; compared before the narrowing to int32,

@@ -190,6 +190,18 @@ def test_dropout_p_not_a_number(p):
         _call(dropout_p=p)
 
 
+@pytest.mark.parametrize("seed", [None, torch.zeros(1, dtype=torch.int64), torch.zeros((), dtype=torch.int32)],
+                         ids=["none", "1d", "int32"])
+def test_registered_op_with_dropout_needs_a_0d_int64_seed(backend, seed):
+    """lora_linear draws the seed itself; a direct call of the registered op must pass it, as a 0-d
+    int64 tensor (a 1-element one was silently read as its first element by the Triton launcher)."""
+    from lora_kernels.ops.lora_linear import lora_linear_op
+
+    x, w, b, a, bb = (_inputs()[name] for name in ("x", "weight", "bias", "lora_a", "lora_b"))
+    with pytest.raises(ValueError, match=r"dropout_p=0.5 needs seed, a 0-d int64 tensor; got "):
+        lora_linear_op(x.reshape(-1, x.shape[-1]), w, b, a, bb, 1.0, 0.5, seed)
+
+
 def test_scale_1d_tensor():
     with pytest.raises(ValueError, match=rf"scale \(shape {_shape(1)}.*0-d tensor"):
         _call(scale=torch.ones(1))

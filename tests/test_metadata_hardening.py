@@ -238,11 +238,13 @@ def _meta(tensors):
     return [t.detach().to(META).requires_grad_(t.requires_grad) for t in tensors]
 
 
-def test_all_meta_lora_linear_infers_shapes_and_gradients():
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_all_meta_lora_linear_infers_shapes_and_gradients(dropout_p):
+    """With dropout too: the seed is drawn on x's device (meta), so the mask is a meta one, never read."""
     x, w, bias = torch.randn(2, M, K), torch.randn(N, K), torch.randn(N)
     a, b = torch.randn(R, K, requires_grad=True), torch.randn(N, R, requires_grad=True)
     x, w, bias, a, b = _meta([x, w, bias, a, b])
-    y = lora_kernels.lora_linear(x, w, bias, a, b, 2.0)
+    y = lora_kernels.lora_linear(x, w, bias, a, b, 2.0, dropout_p=dropout_p)
     assert y.is_meta and y.shape == (2, M, N) and y.dtype == torch.float32
     grad_a, grad_b = torch.autograd.grad(y.sum(), [a, b])
     assert grad_a.is_meta and grad_a.shape == (R, K) and grad_b.shape == (N, R)

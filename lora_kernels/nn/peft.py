@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import contextvars
 import copy
 import copyreg
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
-from ..metadata import AdapterBatch
+from ..metadata import AdapterBatch, to_device
 from ..ops.lora_linear import lora_linear
 from ..ops.multi_lora_linear import multi_lora_linear
 
@@ -205,28 +207,73 @@ def _active_forward(layer, base: nn.Linear, x: torch.Tensor) -> torch.Tensor | N
     return lora_linear(x, base.weight, bias, lora_a, lora_b, 1.0)
 
 
+# The AdapterBatches of the mixed batch in flight, shared by its layers: {key: (adapter_names, batch)},
+# set by FusedLoraModel._enable_peft_forward_hooks for one forward (or one generate), None elsewhere.
+# A ContextVar: nn.DataParallel runs its replicas in threads, each with its own batch.
+_MIXED_BATCHES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("lora_kernels_mixed_batches",
+                                                                             default=None)
+# Per layer: (key, scales (L,) fp32, ranks (L,) int32) on the layer's device, rebuilt when the key (its
+# adapters, their scaling and ranks, the device) changes. Weak: copies and replicas keep their own.
+_LAYER_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _mixed_batch(names: tuple, adapter_names, rows_per_sample: int, device: torch.device) -> AdapterBatch:
+    """The AdapterBatch of one row per (sample, position): sample i uses the layer slot of adapter_names[i].
+    Built once per batch, not per layer, inside FusedLoraModel's forward: every layer with the same
+    adapters (in the same order) reuses it, so a batch costs one host-to-device copy of its ids.
+    Keyed on the names list itself (PEFT hands every layer the same list; the cache holds it, so its
+    id is not reused while cached). Built per call elsewhere (a LoraModel patch_peft has not patched,
+    as with register_fused_peft alone; a layer called directly) and inside a torch.compile trace."""
+    batches = None if torch.compiler.is_compiling() else _MIXED_BATCHES.get()
+    key = (id(adapter_names), names, rows_per_sample, device)
+    if batches is not None and key in batches:
+        return batches[key][1]
+    slot = {name: index for index, name in enumerate(names)}
+    sample_ids = to_device(torch.tensor([slot.get(name, -1) for name in adapter_names], dtype=torch.int64),
+                           device)                                                         # (B,)
+    ids = sample_ids[:, None].expand(-1, rows_per_sample).reshape(-1)                       # (M,)
+    batch = AdapterBatch(ids, len(names), check=False)   # valid by construction: no sync
+    if batches is not None:
+        batches[key] = (adapter_names, batch)
+    return batch
+
+
+def _layer_constants(layer, names: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales (L,) fp32, ranks (L,) int32) of the layer's adapters on `device`, copied to the device
+    only when they change (the first call, set_scale, an adapter added or removed): not per call.
+    Inside a torch.compile trace: built afresh (the graph holds them)."""
+    key = (names, tuple(float(layer.scaling[a]) for a in names),
+           tuple(layer.lora_A[a].weight.shape[0] for a in names), device)
+    compiling = torch.compiler.is_compiling()
+    cached = None if compiling else _LAYER_CONSTANTS.get(layer)
+    if cached is None or cached[0] != key:
+        scales = to_device(torch.tensor(key[1], dtype=torch.float32), device)
+        ranks = to_device(torch.tensor(key[2], dtype=torch.int32), device)
+        cached = (key, scales, ranks)
+        if not compiling:
+            _LAYER_CONSTANTS[layer] = cached
+    return cached[1], cached[2]
+
+
 def _mixed_forward(layer, base: nn.Linear, x: torch.Tensor, adapter_names) -> torch.Tensor | None:
     """PEFT's mixed batch (one adapter name per sample, "__base__" for none) on multi_lora_linear:
-    this layer's adapters stacked (padded to the largest rank, true ranks kept), one id per row."""
+    this layer's adapters stacked (padded to the largest rank, true ranks kept), one id per row.
+    Per layer call: no host sync, no host-to-device copy (the batch's ids are copied once per batch,
+    see _mixed_batch; the scales and ranks when they change, see _layer_constants)."""
     if len(adapter_names) != len(x):
         raise ValueError(f"adapter_names has {len(adapter_names)} names but the input has {len(x)} samples "
                          "(x's first dim): one name per sample")
-    names = list(layer.lora_A)
+    names = tuple(layer.lora_A)
     dropouts = [_dropout_p(layer, a) for a in names]
     if any(layer.lora_B[a].bias is not None for a in names) or any(p is None or p > 0 for p in dropouts):
         return None   # per-row lora_bias / dropout (or a dropout module we do not know): PEFT's mixed forward
-    slot = {name: index for index, name in enumerate(names)}
-    sample_ids = torch.tensor([slot.get(name, -1) for name in adapter_names], dtype=torch.int64,
-                              device=x.device)                                          # (B,)
     rows_per_sample = x.numel() // max(x.shape[-1], 1) // max(len(x), 1)
-    ids = sample_ids.repeat_interleave(rows_per_sample)                                        # (M,)
+    scales, ranks = _layer_constants(layer, names, x.device)
+    batch = _mixed_batch(names, adapter_names, rows_per_sample, x.device).with_ranks(ranks)
     factors = [_factors(layer, a, x.dtype) for a in names]
-    ranks = [a.shape[0] for a, _ in factors]
-    max_rank = max(ranks)
+    max_rank = max(a.shape[0] for a, _ in factors)
     lora_a = torch.stack([nn.functional.pad(a, (0, 0, 0, max_rank - a.shape[0])) for a, _ in factors])   # (L, R, K)
     lora_b = torch.stack([nn.functional.pad(b, (0, max_rank - b.shape[1])) for _, b in factors])         # (L, N, R)
-    scales = torch.tensor([float(layer.scaling[a]) for a in names], device=x.device)
-    batch = AdapterBatch(ids, len(names), ranks=ranks, check=False)   # valid by construction: no sync
     return multi_lora_linear(x, base.weight, base.bias, lora_a, lora_b, scales, batch)
 
 
@@ -244,7 +291,8 @@ def _fused_lora_model_class(peft_class: type) -> type:
             fused path, each row's gradient going to its own adapter. The refusal reads the
             LoraModel's own `training` flag only; it is lowered just while PEFT checks."""
             training = self.training
-            if kwargs.get("adapter_names") is not None and training:
+            mixed = kwargs.get("adapter_names") is not None
+            if mixed and training:
                 if any(getattr(m, "gradient_checkpointing", False) is True for m in self.modules()):
                     raise ValueError("mixed adapter batches (adapter_names=) cannot train with gradient "
                                      "checkpointing: the recomputation in backward would run without the "
@@ -255,9 +303,12 @@ def _fused_lora_model_class(peft_class: type) -> type:
                 hooks.__enter__()
             finally:
                 self.training = training
+            batches = _MIXED_BATCHES.set({}) if mixed else None   # the layers' shared AdapterBatches
             try:
                 yield
             finally:
+                if batches is not None:
+                    _MIXED_BATCHES.reset(batches)
                 hooks.__exit__(None, None, None)
 
         def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:

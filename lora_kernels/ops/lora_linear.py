@@ -53,20 +53,25 @@ def _backend_module(backend: str):
 
 def _forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-    scale: float, dropout_p: float, seed: Tensor,
+    scale: float, dropout_p: float, seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """x (M, K) last stride 1 -> (y (M, N), lora_hidden T = dropout(x) Aᵀ (M, r), fp32 (fp64 for fp64 x)).
-    seed: 0-d int64 CPU tensor; the dropout mask is a function of it alone."""
+    seed: 0-d int64 tensor (None without dropout) where _dropout_seed draws it; the dropout mask is a
+    function of its value alone, read by the backend (on the device by the Triton kernels)."""
     m, n, r = x.shape[0], weight.shape[0], lora_a.shape[0]
+    if dropout_p > 0.0 and (seed is None or seed.shape != () or seed.dtype != torch.int64):
+        # only a direct call of the registered op can get here (lora_linear draws the seed)
+        raise ValueError(f"dropout_p={dropout_p} needs seed, a 0-d int64 tensor; got "
+                         f"{'None' if seed is None else describe(seed)}")
     if m == 0 or n == 0:
         return x.new_empty((m, n)), x.new_zeros((m, r), dtype=fallback.hidden_dtype(x.dtype))
     return _backend_module(resolve_backend(x.device, x.dtype)).lora_linear_forward(
-        x, weight, bias, lora_a, lora_b, scale, dropout_p, int(seed) if dropout_p > 0.0 else 0)
+        x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
 
 
 def _backward_grads(
     grad_y: Tensor, x: Optional[Tensor], weight: Optional[Tensor], lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor], lora_hidden: Optional[Tensor], scale: float, dropout_p: float, seed: Tensor,
+    lora_b: Optional[Tensor], lora_hidden: Optional[Tensor], scale: float, dropout_p: float, seed: Optional[Tensor],
     need_x: bool, need_a: bool, need_b: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dX (M, K), dA (r, K), dB (N, r)); a gradient not asked for comes back as an empty tensor.
@@ -75,9 +80,7 @@ def _backward_grads(
     grads = (None, None, None)
     if m > 0:
         grads = _backend_module(backend).lora_linear_backward(
-            grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p,
-            int(seed) if dropout_p > 0.0 else 0,
-            need_x, need_a, need_b)
+            grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p, seed, need_x, need_a, need_b)
     shapes = _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b)
     return tuple(g if g is not None else grad_y.new_zeros(shape) for g, shape in zip(grads, shapes))
 
@@ -147,12 +150,13 @@ def _backward(ctx, grad_y, _grad_hidden):
             grad_b if need_b else None, None, None, None)
 
 
-def _keep_mask(m: int, k: int, dropout_p: float, seed: Tensor, backend: str, device: torch.device) -> Optional[Tensor]:
+def _keep_mask(m: int, k: int, dropout_p: float, seed: Optional[Tensor], backend: str,
+               device: torch.device) -> Optional[Tensor]:
     """The (M, K) bool dropout keep-mask `backend` derives from seed; None without dropout."""
     if dropout_p == 0.0:
         return None
     with torch._C._DisableFuncTorch():   # a constant: a plain tensor even under torch.func (a kernel writes it)
-        return _backend_module(backend).dropout_keep_mask(m, k, dropout_p, int(seed), device)
+        return _backend_module(backend).dropout_keep_mask(m, k, dropout_p, seed, device)
 
 
 def _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed):
@@ -177,17 +181,17 @@ lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 _LoRALinearFunction = eager_fast_path("_LoRALinearFunction", _forward, _setup_context, _backward)
 
 
-# The seed of calls without dropout: one 8-byte CPU tensor made at import (a lazily made one would
-# be a guard that torch.compile trips over on the first call: one needless recompile).
-_NO_SEED = torch.zeros((), dtype=torch.int64)
-
-
-def _dropout_seed(dropout_p: float) -> Tensor:
-    """A 0-d int64 CPU tensor: drawn from torch's default CPU generator when dropout is on (so
-    torch.manual_seed and activation checkpointing's RNG restore reproduce it), else a fixed 0."""
+def _dropout_seed(dropout_p: float, x: Tensor) -> Optional[Tensor]:
+    """The dropout seed of a call on x: a 0-d int64 tensor drawn from torch's generator of x's device,
+    or None without dropout (no tensor: a CPU tensor in a compiled CUDA graph makes Inductor skip CUDA
+    graphs under mode="reduce-overhead"). On a GPU it comes from CUDA's generator: the Triton kernels
+    read it there (no host sync), and each replay of a captured CUDA graph draws a new one; the torch
+    backend reads it on the host (one sync per forward and per backward). On the CPU it comes from the
+    CPU generator, as always. torch.manual_seed and activation checkpointing (which restores the CPU and
+    CUDA RNG states) reproduce it."""
     if dropout_p > 0.0:
-        return torch.randint(SEED_BOUND, (), dtype=torch.int64)
-    return _NO_SEED
+        return torch.randint(SEED_BOUND, (), device=x.device, dtype=torch.int64)
+    return None
 
 
 def _obviously_valid(x, weight, bias, lora_a, lora_b) -> bool:
@@ -242,7 +246,8 @@ def lora_linear(
 
     x (..., K), weight (N, K), bias (N,) | None, lora_a (r, K), lora_b (N, r) -> y (..., N).
     dropout_p > 0 drops entries of x on the LoRA branch only (PEFT semantics), always: the caller
-    decides training vs eval. The mask derives from a seed drawn from torch's CPU generator.
+    decides training vs eval. The mask derives from a seed drawn from torch's generator: CUDA's for the
+    Triton kernels on a GPU (a captured CUDA graph draws a new one at each replay), else the CPU's.
     scale: a python number or 0-d tensor, finite with |scale| <= float32's largest, else ValueError.
     NaN / ±inf in the tensors propagate as in the float64 reference (README, "Non-finite values").
 
@@ -259,7 +264,7 @@ def lora_linear(
     x2d = x if x.dim() == 2 else x.reshape(-1, k)          # (M, K), a view when strides allow
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    args = (x2d, weight, bias, lora_a, lora_b, scale, dropout_p, _dropout_seed(dropout_p))
+    args = (x2d, weight, bias, lora_a, lora_b, scale, dropout_p, _dropout_seed(dropout_p, x2d))
     if torch.compiler.is_compiling():
         y2d, _ = lora_linear_op(*args)
     elif in_transform():   # forward-mode AD, torch.func: tangents and wrappers need torch ops

@@ -1,4 +1,5 @@
-"""Launchers of the multi-adapter LoRA kernels: allocate, pick tiles by shape, launch.
+"""Launchers of the multi-adapter LoRA kernels: allocate, pick tiles by shape, launch (the public
+launchers under their inputs' device: _device.on_device_of).
 
 Inputs arrive validated by the op layer (lora_kernels.ops.multi_lora_linear): x (M, K) with last
 stride 1, weight (N, K), bias (N,) | None, lora_a (L, R, K), lora_b (L, N, R), scales (L,) fp32,
@@ -20,7 +21,8 @@ from .kernels.multi_lora_linear import (
     segmented_rows_matmul_kernel,
     segmented_shrink_kernel,
 )
-from .lora_linear import _splits, _sum_splits, dot_precision, lora_precision, rank_block, rows_config
+from ._device import on_device_of
+from .lora_linear import _splits, _sum_splits, dot_precision, fp32_dot, lora_precision, rank_block, rows_config
 
 # Segment lengths scanned per step by every program to find its segment (S <= this: one step).
 MAX_BLOCK_S = 1024
@@ -40,15 +42,19 @@ class SegmentedConfig:
 
 
 @functools.lru_cache(maxsize=1024)
-def segmented_config(m: int, num_segments: int, rank: int) -> SegmentedConfig:
+def segmented_config(m: int, num_segments: int, rank: int, fp32_dot: str | None = None) -> SegmentedConfig:
     """Decode-like batches (few rows per segment on average) take 16-row tiles, so a one-row
     segment wastes 15 masked rows rather than 63; long segments (prefill, training) take 64.
     At most M segments hold rows, whatever the number of adapter slots: the average uses that.
     8 warps on the 64x128 tiles: the expand needed 163-204 registers a thread with 4 (AOT cubins,
-    sm_80/sm_90), 96-110 with 8."""
+    sm_80/sm_90), 96-110 with 8.
+    fp32_dot (lora_linear.fp32_dot of the inputs) "ieee": the shrink's dot runs as FMA, which holds the
+    (BM, BLOCK_K) and (BLOCK_K, BR) operand slices in registers: 128- and 64-deep steps spilled
+    8 B-3.9 KB per thread (AOT cubins, sm_80 / sm_90; 3.9 KB unspecialized); 32- and 16-deep: 47-174
+    registers, none. The expand's tiles do not depend on it."""
     if m <= 64 or m < 32 * min(num_segments, m):
-        return SegmentedConfig(16, 128, rank_block(rank, 64), 64, 4, 3)
-    return SegmentedConfig(64, 64, rank_block(rank, 64), 128, 8, 3)
+        return SegmentedConfig(16, 32 if fp32_dot == "ieee" else 128, rank_block(rank, 64), 64, 4, 3)
+    return SegmentedConfig(64, 16 if fp32_dot == "ieee" else 64, rank_block(rank, 64), 128, 8, 3)
 
 
 def _block_s(num_segments: int) -> int:
@@ -71,7 +77,7 @@ def segmented_shrink(
     m, k = x.shape
     rank = a.shape[1]
     num_segments = seg_starts.shape[0] - 1
-    cfg = segmented_config(m, num_segments, rank)
+    cfg = segmented_config(m, num_segments, rank, fp32_dot(x.dtype))
     rank_tiles = triton.cdiv(rank, cfg.block_r)
     # splits sized for the tiles that do work (about cdiv(M, BLOCK_M)), not the grid's bound
     splits, k_per_split = _splits(k, cfg.block_k, triton.cdiv(m, cfg.block_m) * rank_tiles)
@@ -105,7 +111,7 @@ def segmented_expand_(
     m, n = out.shape
     splits, _, rank = t_partials.shape
     num_segments = seg_starts.shape[0] - 1
-    cfg = segmented_config(m, num_segments, rank)
+    cfg = segmented_config(m, num_segments, rank, fp32_dot(out.dtype))
     t_sum = torch.zeros((m, rank), device=out.device, dtype=torch.float32) if store_t_sum else None
     grid = (_row_tiles(m, num_segments, cfg.block_m), triton.cdiv(n, cfg.block_n))
     segmented_expand_kernel[grid](
@@ -136,7 +142,9 @@ def segmented_rows_matmul(
     m, p = left.shape
     q = right.shape[1]
     num_adapters = adapter_starts.shape[0] - 1
-    cfg = rows_config(p, q)   # the single-adapter weight-gradient tiles: one side is the rank (small)
+    compute_dtype = left.dtype if left.dtype != torch.float32 else right.dtype
+    # the single-adapter weight-gradient tiles: one side is the rank (small)
+    cfg = rows_config(p, q, fp32_dot(compute_dtype))
     tiles_pq = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
     # split each adapter's rows as if one adapter had every row (a skewed training batch: 8 slots,
     # one in use, would otherwise run on 1/8 of the programs), but keep the fp32 partials no larger
@@ -144,7 +152,6 @@ def segmented_rows_matmul(
     splits, _ = _splits(m, cfg.block_m, tiles_pq)
     splits = max(1, min(splits, (m * (p + q)) // (num_adapters * p * q)))
     partials = torch.empty((splits, num_adapters, p, q), device=left.device, dtype=torch.float32)
-    compute_dtype = left.dtype if left.dtype != torch.float32 else right.dtype
     segmented_rows_matmul_kernel[(num_adapters, tiles_pq, splits)](
         left, right, partials, sorted_rows, adapter_starts, ranks if ranks is not None else adapter_starts, scales,
         p, q, rank, splits,
@@ -163,6 +170,7 @@ def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
 
 
+@on_device_of("out")
 def multi_lora_add_(
     out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
     segment_rows: torch.Tensor, segment_starts: torch.Tensor, segment_adapters: torch.Tensor | None,
@@ -176,6 +184,7 @@ def multi_lora_add_(
                              store_t_sum=store_hidden)
 
 
+@on_device_of("x")
 def multi_lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
@@ -189,6 +198,7 @@ def multi_lora_linear_forward(
     return y, hidden if need_hidden else x.new_empty((x.shape[0], 0), dtype=torch.float32)
 
 
+@on_device_of("grad_y")
 def multi_lora_linear_backward(
     grad_y: torch.Tensor,            # (M, N), last stride 1
     x: torch.Tensor | None,          # (M, K), for dA

@@ -10,6 +10,9 @@ Every operand is addressed through its strides, so transposed views (W0ᵀ, Bᵀ
 Accumulation is fp32; the rank-R intermediate stays fp32; each output is cast once, at the store.
 Split reductions write fp32 partials that a later step sums in a fixed order: no atomics, so
 results are bit-identical from run to run.
+The dropout seed is no int argument (nothing to ``do_not_specialize``): each kernel loads it once per
+program from a 0-d int64 tensor (``seed_ptr``), so a captured CUDA graph reads the seed that each
+replay draws on the device, and nothing syncs to hand it to the launch.
 """
 
 import triton
@@ -18,8 +21,9 @@ import triton.language as tl
 
 @triton.jit
 def dropout_keep(seed, offs_m, offs_k, dropout_p):
-    """Keep-mask of LoRA dropout for rows offs_m (BM,) x columns offs_k (BK,) of an (M, K) matrix:
-    element (m, k) is kept iff uniform(philox(seed; counter = (k, m, 0, 0))) >= dropout_p.
+    """Keep-mask of LoRA dropout for rows offs_m (BM,) x columns offs_k (BK,) of an (M, K) matrix, seed
+    being the int64 value a kernel loaded from its seed_ptr: element (m, k) is kept iff
+    uniform(philox(seed; counter = (k, m, 0, 0))) >= dropout_p.
     The same (seed, m, k) gives the same bit in every kernel, which is how backward regenerates
     the forward mask without storing it. Two 32-bit counters rather than one 64-bit offset m*K + k:
     unique up to 2**32 rows and columns, and 32-bit Philox keeps the dX epilogue (two live fp32
@@ -37,7 +41,7 @@ def lora_shrink_kernel(
     stride_xm, stride_xk,      # x: (M, K)
     stride_ar, stride_ak,      # a: (R, K)   (Bᵀ in backward: a (R, N) view of lora_b (N, R))
     stride_os, stride_om,      # out: (SPLIT_K, M, R) fp32, last stride 1
-    seed, dropout_p, dropout_scale,
+    seed_ptr, dropout_p, dropout_scale,   # seed_ptr: 0-d int64, read only with DROPOUT
     DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -51,6 +55,8 @@ def lora_shrink_kernel(
     rows = offs_m.to(tl.int64)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -80,7 +86,7 @@ def lora_fused_matmul_kernel(
     stride_om, stride_on,      # out: (M, N)
     stride_sm,                 # t_sum: (M, R) fp32, last stride 1
     stride_bias,               # bias: (N,), any stride (0 for an expanded one)
-    scale, seed, dropout_p, dropout_scale,
+    scale, seed_ptr, dropout_p, dropout_scale,   # seed_ptr: 0-d int64, read only with EPILOGUE_DROPOUT
     HAS_BIAS: tl.constexpr, STORE_T_SUM: tl.constexpr, EPILOGUE_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_DOT_PRECISION: tl.constexpr,
@@ -136,7 +142,7 @@ def lora_fused_matmul_kernel(
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
         lora = tl.dot(t, v, lora, input_precision=LORA_DOT_PRECISION)
     if EPILOGUE_DROPOUT:
-        keep = dropout_keep(seed, offs_m, offs_n, dropout_p)
+        keep = dropout_keep(tl.load(seed_ptr), offs_m, offs_n, dropout_p)
         lora = tl.where(keep, lora * dropout_scale, 0.0)
     # the scale multiplies the finished rank product, as in the reference: scaling T first turns a
     # large finite scale into ±inf terms whose sum is NaN where the reference has a finite value
@@ -155,7 +161,7 @@ def lora_rows_matmul_kernel(
     stride_lm, stride_lp,      # l: (M, P)
     stride_rm, stride_rq,      # r: (M, Q)
     stride_os, stride_op,      # out: (SPLIT_M, P, Q) fp32, last stride 1
-    alpha, seed, dropout_p, dropout_scale,
+    alpha, seed_ptr, dropout_p, dropout_scale,   # seed_ptr: 0-d int64, read only with DROPOUT_R
     DROPOUT_R: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -173,6 +179,8 @@ def lora_rows_matmul_kernel(
     q_mask = offs_q < Q
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
+    if DROPOUT_R:
+        seed = tl.load(seed_ptr)
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -193,10 +201,11 @@ def lora_rows_matmul_kernel(
 
 
 @triton.jit
-def dropout_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Writes the keep-mask (M, K) int8 that the kernels above regenerate: for tests and debugging."""
+def dropout_mask_kernel(out_ptr, M, K, seed_ptr, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Writes the keep-mask (M, K) int8 that the kernels above regenerate from the seed at seed_ptr
+    (0-d int64): for tests and debugging."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(seed, offs_m, offs_k, dropout_p)
+    keep = dropout_keep(tl.load(seed_ptr), offs_m, offs_k, dropout_p)
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
