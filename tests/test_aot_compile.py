@@ -38,8 +38,8 @@ What is compiled -- the configs, constexprs and pointer types come from the laun
   STORE_T_SUM, RANK_ON_P and the segment-scan width BLOCK_S (1 to 1024);
   dropout_mask_kernel has its one launch.
 * Dtypes: fp16, bf16, fp32, with DOT_PRECISION / LORA_DOT_PRECISION as ``dot_precision`` /
-  ``lora_precision`` give them; fp32 twice, as both settings of torch's allow_tf32 switch
-  give it ("ieee" by default, "tf32" when the user allows it).
+  ``lora_precision`` give them; fp32 twice, as both values of torch's fp32 matmul precision
+  give it ("ieee" by default, "tf32" when the user allows it: allow_tf32 or fp32_precision).
 * Call sites ("usages") and constexpr flags, as the launchers pass them: shrink fwd (x, A; DROPOUT
   on/off) and bwd (dY, Bᵀ); fused fwd (x, W0ᵀ, Bᵀ; HAS_BIAS on/off, STORE_T_SUM) and bwd (dY, W0, A;
   STORE_T_SUM on/off x EPILOGUE_DROPOUT on/off); rows dA (fp32 dU left, input-dtype x right;
