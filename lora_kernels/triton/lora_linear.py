@@ -188,6 +188,12 @@ def fp32_dot(dtype: torch.dtype) -> str | None:
     return dot_precision(dtype) if dtype == torch.float32 else None
 
 
+def rows_compute_dtype(left: torch.Tensor, right: torch.Tensor) -> torch.dtype:
+    """The dtype whose precision a weight-gradient product takes: one operand is the fp32 rank
+    intermediate, the other the input dtype (fp32 when both are)."""
+    return left.dtype if left.dtype != torch.float32 else right.dtype
+
+
 def lora_precision(dtype: torch.dtype) -> str:
     """The rank-r products take the fp32 intermediate and an upcast 16-bit operand: tf32 tensor
     cores (10-bit mantissa, finer than bf16's 7) for 16-bit inputs; fp32 inputs as dot_precision."""
@@ -277,7 +283,7 @@ def rows_matmul(
     """alpha · leftᵀ · dropout(right) -> (P, Q) in out_dtype, reduced over the M rows in fixed order."""
     m, p = left.shape
     q = right.shape[1]
-    compute_dtype = left.dtype if left.dtype != torch.float32 else right.dtype
+    compute_dtype = rows_compute_dtype(left, right)
     cfg = rows_config(p, q, fp32_dot(compute_dtype), dropout=dropout_p > 0.0)
     grid_pq = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
     splits, rows_per_split = _splits(m, cfg.block_m, grid_pq)
@@ -344,5 +350,8 @@ def dropout_keep_mask(m: int, k: int, dropout_p: float, seed: torch.Tensor, devi
     out = torch.empty((m, k), device=device, dtype=torch.int8)
     if m and k:
         grid = (triton.cdiv(m, 32), triton.cdiv(k, 64))
+        # seed.to(...), not seed: under torch.func the seed is a functorch wrapper, and this copy (made in
+        # _keep_mask's _DisableFuncTorch block) is a plain tensor the kernel can read; the wrapper itself
+        # raised "Cannot access storage of TensorWrapper" (interpreter, test_higher_order_autograd)
         dropout_mask_kernel[grid](out, m, k, seed.to(out.device), dropout_p, BLOCK_M=32, BLOCK_K=64)
     return out.bool()

@@ -22,7 +22,9 @@ from .kernels.multi_lora_linear import (
     segmented_shrink_kernel,
 )
 from ._device import on_device_of
-from .lora_linear import _splits, _sum_splits, dot_precision, fp32_dot, lora_precision, rank_block, rows_config
+from .lora_linear import (
+    _splits, _sum_splits, dot_precision, fp32_dot, lora_precision, rank_block, rows_compute_dtype, rows_config,
+)
 
 # Segment lengths scanned per step by every program to find its segment (S <= this: one step).
 MAX_BLOCK_S = 1024
@@ -142,7 +144,7 @@ def segmented_rows_matmul(
     m, p = left.shape
     q = right.shape[1]
     num_adapters = adapter_starts.shape[0] - 1
-    compute_dtype = left.dtype if left.dtype != torch.float32 else right.dtype
+    compute_dtype = rows_compute_dtype(left, right)
     # the single-adapter weight-gradient tiles: one side is the rank (small)
     cfg = rows_config(p, q, fp32_dot(compute_dtype))
     tiles_pq = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
