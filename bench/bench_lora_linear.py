@@ -21,7 +21,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,6 +36,7 @@ if str(BENCH_DIR) not in sys.path:
 
 import harness  # noqa: E402
 import lora_kernels  # noqa: E402
+from lora_kernels import tuning  # noqa: E402
 
 PROVIDERS = ("base", "ours", "peft", "lean_torch")
 MODES = ("fwd", "fwd_bwd")
@@ -89,15 +90,17 @@ def default_groups(device: torch.device) -> list[Group]:
     One training row with dropout 0.1 shows what the regenerated mask costs."""
     if device.type == "cuda":
         many = (1, 16, 256, 1024, 4096)
+        # k/v at mid-size M too: at 32 and 128 rows the fused GEMM's heuristic tiles (64×64, 64×128) make
+        # 16 programs for 132 SMs (H100/H200), the case split-K or the split strategy must fix
         return [Group(SMOL_QO, (16,), many), Group(SMOL_UP, (16, 64), many),
-                Group(LLAMA_KV, (16,), many), Group(LLAMA_QO, (16, 128), many),
+                Group(LLAMA_KV, (16,), (1, 16, 32, 128, 256, 1024, 4096)), Group(LLAMA_QO, (16, 128), many),
                 Group(LLAMA_QO, (16,), (1024,), (0.1,), ("fwd_bwd",))]
     return [
         Group(SMOL_QO, (16,), (1, 16, 256, 1024)),
         Group(SMOL_UP, (16,), (1, 16, 256, 1024)),
         Group(SMOL_UP, (64,), (16, 1024)),
         Group(SMOL_UP, (16,), (256,), (0.1,), ("fwd_bwd",)),
-        Group(LLAMA_KV, (16,), (1, 16, 256)),
+        Group(LLAMA_KV, (16,), (1, 16, 32, 128, 256)),
         Group(LLAMA_QO, (16,), (1, 16, 64)),
     ]
 
@@ -261,6 +264,53 @@ def step_fn(provider: Provider, mode: str, x: Tensor, grad_y: Tensor) -> Callabl
     return step
 
 
+# ----------------------------------------------------------------------------- what ran
+
+
+def plan_text(strategy: str, config: dict | None) -> str:
+    """One table cell: "torch", "split", or "fused" with its tiles, e.g. "fused 128×128×64 r16 g8 w8 s3"
+    (M×N×K block, rank block, group size, warps, stages; "k4": split-K into 4)."""
+    if config is None:
+        return strategy
+    return (f"{strategy} {config['block_m']}×{config['block_n']}×{config['block_k']} r{config['block_r']} "
+            f"g{config['group_m']} w{config['num_warps']} s{config['num_stages']}"
+            + (f" k{config['split_k']}" if config.get("split_k", 1) > 1 else ""))
+
+
+def triton_plan(op: str, device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, r: int,
+                epilogue_dropout: bool) -> tuple[str, dict | None]:
+    """(strategy, MatmulConfig fields or None) the Triton backend runs for one matmul: lora_kernels.tuning's
+    plan for this device; a fused plan without a config runs the launcher's heuristic tiles."""
+    plan = tuning.plan_for(op, device, dtype, m, n, k, r)
+    config = plan.config
+    if plan.strategy == "fused" and config is None:
+        from lora_kernels.triton.lora_linear import fp32_dot, fused_matmul_config
+        config = fused_matmul_config(m, n, k, r, fp32_dot(dtype), epilogue_dropout=epilogue_dropout)
+    return plan.strategy, (None if config is None else asdict(config))
+
+
+def ours_plan(backend: str, device: torch.device, dtype: torch.dtype, mode: str, m: int, shape: Shape, r: int,
+              dropout_p: float) -> dict:
+    """What serves ours in one row: strategy and config (MatmulConfig fields, fused only) of the forward,
+    in fwd_bwd rows also of dX (dx_strategy, dx_config), and "plan", both in one cell. The torch backend
+    is "torch": torch's GEMM, then the LoRA add-on (a split strategy by construction). The Triton backend
+    runs tuning.plan_for("forward", M, N = out, K = in) and ("dx", M, N = in, K = out)."""
+    if backend != "triton":
+        strategy = "torch" if backend == "torch" else None
+        row = {"strategy": strategy, "config": None}
+        if mode == "fwd_bwd":
+            row.update(dx_strategy=strategy, dx_config=None)
+        row["plan"] = strategy
+        return row
+    strategy, config = triton_plan("forward", device, dtype, m, shape.n, shape.k, r, False)
+    row = {"strategy": strategy, "config": config, "plan": plan_text(strategy, config)}
+    if mode == "fwd_bwd":
+        dx_strategy, dx_config = triton_plan("dx", device, dtype, m, shape.k, shape.n, r, dropout_p > 0)
+        row.update(dx_strategy=dx_strategy, dx_config=dx_config,
+                   plan=f"{row['plan']}; dX {plan_text(dx_strategy, dx_config)}")
+    return row
+
+
 # ----------------------------------------------------------------------------- correctness
 
 
@@ -340,6 +390,7 @@ TABLE_COLUMNS = [
     ("base_ms", "base ms"), ("ours_ms", "ours ms"), ("peft_ms", "peft ms"), ("lean_torch_ms", "lean ms"),
     ("overhead_pct", "ours/base-1 %"), ("speedup_vs_peft", "× vs peft"), ("speedup_vs_lean_torch", "× vs lean"),
     ("ours_tflops", "ours TFLOP/s"), ("ours_gbps", "ours GB/s"), ("ours_peak_pct", "ours % peak"),
+    ("plan", "ours plan"),
 ]
 CUDA_COLUMNS = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("peft_peak_mib", "peft MiB")]
 
@@ -357,6 +408,7 @@ def timed_with(row: dict, providers: Sequence[str]) -> str | None:
 def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, dtype: torch.dtype,
         min_run_time: float, peak: harness.Peak | None = None, graph_max_tokens: int = 0) -> list[dict]:
     """graph_max_tokens: on CUDA, rows of at most this many tokens are timed as CUDA-graph replays."""
+    backend = lora_kernels_backend(device, dtype)
     rows: list[dict] = []
     cases = [(g, r, m, p, mode) for g in groups for r in g.ranks for m in g.tokens
              for p in g.dropouts for mode in g.modes if not (mode == "fwd" and p > 0)]
@@ -429,6 +481,8 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                         row["ours_tflops"], row["ours_gbps"] = achieved["tflops"], achieved["gbps"]
                         row["ours_peak_pct"] = achieved["peak_pct"]
                         row["timed"] = timed_with(row, providers)
+                        if "ours" in providers:
+                            row.update(ours_plan(backend, device, dtype, mode, m, shape, r, p))
                         row["errors"] = "; ".join(errors) or None
                         rows.append(row)
                         bar.step(f"{shape.name} M={m} r={r} p={p} {mode}: "

@@ -637,7 +637,7 @@ TABLE_COLUMNS = [
     ("overhead_pct", "ours/base-1 %"), ("ours_over_shared", "ours/shared ×"),
     ("speedup_vs_peft_layer", "× vs peft layer"), ("speedup_vs_lean_torch", "× vs lean"),
     ("ours_tflops", "ours TFLOP/s"), ("ours_gbps", "ours GB/s"), ("ours_peak_pct", "ours % peak"),
-    ("others_cpu", "other CPUs"),
+    ("plan", "ours plan"), ("others_cpu", "other CPUs"),
 ]
 CUDA_COLUMNS = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("shared_peak_mib", "shared MiB"),
                 ("peft_layer_peak_mib", "peft layer MiB"), ("lean_torch_peak_mib", "lean MiB")]
@@ -804,9 +804,22 @@ def make_row(prep: Prepared, mode: str, names: list[str], lean_variants: tuple[s
     achieved = harness.roofline(row["flops"], row["bytes"], ours, peak)
     row["ours_tflops"], row["ours_gbps"], row["ours_peak_pct"] = achieved["tflops"], achieved["gbps"], achieved["peak_pct"]
     row["timed"] = timed_with(row, names)
+    if "ours" in names:
+        row.update(ours_plan(lora_kernels_backend(device, prep.x.dtype), prep.batch))
     row["padding_case"] = case.padding
     row["errors"] = "; ".join(errors) or None
     return row
+
+
+def ours_plan(backend: str, batch) -> dict:
+    """What serves ours in one row: "torch" (the torch backend: per adapter, torch's matmuls on its rows),
+    or on the Triton backend "segmented", the segmented kernels over the batch's row tiles of row_tile rows."""
+    if backend != "triton":
+        return {"strategy": "torch" if backend == "torch" else None, "row_tile": None,
+                "plan": "torch" if backend == "torch" else None}
+    row_tile = getattr(batch, "row_tile", None)     # None: the AdapterBatch could not be built
+    return {"strategy": "segmented", "row_tile": row_tile,
+            "plan": "segmented" + (f", row tile {row_tile}" if row_tile else "")}
 
 
 def run(units: list[tuple[list[Case], tuple[str, ...]]], providers: tuple[str, ...], lean_variants: tuple[str, ...],

@@ -28,7 +28,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -373,30 +372,13 @@ def _load_average() -> float | None:
         return None
 
 
-# Words of a GPU's name that are not the model: the vendor's, and (ending the model) a memory size or
-# a form factor, as in "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 NVL".
-_GPU_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "instinct", "radeon"}
-_GPU_VARIANT_WORD = re.compile(r"\d+gb|sxm\d*|pcie|hbm\d*e?|nvl|mig")
-
-
-def gpu_slug(name: str) -> str:
-    """A GPU's model as a file-name slug: "NVIDIA H200" -> "h200", "NVIDIA H100 80GB HBM3" -> "h100",
-    "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx-4090"; "cuda" if nothing is left."""
-    words = []
-    for word in re.split(r"[\s_/-]+", name.lower()):
-        word = re.sub(r"[^a-z0-9]", "", word)
-        if _GPU_VARIANT_WORD.fullmatch(word):
-            break
-        if word and word not in _GPU_VENDOR_WORDS:
-            words.append(word)
-    return "-".join(words) or "cuda"
-
-
 def device_kind(device: torch.device | str) -> str:
-    """The device in result file names (<name>-<device kind>.json): the GPU's slug on CUDA (h200, a100),
-    so runs on two GPU models do not overwrite each other; else the device type ("cpu")."""
-    device = torch.device(device)
-    return gpu_slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else device.type
+    """The device in result file names (<name>-<device kind>.json): the GPU's model on CUDA (h200, a100),
+    so runs on two GPU models do not overwrite each other; else the device type ("cpu"). The slug of
+    lora_kernels' plan tables (lora_kernels.tuning.device_kind): a GPU's results and plans share one name."""
+    from lora_kernels.tuning import device_kind as plan_table_kind     # lazily: importing the harness stays torch-only
+
+    return plan_table_kind(device)
 
 
 def environment_stamp(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, Any]:

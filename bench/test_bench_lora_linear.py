@@ -55,3 +55,67 @@ def test_lora_linear(benchmark, weights, activations, name, mode):
     benchmark.group = f"lora_linear {mode} M={TOKENS} K={SHAPE.k} N={SHAPE.n} r={RANK} {DTYPE}"
     benchmark.extra_info.update(provider=name, mode=mode, m=TOKENS, k=SHAPE.k, n=SHAPE.n, r=RANK)
     benchmark(step)
+
+
+# ----------------------------------------------------------------------------- what ran, per row
+
+
+def test_default_configs_time_kv_at_mid_size_m():
+    """Issue 12: k/v (4096 -> 1024) at 32 and 128 rows, where a GEMM without split-K leaves SMs idle."""
+    for device in (torch.device("cpu"), torch.device("cuda")):      # the configurations are data: no device touched
+        kv = [g for g in bench.default_groups(device) if g.shape == bench.LLAMA_KV]
+        assert {32, 128} <= {m for g in kv for m in g.tokens if 16 in g.ranks and 0.0 in g.dropouts}, device
+
+
+def test_torch_backend_rows_say_torch():
+    plan = bench.ours_plan("torch", torch.device("cpu"), torch.float32, "fwd_bwd", 64, bench.LLAMA_KV, 16, 0.0)
+    assert plan == {"strategy": "torch", "config": None, "dx_strategy": "torch", "dx_config": None, "plan": "torch"}
+    assert "dx_strategy" not in bench.ours_plan("torch", torch.device("cpu"), torch.float32, "fwd", 64,
+                                                bench.LLAMA_KV, 16, 0.0)
+
+
+def test_triton_rows_look_up_forward_and_dx_with_their_own_n_and_k(monkeypatch):
+    """forward: (M, N = out_features, K = in_features); dX: (M, N = in_features, K = out_features)."""
+    calls = []
+    fused = bench.tuning.MatmulConfig(64, 128, 64, 16, 8, 8, 4, split_k=4)
+
+    def plan_for(op, device, dtype, m, n, k, rank):
+        calls.append((op, m, n, k, rank))
+        return bench.tuning.Plan("fused", fused) if op == "dx" else bench.tuning.SPLIT
+
+    monkeypatch.setattr(bench.tuning, "plan_for", plan_for)
+    plan = bench.ours_plan("triton", torch.device("cuda"), torch.bfloat16, "fwd_bwd", 32, bench.LLAMA_KV, 16, 0.0)
+    assert calls == [("forward", 32, 1024, 4096, 16), ("dx", 32, 4096, 1024, 16)]
+    assert plan["strategy"] == "split" and plan["config"] is None
+    assert plan["dx_strategy"] == "fused" and plan["dx_config"] == {
+        "block_m": 64, "block_n": 128, "block_k": 64, "block_r": 16, "group_m": 8, "num_warps": 8, "num_stages": 4,
+        "split_k": 4}
+    assert plan["plan"] == "split; dX fused 64×128×64 r16 g8 w8 s4 k4"
+
+
+def test_triton_rows_record_the_forced_plan_and_the_heuristic_tiles_of_a_fused_plan_without_config():
+    from lora_kernels.triton.lora_linear import fp32_dot, fused_matmul_config
+
+    cuda = torch.device("cuda")     # a forced plan is returned before any device table is read
+    with bench.tuning.forced_plan("split"):
+        plan = bench.ours_plan("triton", cuda, torch.bfloat16, "fwd", 128, bench.LLAMA_QO, 16, 0.0)
+    assert plan == {"strategy": "split", "config": None, "plan": "split"}
+    with bench.tuning.forced_plan("fused"):
+        plan = bench.ours_plan("triton", cuda, torch.bfloat16, "fwd_bwd", 4096, bench.LLAMA_QO, 16, 0.1)
+    forward = fused_matmul_config(4096, 4096, 4096, 16, fp32_dot(torch.bfloat16), epilogue_dropout=False)
+    dx = fused_matmul_config(4096, 4096, 4096, 16, fp32_dot(torch.bfloat16), epilogue_dropout=True)
+    assert forward != dx, "the dX call under dropout has its own tiles: the test would not tell them apart"
+    assert (plan["strategy"], plan["dx_strategy"]) == ("fused", "fused")
+    assert plan["config"] == vars(forward) and plan["dx_config"] == vars(dx)
+    assert plan["plan"] == (f"{bench.plan_text('fused', vars(forward))}; dX {bench.plan_text('fused', vars(dx))}")
+
+
+def test_rows_and_table_carry_the_plan():
+    group = bench.Group(bench.SMOL_QO, (16,), (4,))
+    rows = bench.run([group], ("ours", "lean_torch"), torch.device("cpu"), torch.float32, min_run_time=0.01)
+    assert [(row["mode"], row["plan"], row["strategy"]) for row in rows] == [("fwd", "torch", "torch"),
+                                                                             ("fwd_bwd", "torch", "torch")]
+    assert rows[1]["dx_strategy"] == "torch"
+    columns = bench.harness.visible_columns(rows, ("ours", "lean_torch"), bench.TABLE_COLUMNS, bench.CUDA_COLUMNS,
+                                            {}, "cpu")
+    assert "ours plan" in bench.harness.markdown_table(rows, columns).splitlines()[0]

@@ -191,8 +191,19 @@ def test_main_end_to_end(tmp_path, capsys):
                          "--lean-variants", "loop", "--repeats", "1", "--min-run-time", "0.01"])
     out = capsys.readouterr().out
     assert status == 0
-    assert "ours/shared ×" in out and "| decode " in out and "| prefill " in out
+    assert "ours/shared ×" in out and "| decode " in out and "| prefill " in out and "ours plan" in out
     assert "errors" not in out
+
+
+def test_rows_record_the_strategy_and_row_tile_of_ours():
+    """torch backend: "torch"; Triton: the segmented kernels and the batch's row tile (64 decode rows: 16;
+    a prefill of 4 requests of 64 rows: 64)."""
+    assert bench.ours_plan("torch", None) == {"strategy": "torch", "row_tile": None, "plan": "torch"}
+    decode = lora_kernels.AdapterBatch(torch.arange(64) % 8, 8)
+    prefill = lora_kernels.AdapterBatch(torch.arange(256) // 64, 8)
+    assert bench.ours_plan("triton", decode) == {"strategy": "segmented", "row_tile": 16,
+                                                 "plan": "segmented, row tile 16"}
+    assert bench.ours_plan("triton", prefill)["plan"] == "segmented, row tile 64"
 
 
 def test_flops_and_bytes_count_true_ranks():

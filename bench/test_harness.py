@@ -89,8 +89,10 @@ def test_write_plot_without_times_writes_nothing(tmp_path):
     ("NVIDIA H100 NVL", "h100"), ("NVIDIA GeForce RTX 4090", "rtx-4090"), ("Tesla T4", "t4"),
     ("NVIDIA GH200 480GB", "gh200"), ("AMD Instinct MI300X", "mi300x"), ("NVIDIA", "cuda"),
 ])
-def test_gpu_slug(name, slug):
-    assert harness.gpu_slug(name) == slug
+def test_result_files_take_the_plan_tables_gpu_slug(monkeypatch, name, slug):
+    """The GPU's model names result files as it names lora_kernels' plan tables (lora_kernels.tuning)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert harness.device_kind("cuda") == slug
 
 
 def test_result_files_are_named_after_the_gpu_model(monkeypatch):

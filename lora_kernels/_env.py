@@ -5,6 +5,7 @@ Read at call time (not import time), so a test or a script may set them after ``
 
 import functools
 import os
+from pathlib import Path
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -39,3 +40,13 @@ def check_ids_from_env(default: bool) -> bool:
     if value in ("1", "true", "yes", "on"):
         return True
     raise ValueError(f"LORA_KERNELS_CHECK_IDS={value!r}: expected 0 or 1")
+
+
+def tuning_dir_from_env() -> Path:
+    """Where the tuner writes its plan tables and the lookups read them: ``LORA_KERNELS_TUNING_DIR``,
+    else ``$XDG_CACHE_HOME/lora_kernels``, else ``~/.cache/lora_kernels``."""
+    value = os.environ.get("LORA_KERNELS_TUNING_DIR", "").strip()
+    if value:
+        return Path(value).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lora_kernels"

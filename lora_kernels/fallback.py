@@ -8,8 +8,12 @@ x (M, K), weight (N, K), bias (N,) | None, lora_a (r, K), lora_b (N, r).
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:   # the type only: metadata sits above the backends
+    from .metadata import BatchTensors
 
 
 def hidden_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,8 +93,9 @@ def lora_linear_backward(
 
 
 # ---- multi-adapter: rows gathered once, then two dense matmuls per active adapter ----------------
-# x (M, K), lora_a (L, R, K), lora_b (L, N, R), scales (L,); the AdapterBatch's by-adapter view:
-# sorted_rows (M,), adapter_starts (L + 1,), ranks (L,) | None, read on the host once per call.
+# x (M, K), lora_a (L, R, K), lora_b (L, N, R), scales (L,); of the AdapterBatch (batch: BatchTensors,
+# the same argument the Triton backend takes) only the by-adapter view: sorted_rows (M,),
+# adapter_starts (L + 1,), ranks (L,) | None, read on the host once per call.
 # Never a per-row weight gather: the rows of all adapters are index_select-ed once into adapter
 # order (M' rows: those with an adapter); each adapter's contiguous block goes through two matmuls
 # with its rank-trimmed weights, written in place by out=; one index_add_ puts the blocks back.
@@ -150,11 +155,19 @@ def _rows_in_adapter_order(sorted_rows: torch.Tensor, counts: list[int], active:
 
 def multi_lora_add_(
     out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+    batch: BatchTensors,
+) -> None:
+    """out[rows of j] += scales[j] · (x A[j]ᵀ) B[j]ᵀ in place (out (M, N), any strides)."""
+    _add_lora_rows(out, x, lora_a, lora_b, scales, batch.sorted_rows, batch.adapter_starts, batch.ranks)
+
+
+def _add_lora_rows(
+    out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
     sorted_rows: torch.Tensor, adapter_starts: torch.Tensor, ranks: torch.Tensor | None,
     hidden: torch.Tensor | None = None,
 ) -> None:
-    """out[rows of j] += scales[j] · (x A[j]ᵀ) B[j]ᵀ in place (out (M, N), any strides); when hidden
-    (M, R), zero-filled, is given, its rows of adapter j get the unscaled T = x A[j]ᵀ."""
+    """multi_lora_add_; when hidden (M, R), zero-filled, is given, its rows of adapter j also get the
+    unscaled T = x A[j]ᵀ."""
     m, max_rank = x.shape[0], lora_a.shape[1]
     counts, host_ranks, host_scales, active = host_groups(adapter_starts, ranks, scales, max_rank)
     if not active:
@@ -189,24 +202,22 @@ def multi_lora_add_(
 
 def multi_lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
-    sorted_rows: torch.Tensor, adapter_starts: torch.Tensor, ranks: torch.Tensor | None, need_hidden: bool,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor, batch: BatchTensors, need_hidden: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (M, N), and when need_hidden the rank intermediate T (M, R) in hidden_dtype, unscaled,
     zero on rows of no adapter and past each adapter's rank (else an empty (M, 0))."""
     m, max_rank = x.shape[0], lora_a.shape[1]
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T       # (M, N)
     hidden = x.new_zeros((m, max_rank if need_hidden else 0), dtype=hidden_dtype(x.dtype))
-    multi_lora_add_(y, x, lora_a, lora_b, scales, sorted_rows, adapter_starts, ranks,
-                    hidden if need_hidden else None)
+    _add_lora_rows(y, x, lora_a, lora_b, scales, batch.sorted_rows, batch.adapter_starts, batch.ranks,
+                   hidden if need_hidden else None)
     return y, hidden
 
 
 def multi_lora_linear_backward(
     grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,
     lora_a: torch.Tensor, lora_b: torch.Tensor, lora_hidden: torch.Tensor | None,
-    scales: torch.Tensor, sorted_rows: torch.Tensor, adapter_starts: torch.Tensor, ranks: torch.Tensor | None,
-    need_x: bool, need_a: bool, need_b: bool,
+    scales: torch.Tensor, batch: BatchTensors, need_x: bool, need_a: bool, need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Per adapter j over its rows:  dU_j = s_j·dY_j·B_j;  dX_j += dU_j·A_j;  dA_j = dU_jᵀ·X_j;
     dB_j = s_j·dY_jᵀ·T_j.  dX = dY·W0 first; unused adapters (and padded ranks) get zero gradients."""
@@ -214,10 +225,10 @@ def multi_lora_linear_backward(
     grad_x = grad_y @ weight if need_x else None                                    # (M, K)
     grad_a = lora_a.new_zeros(lora_a.shape) if need_a else None                     # (L, R, K)
     grad_b = lora_b.new_zeros(lora_b.shape) if need_b else None                     # (L, N, R)
-    counts, host_ranks, host_scales, active = host_groups(adapter_starts, ranks, scales, max_rank)
+    counts, host_ranks, host_scales, active = host_groups(batch.adapter_starts, batch.ranks, scales, max_rank)
     if not active:
         return grad_x, grad_a, grad_b
-    rows, gather = _rows_in_adapter_order(sorted_rows, counts, active, m)
+    rows, gather = _rows_in_adapter_order(batch.sorted_rows, counts, active, m)
     views = _AdapterViews(counts, active)
     grad_y_blocks = views.rows(gather(grad_y))                                      # (m_j, N) each
     x_blocks = views.rows(gather(x)) if need_a else None                            # (m_j, K)

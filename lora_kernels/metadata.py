@@ -18,11 +18,18 @@ Two views of the same grouping:
   the adapters (S = L) over ``sorted_rows`` and ``segment_adapters`` is None; from
   ``from_segments``, they are the caller's own segments over the rows in place (no gather, no sort
   on the forward path).
+
+What the Triton kernels read besides (device tensors, built once per batch with no sync):
+``row_tile`` (16 or 64 rows, from the number of rows and of segments holding rows), ``segment_tiles``
+and ``adapter_tiles`` (tile_map of each view: row tile -> (segment, first position), so a program
+finds its rows in two loads instead of scanning every segment) and ``active_adapters`` (the adapters
+with rows first: the weight gradients' programs and fp32 partials cover only them).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -67,6 +74,60 @@ def _check_index_tensor(name: str, t, ndim: int = 1) -> None:
 
 
 _INT32_MAX = 2**31 - 1
+
+# Row tiles of the segmented kernels: 16 rows when segments are short on average (decode: a one-row
+# segment wastes 15 masked rows rather than 63), 64 when they are long (prefill, training).
+SHORT_ROW_TILE, LONG_ROW_TILE = 16, 64
+
+
+def row_tile(num_rows: int, active_segments: int) -> int:
+    """The row tile of a batch: 64 once the segments holding rows average at least 32 rows (and there
+    are more than 64 rows), else 16. active_segments: those with rows and an adapter when known (a
+    checked batch reads it with its check), else every segment (at most num_rows of them hold rows)."""
+    if num_rows <= 64 or num_rows < 32 * min(max(active_segments, 1), num_rows):
+        return SHORT_ROW_TILE
+    return LONG_ROW_TILE
+
+
+def tile_map(starts: torch.Tensor, num_rows: int, block_m: int) -> torch.Tensor:
+    """(T, 2) int32 on starts' device: row tile t of the segments starts (S + 1,) (int32, well formed),
+    each segment cut into block_m-row tiles in order, is (segment, first position of the tile), or
+    (-1, 0) past the last real tile. T = min(cdiv(M, block_m) + S, M) bounds the tiles of any grouping
+    (each segment adds at most one partial tile, every tile holds a row): the kernels' grid, sized from
+    shapes alone (CUDA-graph capturable). Device ops only: no host sync."""
+    num_segments = starts.shape[0] - 1
+    num_tiles = min(-(-num_rows // block_m) + num_segments, num_rows)
+    starts64 = starts.to(torch.int64)
+    tiles = (starts64[1:] - starts64[:-1] + block_m - 1) // block_m                  # (S,) tiles per segment
+    tiles_through = torch.cumsum(tiles, 0)                                            # (S,) inclusive
+    tile = torch.arange(num_tiles, device=starts.device, dtype=torch.int64)          # (T,)
+    segment = torch.searchsorted(tiles_through, tile, right=True)                    # (T,) in [0, S]
+    real = segment < num_segments
+    segment = torch.where(real, segment, 0)
+    first_tile = tiles_through.gather(0, segment) - tiles.gather(0, segment) if num_segments else tile
+    position = starts64.gather(0, segment) + (tile - first_tile) * block_m
+    return torch.stack([torch.where(real, segment, -1), torch.where(real, position, 0)], dim=1).to(torch.int32)
+
+
+def _active_first(counts: torch.Tensor, num_active: int) -> torch.Tensor:
+    """(num_active,) int32: the adapters with rows in increasing order, then adapters without rows when
+    num_active is a bound (min(L, M) for an unchecked batch: no more adapters can hold rows). No sync."""
+    order = torch.sort((counts == 0).to(torch.int8), stable=True).indices           # (L,) active first
+    return order[:num_active].to(torch.int32)
+
+
+class BatchTensors(NamedTuple):
+    """An AdapterBatch as the ops pass it to the backends (see AdapterBatch for each field)."""
+    sorted_rows: torch.Tensor
+    adapter_starts: torch.Tensor
+    segment_rows: torch.Tensor
+    segment_starts: torch.Tensor
+    segment_adapters: Optional[torch.Tensor]
+    ranks: Optional[torch.Tensor]
+    segment_tiles: torch.Tensor
+    adapter_tiles: torch.Tensor
+    active_adapters: torch.Tensor
+    row_tile: int
 
 
 def _check_num_adapters(num_adapters) -> int:
@@ -188,34 +249,33 @@ class AdapterBatch:
                              "pass check=False (or None) to build a batch for shape inference")
         given_ranks = _ranks_tensor(ranks, num_adapters, adapter_ids.device)
         ranks = None if given_ranks is None else to_device(given_ranks, adapter_ids.device)
-        max_rank = None
-        if check:   # every condition read back in one sync
+        self._group(adapter_ids, num_adapters, ranks, check)
+        max_rank = num_active = None
+        if check:   # every condition, and the number of adapters with rows, read back in one sync
             id_reads = []
             if adapter_ids.numel():
                 bad = (adapter_ids < -1) | (adapter_ids >= num_adapters)                      # (M,)
                 first = bad.to(torch.int32).argmax()      # the first bad id's row (argmax: the first maximum)
                 id_reads = [bad.any(), first, adapter_ids.gather(0, first.reshape(1))]
-            values = _read_once(*id_reads, *_range_reads(ranks))
+            values = _read_once(*id_reads, self.active.sum(), *_range_reads(ranks))
             if id_reads and values[0]:
                 raise ValueError(
                     f"adapter_ids ({describe(adapter_ids)}) must be in [-1, {num_adapters}) "
                     f"(-1 = no adapter, L = {num_adapters} adapters): adapter_ids[{values[1]}] = {values[2]}")
-            max_rank = _max_rank(values[len(id_reads):], given_ranks)
-        self._group(adapter_ids, num_adapters, ranks, check, max_rank)
+            num_active = values[len(id_reads)]
+            max_rank = _max_rank(values[len(id_reads) + 1:], given_ranks)
+        self._finish(max_rank, num_active, num_active)
 
-    def _group(self, adapter_ids: torch.Tensor, num_adapters: int, ranks: torch.Tensor | None, checked: bool,
-               max_rank: int | None) -> None:
+    def _group(self, adapter_ids: torch.Tensor, num_adapters: int, ranks: torch.Tensor | None,
+               checked: bool) -> None:
         """The by-adapter view (and the segments of the ids) from checked or unchecked ids, on their device,
-        with no sync. ranks: (L,) on that device, checked or not; max_rank: their maximum when checked."""
+        with no sync. ranks: (L,) on that device, checked or not."""
         self.num_rows = adapter_ids.shape[0]
         self.num_adapters = num_adapters
         self.device = adapter_ids.device
         if ranks is not None and not checked:   # unchecked, negative ranks mean 0 (device-side, no sync)
             ranks = ranks.clamp(min=0)
         self.ranks = None if ranks is None else _int32_ranks(ranks, self.device)
-        # the largest true rank, read with the check (None when unchecked or no ranks): multi_lora_linear
-        # then rejects ranks past the stacks' r_max instead of clamping them
-        self.max_rank = max_rank
         valid = (adapter_ids >= 0) & (adapter_ids < num_adapters)
         self.adapter_ids = torch.where(valid, adapter_ids, -1).to(torch.int32)   # unchecked bad ids: -1
         self.sorted_rows, self.adapter_starts = _group_by_adapter(adapter_ids, num_adapters)
@@ -223,6 +283,26 @@ class AdapterBatch:
         self.segment_rows = self.sorted_rows
         self.segment_starts = self.adapter_starts
         self.segment_adapters: torch.Tensor | None = None
+
+    def _finish(self, max_rank: int | None, num_active: int | None, active_segments: int | None) -> None:
+        """What the kernels read besides the grouping, once the segments are final; device ops only.
+        max_rank: the largest true rank, read with the check (None when unchecked or without ranks):
+        multi_lora_linear then rejects ranks past the stacks' r_max instead of clamping them.
+        num_active / active_segments: adapters / segments with rows (and an adapter), read with the check;
+        None unchecked (the shapes' bounds are used)."""
+        self.max_rank = max_rank
+        self.row_tile = row_tile(self.num_rows, self.num_segments if active_segments is None else active_segments)
+        self.segment_tiles = tile_map(self.segment_starts, self.num_rows, self.row_tile)
+        self.adapter_tiles = (self.segment_tiles if self.segment_starts is self.adapter_starts
+                              else tile_map(self.adapter_starts, self.num_rows, self.row_tile))
+        bound = min(self.num_adapters, self.num_rows)
+        self.active_adapters = _active_first(self.counts, bound if num_active is None else num_active)
+
+    def tensors(self) -> BatchTensors:
+        """What the ops hand the backends."""
+        return BatchTensors(self.sorted_rows, self.adapter_starts, self.segment_rows, self.segment_starts,
+                            self.segment_adapters, self.ranks, self.segment_tiles, self.adapter_tiles,
+                            self.active_adapters, self.row_tile)
 
     @classmethod
     def from_segments(cls, segment_starts: torch.Tensor, segment_adapters: torch.Tensor, num_adapters: int,
@@ -255,13 +335,17 @@ class AdapterBatch:
         given_ranks = _ranks_tensor(ranks, num_adapters, device)
         ranks = None if given_ranks is None else to_device(given_ranks, device)
         check = check_adapter_ids_enabled(device)
-        max_rank = None
+        max_rank = num_active = active_segments = None
         if check:
             lengths = segment_starts[1:] - segment_starts[:-1]                                # (S,)
             bad_adapters = (segment_adapters < -1) | (segment_adapters >= num_adapters)      # (S,)
-            reads = [segment_starts[0], segment_starts[-1], (lengths < 0).any(), bad_adapters.any()]
+            with_rows = (lengths > 0) & (segment_adapters >= 0) & ~bad_adapters              # (S,)
+            segments_per_adapter = torch.zeros(num_adapters, dtype=torch.int64, device=device).index_add_(
+                0, segment_adapters.clamp(0, num_adapters - 1).to(torch.int64), with_rows.to(torch.int64))
+            reads = [segment_starts[0], segment_starts[-1], (lengths < 0).any(), bad_adapters.any(),
+                     (segments_per_adapter > 0).sum(), with_rows.sum()]
             values = _read_once(*reads, *_range_reads(ranks))
-            first, last, decreasing, any_bad_adapter = values[:4]
+            first, last, decreasing, any_bad_adapter, num_active, active_segments = values[:6]
             if num_rows is None:
                 num_rows = last
             if first != 0 or last != num_rows or decreasing:
@@ -270,7 +354,7 @@ class AdapterBatch:
             if any_bad_adapter:
                 raise ValueError(f"segment_adapters ({describe(segment_adapters)}) must be in [-1, {num_adapters}), "
                                  f"got {segment_adapters.tolist()[:16]}")
-            max_rank = _max_rank(values[4:], given_ranks)
+            max_rank = _max_rank(values[6:], given_ranks)
         elif num_rows is None:
             num_rows = int(segment_starts[-1])   # the one sync of an unchecked batch
         starts = _monotone_starts(segment_starts, num_rows)                          # (S + 1,) int64
@@ -278,13 +362,14 @@ class AdapterBatch:
         # through segment_adapters, which they repeat
         adapter_ids = torch.repeat_interleave(segment_adapters, starts[1:] - starts[:-1], output_size=num_rows)
         batch = cls.__new__(cls)
-        batch._group(adapter_ids, num_adapters, ranks, check, max_rank)
+        batch._group(adapter_ids, num_adapters, ranks, check)
         batch.segment_rows = torch.arange(num_rows, device=batch.device, dtype=torch.int32)
         batch.segment_starts = starts.to(torch.int32)   # contiguous: the kernels index it densely
         # out-of-range adapters (check off) mean "none", as for ids; compared before the narrowing to int32,
         # which would wrap 2**32 + 1 to adapter 1
         in_range = (segment_adapters >= 0) & (segment_adapters < num_adapters)
         batch.segment_adapters = torch.where(in_range, segment_adapters, -1).to(torch.int32)
+        batch._finish(max_rank, num_active, active_segments)
         return batch
 
     def with_ranks(self, ranks: torch.Tensor | None) -> AdapterBatch:

@@ -4,6 +4,9 @@
 # In one go, each step under a hard time budget, never stopping at a failure:
 #   tests-gpu     the tests marked gpu, compiled (TRITON_INTERPRET unset), pytest-xdist when present
 #   tests-int64   the gpu tests of int64 offsets (M·K > 2**31), apart: a memory fault there is sticky
+#   tune          python -m lora_kernels.tune on the single-adapter benchmark's layers and token counts (r 16,
+#                 bf16) within a time budget: the plans (split or fused, and its tiles) the benchmarks then
+#                 run, merged into lora_kernels/configs/<gpu>.json, the tables that ship (commit it)
 #   bench-single  bench/bench_lora_linear.py on CUDA        (default config; --quick: fewer tokens and ranks)
 #   bench-multi   bench/bench_multi_lora_linear.py on CUDA  (default config; --quick: a few groups)
 #   bench-e2e     bench/bench_peft_model.py on CUDA (SmolLM2-135M; skipped when its weights package,
@@ -15,13 +18,15 @@
 #                 no device needed) are left to CPU CI
 # At most 8 minutes on an H100/H200 (--quick: 4, the gpu tests and a benchmark subset first).
 # Results in bench/results/: the benchmarks' <name>-<gpu>.{json,md,png} (<gpu>: h200, h100, a100, ...),
-# gpu_check-<gpu>.log (everything, with timestamps), gpu_check-<gpu>.md (the summary) and the tests' JUnit
-# XML gpu_check_<step>-<gpu>.xml (--quick: gpu_check_quick...). Exit status 0 when every step passed (a
-# step skipped for want of a tool or a model says so, and does not fail the check).
+# the plan table tuning-<gpu>.json (--quick: tuning_quick-<gpu>.json), gpu_check-<gpu>.log (everything, with
+# timestamps), gpu_check-<gpu>.md (the summary) and the tests' JUnit XML gpu_check_<step>-<gpu>.xml (--quick:
+# gpu_check_quick...). Exit status 0 when every step passed (a step skipped for want of a tool or a model
+# says so, and does not fail the check).
 #
 #   bash scripts/gpu_check.sh [--quick]
 #   PYTHON=...          the interpreter (default: python3)
-#   GPU_CHECK_OUT=DIR   also copy this run's files there (8 at most: else the summary, the log and a .tar.gz)
+#   GPU_CHECK_OUT=DIR   also copy this run's files there (8 at most: else the summary, the log, the plan
+#                       table and a .tar.gz of all)
 set -uo pipefail
 
 QUICK=0
@@ -112,6 +117,10 @@ LOG=$RES/$NAME-$SLUG.log
 SUMMARY=$RES/$NAME-$SLUG.md
 MARK=$(mktemp)                                   # files newer than this are this run's
 START=$(date +%s)
+# The plan tables the steps read: the shipped ones (lora_kernels/configs/<gpu>.json), then this directory,
+# which holds only what the tune step measures: a table in the user's cache must not change the results.
+LORA_KERNELS_TUNING_DIR=$(mktemp -d) || die "mktemp -d failed"
+export LORA_KERNELS_TUNING_DIR
 : > "$LOG"
 junit() { echo "$RES/${NAME}_$1-$SLUG.xml"; }
 CORES=$(nproc 2>/dev/null || echo 1)
@@ -123,20 +132,34 @@ GPU_WORKERS=$(( WORKERS < 8 ? WORKERS : 8 ))     # fewer: a few gpu tests hold ~
 SANITIZER_FILES="tests/test_lora_linear.py tests/test_dropout.py tests/test_multi_lora_linear.py tests/test_multi_add.py"
 SANITIZER_K="triton and ((test_shapes and (M7_K17_N11_r12 or M300_K33_N20_r72)) or test_forward_and_backward_use_the_same_mask or (test_shapes_layouts_dtypes and (M7_K17 or M257 or M9_K4095 or M300_K33)) or test_segment_scan_over_several_steps or (test_add_into_strided_output and qkv_slice))"
 # The kernel tests run before the rest of the suite (alone in --quick). --quick's benchmarks are smaller (18
-# and 12 rows, the defaults 61 and 106) and named apart, so that they never pass for the default tables.
+# and 12 rows, the defaults 65 and 106) and named apart, so that they never pass for the default tables.
 KERNEL_TEST_FILES="tests/test_lora_linear.py tests/test_multi_lora_linear.py tests/test_dropout.py tests/test_multi_add.py"
 SINGLE_QUICK_ARGS="--tokens 1,1024 --ranks 16 --name lora_linear_quick"
 MULTI_QUICK_ARGS="--adapters 1,64 --decode-requests 64 --popularity distinct,zipf --ranks 16 --no-padding --name multi_lora_linear_quick"
+# The tuner's shapes (K x N) and token counts: the default single-adapter benchmark's on CUDA (--quick: its
+# tokens), at r 16 (CPU CI checks they match bench_lora_linear.default_groups and SINGLE_QUICK_ARGS). It
+# measures shape after shape and stops at its time budget: Llama-3-8B's first (the issue's goals).
+TUNE_SHAPES="4096x4096,4096x1024,576x1536,576x576"
+TUNE_TOKENS="1,16,32,128,256,1024,4096"
+TUNE_QUICK_TOKENS="1,1024"
+# The tuner stops measuring this long before the step's limit: python, torch and Triton start, the
+# candidate under way finishes (a compile and ~125 ms of do_bench), the table is written.
+TUNE_SLACK_S=20
+SHIPPED_TABLE=$REPO/lora_kernels/configs/$SLUG.json
+TUNE_OUT=$RES/tuning-$SLUG.json
+[ "$QUICK" = 1 ] && TUNE_OUT=$RES/tuning_quick-$SLUG.json
 
 # name:cap:floor, in order. cap: the step's own limit (s); floor: the least time worth starting it with. A
 # step runs under min(cap, what is left before the deadline minus the floors of the steps after it).
+# tune: a cap of 110 s (--quick 45) is a 90 s (25 s) measuring budget; its floor leaves the tuner 20 s (10 s).
 if [ "$QUICK" = 1 ]; then
     BUDGET=240
-    PLAN=(tests-gpu:90:30 tests-int64:45:20 bench-single:50:20 bench-multi:60:20 sanitizer:60:30 tests-kernels:120:30)
+    PLAN=(tests-gpu:80:30 tests-int64:40:20 tune:45:30 bench-single:45:20 bench-multi:55:20 sanitizer:60:30
+          tests-kernels:120:30)
 else
     BUDGET=480
-    PLAN=(tests-gpu:120:30 tests-int64:60:20 bench-single:120:45 bench-multi:240:60 bench-e2e:60:30 sanitizer:90:40
-          tests-kernels:150:40 tests:300:40)
+    PLAN=(tests-gpu:100:30 tests-int64:50:20 tune:110:40 bench-single:110:45 bench-multi:200:60 bench-e2e:60:30
+          sanitizer:90:40 tests-kernels:150:40 tests:300:40)
 fi
 DEADLINE=$(( START + BUDGET - 10 ))              # 10 s for the summary and the copies
 
@@ -150,6 +173,7 @@ fi
 xdist() { [ "$HAS_XDIST" = 1 ] && echo "-n $1"; }
 
 # Sets CMD (the step's command; SHOW: how to print it, when not as CMD) or SKIP (why it cannot run here).
+# $2: the step's time limit in s (tune measures until TUNE_SLACK_S before it).
 step_command() {
     CMD=() SKIP="" SHOW=""
     case "$1" in
@@ -188,6 +212,11 @@ step_command() {
             # sizes, not met by the steps before) are then in Triton's cache, not compiled under memcheck
             CMD=(bash -c "$(printf '%q ' "${warm[@]}") >/dev/null 2>&1; exec $(printf '%q ' "${run[@]}")")
             SHOW="$(shown "${run[@]}")  (after the same tests without it)" ;;
+        tune)
+            local tokens=$TUNE_TOKENS
+            [ "$QUICK" = 1 ] && tokens=$TUNE_QUICK_TOKENS
+            CMD=("$PY" -m lora_kernels.tune --shapes "$TUNE_SHAPES" --tokens "$tokens" --ranks 16 --dtype bfloat16
+                 --time-budget $(( ${2:-0} - TUNE_SLACK_S )) --output "$TUNE_OUT") ;;
         bench-single)
             CMD=("$PY" bench/bench_lora_linear.py --device cuda)
             [ "$QUICK" = 1 ] && CMD+=($SINGLE_QUICK_ARGS) ;;
@@ -239,17 +268,38 @@ result_note() {
     echo "${line%"${line##*[![:space:]]}"}" | cut -c1-200
 }
 
+# The tune step's table. The tuner merges what it measures into the table at --output, keeping the entries it
+# does not measure again: seeded with the shipped table, its output replaces that one without losing any.
+# It writes the table once, at its end, and exits 0 only when it measured something.
+TABLE_NOTE="not measured: the steps ran the shipped plans (or the defaults)"
+seed_tuning_table() {
+    if [ -f "$SHIPPED_TABLE" ]; then cp -- "$SHIPPED_TABLE" "$TUNE_OUT"; else rm -f -- "$TUNE_OUT"; fi
+}
+install_tuning_table() {
+    if [ "${STATUS[tune]:-}" = PASS ] && [ -f "$TUNE_OUT" ]; then
+        cp -- "$TUNE_OUT" "$LORA_KERNELS_TUNING_DIR/$SLUG.json"
+        if mkdir -p "${SHIPPED_TABLE%/*}" && cp -- "$TUNE_OUT" "$SHIPPED_TABLE"; then
+            TABLE_NOTE="${TUNE_OUT#"$REPO"/}, the plans of the steps after it; installed as ${SHIPPED_TABLE#"$REPO"/} (commit it)"
+        else
+            TABLE_NOTE="${TUNE_OUT#"$REPO"/}, the plans of the steps after it; NOT installed in ${SHIPPED_TABLE#"$REPO"/}"
+        fi
+    else
+        TABLE_NOTE="the tune step wrote none: the steps ran the shipped plans (or the defaults)"
+    fi
+    say "plan table: $TABLE_NOTE"
+}
+
 run_step() {   # name cap reserve floor: runs the step in min(cap, time left - reserve), unless under floor
     local name=$1 cap=$2 reserve=$3 left limit t0 rc offset output
     ORDER+=("$name")
-    step_command "$name"
+    left=$(( DEADLINE - $(date +%s) - reserve ))
+    limit=$(( cap < left ? cap : left ))
+    step_command "$name" "$limit"
     if [ -n "$SKIP" ]; then
         STATUS[$name]=SKIP WALL[$name]=0 LIMIT[$name]=-  NOTE[$name]=$SKIP
         say "SKIP $name: $SKIP"
         return
     fi
-    left=$(( DEADLINE - $(date +%s) - reserve ))
-    limit=$(( cap < left ? cap : left ))
     if [ "$INTERRUPTED" = 1 ] || [ "$limit" -lt "$4" ]; then
         STATUS[$name]="NOT RUN" WALL[$name]=0 LIMIT[$name]=$(( limit > 0 ? limit : 0 ))
         NOTE[$name]=$([ "$INTERRUPTED" = 1 ] && echo "interrupted" || echo "no time left (${limit} s of the ${4} s it needs)")
@@ -258,6 +308,7 @@ run_step() {   # name cap reserve floor: runs the step in min(cap, time left - r
         return
     fi
     say "START $name (budget ${limit} s): ${SHOW:-$(shown "${CMD[@]}")}"
+    [ "$name" = tune ] && seed_tuning_table
     offset=$(stat -c %s "$LOG")
     t0=$(date +%s)
     # SIGINT first (pytest then still writes its report), SIGKILL 15 s later if the step hangs on
@@ -289,6 +340,7 @@ run_step() {   # name cap reserve floor: runs the step in min(cap, time left - r
     if [ -n "${FAILURES[$name]}" ]; then
         sed 's/^/    /' <<<"${FAILURES[$name]}" | head -n 10
     fi
+    [ "$name" = tune ] && install_tuning_table
 }
 
 floor_of() {   # a step's floor, 0 when it will be skipped anyway
@@ -329,6 +381,7 @@ if [ ${#FAILED[@]} = 0 ]; then VERDICT="PASS"; else VERDICT="FAIL (${FAILED[*]})
     echo "- GPU: $GPU_NAME ×$GPU_COUNT, compute capability $GPU_CC, $GPU_MEM_GIB GiB, driver ${DRIVER:-unknown}; $CORES CPU cores"
     echo "- python $V_PYTHON, torch $V_TORCH (CUDA $V_CUDA), Triton $V_TRITON, peft $V_PEFT, transformers $V_TRANSFORMERS," \
          "pytest $V_PYTEST (xdist: $([ "$HAS_XDIST" = 1 ] && echo "$WORKERS workers" || echo no), timeout: $([ "$HAS_TIMEOUT" = 1 ] && echo yes || echo no))"
+    echo "- plan table: $TABLE_NOTE"
     echo "- log: ${LOG#"$REPO"/}"
     for name in "${ORDER[@]}"; do
         if [ -n "${FAILURES[$name]:-}" ]; then
@@ -352,9 +405,11 @@ if [ -n "${GPU_CHECK_OUT:-}" ]; then
         (cd "$RES" && cp -- "${FILES[@]}" "$OUT_DIR"/)
     else
         cp -- "$SUMMARY" "$LOG" "$OUT_DIR"/
+        if [ "${STATUS[tune]:-}" = PASS ]; then cp -- "$TUNE_OUT" "$OUT_DIR"/; fi
         tar -czf "$OUT_DIR/$NAME-$SLUG.tar.gz" -C "$RES" -- "${FILES[@]}"
     fi
     echo "$(stamp) copied to $OUT_DIR: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
 fi
 rm -f "$MARK"
+rm -rf -- "$LORA_KERNELS_TUNING_DIR"
 [ ${#FAILED[@]} = 0 ]

@@ -9,6 +9,10 @@ import tempfile
 # arguments ("missing value for argument 'backend'", seen when lora_linear_backward gained one).
 _INDUCTOR_CACHE = tempfile.TemporaryDirectory(prefix="lora_kernels_inductor_")   # removed at exit
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _INDUCTOR_CACHE.name)
+# An empty plan-table directory: a developer's own tuned table must not change which strategy the
+# tests run (tests that want one force it with lora_kernels.tuning.forced_plan or write their own).
+_TUNING_DIR = tempfile.TemporaryDirectory(prefix="lora_kernels_tuning_")
+os.environ["LORA_KERNELS_TUNING_DIR"] = _TUNING_DIR.name
 
 import torch  # noqa: E402
 

@@ -31,18 +31,25 @@ What is compiled -- the configs, constexprs and pointer types come from the laun
   16-bit inputs; fp32's dot precision, "ieee" -- exact, FMA dots -- or "tf32") and the call's
   dropout flag (shrink DROPOUT, fused EPILOGUE_DROPOUT, rows DROPOUT_R), so each call site gets
   exactly the configs its launch can pick (today 9 shrink, 10 fused-matmul, 18 rows-matmul configs
-  for 16-bit inputs or fp32 on tf32; 6, 6, 9 for exact fp32);
-  the multi-adapter kernels: every ``segmented_config`` over M x segments in {1, 8, 64, 1024} x
-  rank (6 configs per fp32_dot) for the segmented shrink and expand, the rows-matmul configs
+  for 16-bit inputs or fp32 on tf32; 6, 6, 9 for exact fp32); for the fused GEMM also every config
+  the tuner's search space (``candidate_configs``, what ``fused_candidates`` returns) holds at
+  Llama-3-8B's layer shapes (TUNED_SHAPES x TUNED_M, rank 16), each precision: a "dx" plan's at the
+  dX call with dropout, the split-K ones (split_k > 1) as the partials-only GEMM (SPLIT_K_PARTIALS);
+  ``expand_config`` over M x N for the expand kernel (in place after torch's GEMM, or summing the
+  split-K partials: BASE_PARTIALS, SPLIT_K 2 and 8);
+  the multi-adapter kernels: every ``segmented_config`` over the row tiles (metadata's 16 and 64)
+  x rank (6 configs per fp32_dot) for the segmented shrink and expand, the rows-matmul configs
   (without dropout) for the per-adapter weight gradients; flags SEGMENT_IS_ADAPTER, HAS_RANKS,
-  STORE_T_SUM, RANK_ON_P and the segment-scan width BLOCK_S (1 to 1024);
+  STORE_T_SUM, RANK_ON_P and the expand's unrolled split count NUM_T_SPLITS (1 and MAX_SPLITS);
   dropout_mask_kernel has its one launch.
 * Dtypes: fp16, bf16, fp32, with DOT_PRECISION / LORA_DOT_PRECISION as ``dot_precision`` /
   ``lora_precision`` give them; fp32 twice, as both values of torch's fp32 matmul precision
   give it ("ieee" by default, "tf32" when the user allows it: allow_tf32 or fp32_precision).
 * Call sites ("usages") and constexpr flags, as the launchers pass them: shrink fwd (x, A; DROPOUT
   on/off) and bwd (dY, Bᵀ); fused fwd (x, W0ᵀ, Bᵀ; HAS_BIAS on/off, STORE_T_SUM) and bwd (dY, W0, A;
-  STORE_T_SUM on/off x EPILOGUE_DROPOUT on/off); rows dA (fp32 dU left, input-dtype x right;
+  STORE_T_SUM on/off x EPILOGUE_DROPOUT on/off), fwd-splitk (fwd's operands, fp32 partials out);
+  expand fwd (y in place, or the partials with HAS_BIAS on/off; Bᵀ) and bwd (dX;
+  A; STORE_T_SUM x EPILOGUE_DROPOUT, in place or from partials); rows dA (fp32 dU left, input-dtype x right;
   DROPOUT_R on/off) and dB (input-dtype dY left, fp32 T right). Rank partials, t_sum and the
   rows output are fp32; x, w, bias, v, out the input dtype.
 * Specialization: "aligned" is the signature a launch with 16-aligned sizes gets (Triton's JIT
@@ -51,16 +58,17 @@ What is compiled -- the configs, constexprs and pointer types come from the laun
   "plain" is the signature with no specialization at all (odd sizes such as rank 12, unaligned
   views): the narrowest loads.
 
-What runs by default (today 914 compiles, about 6 minutes on 2 cores from a cold Triton cache, one worker per core
-compiling while the tests collect the results), since the whole product takes far longer:
+What runs by default (today 1,164 compiles, about 10 minutes on 2 cores from a cold Triton cache -- 1,204
+took 11 on a busy machine, 914 before the tuner's candidates and the expand kernel about 6 --, one worker
+per core compiling while the tests collect the results), since the whole product takes far longer:
 
 * every config x every dtype/precision x both targets, aligned, at the heaviest call site that
   picks it: call sites and flag sets are listed heaviest first in KERNELS (shrink fwd with DROPOUT,
   fused bwd with STORE_T_SUM and EPILOGUE_DROPOUT, rows dA with DROPOUT_R, ...), and a config
-  only a lighter one picks (the 128x128 fused tile, which the dX call with dropout never gets) is
-  swept there; each further call site (fused fwd, shrink bwd, rows dB, ...) sweeps its own configs
-  too, but not for fp16 (fp16 and bf16 compile the same code but for the MMA type). Shared memory
-  is set by the tiles, stages, dtypes and strides, which this sweeps;
+  only a lighter one picks (a tuner candidate only the forward's shapes give) is swept there; each
+  further call site (fused fwd, shrink bwd, rows dB, ...) sweeps its own configs too, but not for
+  fp16 (fp16 and bf16 compile the same code but for the MMA type). Shared memory is set by the
+  tiles, stages, dtypes and strides, which this sweeps;
   over the whole product no other call site or flag set needed more than 10 KB over these;
 * every call site x flag combination the launchers can pass, on its largest config, both targets,
   aligned, for one 16-bit and one 32-bit dtype (bf16; fp32 with tf32, the precision needing the
@@ -94,7 +102,7 @@ import tempfile
 import threading
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
 from types import SimpleNamespace
 
 import pytest
@@ -106,6 +114,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from lora_kernels.metadata import LONG_ROW_TILE, SHORT_ROW_TILE  # noqa: E402
 from lora_kernels.triton import lora_linear as launch  # noqa: E402
 from lora_kernels.triton import multi_lora_linear as multi_launch  # noqa: E402
 from lora_kernels.triton.kernels import lora_linear as kernels  # noqa: E402
@@ -467,7 +476,7 @@ def _unique(items):
     return list(dict.fromkeys(items))
 
 
-SEGMENT_COUNTS = (1, 8, 64, 1024)   # adapters (ids) or caller segments
+ROW_TILES = (SHORT_ROW_TILE, LONG_ROW_TILE)   # AdapterBatch.row_tile: the segmented kernels' BLOCK_M
 
 
 # The heuristics' answers over the sizes above, for what else they take: fp32_dot (None for 16-bit
@@ -477,9 +486,32 @@ def shrink_configs(fp32_dot: str | None, dropout: bool) -> list:
     return _unique(launch.shrink_config(m, k, r, fp32_dot, dropout) for m in M_VALUES for k in WIDTHS for r in RANKS)
 
 
-def fused_configs(fp32_dot: str | None, epilogue_dropout: bool) -> list:
-    return _unique(launch.fused_matmul_config(m, n, k, r, fp32_dot, epilogue_dropout)
-                   for m in M_VALUES for n in WIDTHS for k in WIDTHS for r in RANKS)
+# The tuner's fused search space (launch.fused_candidates) at Llama-3-8B's layer shapes, (K, N) of the
+# forward (the dX op swaps them), for these token counts, rank 16.
+TUNED_SHAPES = ((4096, 4096), (4096, 1024), (4096, 14336))
+TUNED_M = (16, 32, 128, 1024, 4096)
+
+
+def tuned_configs(fp32_dot: str | None, ops: tuple[str, ...]) -> list:
+    """Every config launch.candidate_configs returns for `ops` at the shapes above."""
+    return _unique(c for op in ops for k, n in TUNED_SHAPES for m in TUNED_M
+                   for c in launch.candidate_configs(op, m, *((n, k) if op == "forward" else (k, n)), 16, fp32_dot))
+
+
+def fused_configs(fp32_dot: str | None, epilogue_dropout: bool, split_k_partials: bool = False) -> list:
+    """The heuristic's configs and the tuner's candidates a call with these flags can run: the dX call
+    with dropout only a "dx" plan's; the split-K GEMM (SPLIT_K_PARTIALS) the candidates with split_k > 1,
+    compiled once per tile (split_k is the grid's second axis, no constexpr: one compile serves 2, 4, 8)."""
+    tuned = tuned_configs(fp32_dot, ("dx",) if epilogue_dropout else ("dx", "forward"))
+    if split_k_partials:
+        return _unique(replace(c, split_k=2) for c in tuned if c.split_k > 1)
+    return _unique([launch.fused_matmul_config(m, n, k, r, fp32_dot, epilogue_dropout)
+                    for m in M_VALUES for n in WIDTHS for k in WIDTHS for r in RANKS]
+                   + [c for c in tuned if c.split_k == 1])
+
+
+def expand_configs() -> list:
+    return _unique(launch.expand_config(m, n) for m in M_VALUES for n in WIDTHS)
 
 
 def rows_configs(fp32_dot: str | None, dropout: bool) -> list:
@@ -487,8 +519,7 @@ def rows_configs(fp32_dot: str | None, dropout: bool) -> list:
 
 
 def segmented_configs(fp32_dot: str | None) -> list:
-    return _unique(multi_launch.segmented_config(m, s, r, fp32_dot)
-                   for m in M_VALUES for s in SEGMENT_COUNTS for r in RANKS)
+    return _unique(multi_launch.segmented_config(row_tile, r, fp32_dot) for row_tile in ROW_TILES for r in RANKS)
 
 
 @dataclass(frozen=True)
@@ -537,14 +568,32 @@ def _shrink_args(usage: str, dt: str) -> dict:
 
 def _fused_args(usage: str, dt: str, flags: dict) -> dict:
     """lora_linear.fused_matmul: fwd (x, weight.T, bias, xAᵀ partials, lora_b.T -> y, t_sum);
-    bwd (grad_y, weight, out as bias placeholder, dY·B partials, lora_a -> dX, t_sum | partials)."""
-    if usage == "fwd":   # x (M, K) · W0ᵀ (K, N); v = lora_b.T: (R, N) view of (N, R)
+    bwd (grad_y, weight, out as bias placeholder, dY·B partials, lora_a -> dX, t_sum | partials);
+    SPLIT_K_PARTIALS: out the (SPLIT_K, M, N) fp32 partials, K ranges of k_per_split."""
+    if usage.startswith("fwd"):   # x (M, K) · W0ᵀ (K, N); v = lora_b.T: (R, N) view of (N, R)
         n, k, w_strides, v_strides = N, K, (1, K), (1, R)
     else:                # dY (M, N) · W0 (N, K); v = lora_a (R, K)
         n, k, w_strides, v_strides = K, N, (K, 1), (K, 1)
+    partials = flags["SPLIT_K_PARTIALS"]
     return dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", t_ptr="*fp32", v_ptr=f"*{dt}",
-                out_ptr=f"*{dt}", t_sum_ptr="*fp32", M=M, N=n, K=k, R=R, num_t_splits=S,
+                out_ptr="*fp32" if partials else f"*{dt}", t_sum_ptr="*fp32", M=M, N=n, K=k, R=R, num_t_splits=S,
+                k_per_split=k // S if partials else k,
                 stride_xm=k, stride_xk=1, stride_wk=w_strides[0], stride_wn=w_strides[1],
+                stride_ts=M * R, stride_tm=R, stride_vr=v_strides[0], stride_vn=v_strides[1],
+                stride_os=M * n if partials else 0, stride_om=n, stride_on=1,
+                stride_sm=R if flags["STORE_T_SUM"] else 0,
+                stride_bias=1 if flags["HAS_BIAS"] else 0, scale=2.0, **DROP)
+
+
+def _expand_args(usage: str, dt: str, flags: dict) -> dict:
+    """lora_linear.expand: fwd (y (M, N) in place after torch's GEMM, xAᵀ partials, lora_b.T -> t_sum);
+    bwd (dX (M, K) in place after dY·W0, dY·B partials, lora_a; t_sum when dA is asked for);
+    BASE_PARTIALS: the split-K fused GEMM's (SPLIT_K, M, N) fp32 partials, bias, out written."""
+    n, v_strides = (N, (1, R)) if usage.startswith("fwd") else (K, (K, 1))
+    partials = flags["BASE_PARTIALS"]
+    return dict(base_ptr="*fp32" if partials else f"*{dt}", bias_ptr=f"*{dt}", t_ptr="*fp32", v_ptr=f"*{dt}",
+                out_ptr=f"*{dt}", t_sum_ptr="*fp32", M=M, N=n, R=R, num_t_splits=S,
+                stride_bs=M * n if partials else 0, stride_bm=n if partials else 0, stride_bn=1 if partials else 0,
                 stride_ts=M * R, stride_tm=R, stride_vr=v_strides[0], stride_vn=v_strides[1],
                 stride_om=n, stride_on=1, stride_sm=R if flags["STORE_T_SUM"] else 0,
                 stride_bias=1 if flags["HAS_BIAS"] else 0, scale=2.0, **DROP)
@@ -562,9 +611,10 @@ def _rows_args(usage: str, dt: str) -> dict:
                 alpha=2.0, **DROP)
 
 
-# multi-adapter kernels: L adapter stacks, S segments; index tensors are int32
-L = 8
-INDEX_ARGS = dict(rows_ptr="*i32", seg_starts_ptr="*i32", seg_adapters_ptr="*i32", ranks_ptr="*i32")
+# multi-adapter kernels: L adapter stacks, S segments, A of the adapters active; index tensors are int32
+A = 2
+INDEX_ARGS = dict(tiles_ptr="*i32", rows_ptr="*i32", seg_starts_ptr="*i32", seg_adapters_ptr="*i32",
+                  ranks_ptr="*i32")
 
 
 def _seg_shrink_args(usage: str, dt: str) -> dict:
@@ -573,7 +623,7 @@ def _seg_shrink_args(usage: str, dt: str) -> dict:
     k = K if usage == "fwd" else N
     a_strides = (R * K, K, 1) if usage == "fwd" else (N * R, 1, R)
     return dict(x_ptr=f"*{dt}", a_ptr=f"*{dt}", out_ptr="*fp32", **INDEX_ARGS,
-                K=k, R=R, S=S, k_per_split=k // S, stride_xm=k, stride_xk=1,
+                K=k, R=R, k_per_split=k // S, stride_xm=k, stride_xk=1,
                 stride_al=a_strides[0], stride_ar=a_strides[1], stride_ak=a_strides[2],
                 stride_os=M * R, stride_om=R)
 
@@ -583,22 +633,22 @@ def _seg_expand_args(usage: str, dt: str, flags: dict) -> dict:
     bwd (dX (M, K) += dU · lora_a (L, R, K))."""
     n, v_strides = (N, (N * R, 1, R)) if usage == "fwd" else (K, (R * K, K, 1))
     return dict(t_ptr="*fp32", v_ptr=f"*{dt}", out_ptr=f"*{dt}", t_sum_ptr="*fp32", **INDEX_ARGS,
-                scales_ptr="*fp32", N=n, R=R, S=S, num_t_splits=S, stride_ts=M * R, stride_tm=R,
+                scales_ptr="*fp32", N=n, R=R, stride_ts=M * R, stride_tm=R,
                 stride_vl=v_strides[0], stride_vr=v_strides[1], stride_vn=v_strides[2],
                 stride_om=n, stride_on=1, stride_sm=R if flags["STORE_T_SUM"] else 0)
 
 
 def _seg_rows_args(usage: str, dt: str) -> dict:
     """multi_lora_linear.segmented_rows_matmul: dA[j] = s_j dUᵀ (fp32 (M, R)) · x ((M, K), input dtype);
-    dB[j] = s_j dYᵀ ((M, N), input dtype) · T (fp32 (M, R)); out (SPLITS, L, P, Q) fp32."""
+    dB[j] = s_j dYᵀ ((M, N), input dtype) · T (fp32 (M, R)); out (SPLITS, A, P, Q) fp32 (active adapters)."""
     if usage == "dA":
         left, right, p, q = "*fp32", f"*{dt}", R, K
     else:
         left, right, p, q = f"*{dt}", "*fp32", N, R
-    return dict(l_ptr=left, r_ptr=right, out_ptr="*fp32", rows_ptr="*i32", adapter_starts_ptr="*i32",
-                ranks_ptr="*i32", scales_ptr="*fp32", P=p, Q=q, R=R, num_splits=S,
+    return dict(l_ptr=left, r_ptr=right, out_ptr="*fp32", active_ptr="*i32", rows_ptr="*i32",
+                adapter_starts_ptr="*i32", ranks_ptr="*i32", scales_ptr="*fp32", P=p, Q=q, R=R, num_splits=S,
                 stride_lm=p, stride_lp=1, stride_rm=q, stride_rq=1,
-                stride_os=L * p * q, stride_ol=p * q, stride_op=q)
+                stride_os=A * p * q, stride_oa=p * q, stride_op=q)
 
 
 def _flag_sets(**choices) -> list[dict]:
@@ -617,26 +667,43 @@ KERNELS = {
         "fwd": _flag_sets(DROPOUT=(True, False)),                       # forward: dropout(x) · Aᵀ
         "bwd": _flag_sets(DROPOUT=(False,)),                            # backward: dY · B
     }),
-    "fused": (kernels.lora_fused_matmul_kernel, lambda f, fp32_dot: fused_configs(fp32_dot, f["EPILOGUE_DROPOUT"]), {
-        "bwd": _flag_sets(HAS_BIAS=(False,), STORE_T_SUM=(True, False), EPILOGUE_DROPOUT=(True, False)),
-        "fwd": _flag_sets(HAS_BIAS=(True, False), STORE_T_SUM=(True,), EPILOGUE_DROPOUT=(False,)),
+    "fused": (kernels.lora_fused_matmul_kernel,
+              lambda f, fp32_dot: fused_configs(fp32_dot, f["EPILOGUE_DROPOUT"], f["SPLIT_K_PARTIALS"]), {
+        "bwd": _flag_sets(HAS_BIAS=(False,), STORE_T_SUM=(True, False), EPILOGUE_DROPOUT=(True, False),
+                          SPLIT_K_PARTIALS=(False,)),
+        "fwd": _flag_sets(HAS_BIAS=(True, False), STORE_T_SUM=(True,), EPILOGUE_DROPOUT=(False,),
+                          SPLIT_K_PARTIALS=(False,)),
+        # split-K: the GEMM's fp32 partials only (the expand kernel adds bias and the LoRA term), with
+        # the forward's operands (W0ᵀ); dX's call differs by W0's strides alone: 40 compiles saved
+        "fwd-splitk": _flag_sets(HAS_BIAS=(False,), STORE_T_SUM=(False,), EPILOGUE_DROPOUT=(False,),
+                                 SPLIT_K_PARTIALS=(True,)),
+    }),
+    # in place after torch's GEMM (the split strategy, SPLIT_K 1), or summing the split-K GEMM's partials
+    "expand": (kernels.lora_expand_kernel, lambda f, fp32_dot: expand_configs(), {
+        "bwd": _flag_sets(HAS_BIAS=(False,), STORE_T_SUM=(True, False), EPILOGUE_DROPOUT=(True, False),
+                          BASE_PARTIALS=(True,), SPLIT_K=(8,))
+               + _flag_sets(HAS_BIAS=(False,), STORE_T_SUM=(True, False), EPILOGUE_DROPOUT=(True, False),
+                            BASE_PARTIALS=(False,), SPLIT_K=(1,)),
+        "fwd": _flag_sets(HAS_BIAS=(True, False), STORE_T_SUM=(True,), EPILOGUE_DROPOUT=(False,),
+                          BASE_PARTIALS=(True,), SPLIT_K=(8, 2))
+               + _flag_sets(HAS_BIAS=(False,), STORE_T_SUM=(True,), EPILOGUE_DROPOUT=(False,),
+                            BASE_PARTIALS=(False,), SPLIT_K=(1,)),
     }),
     "rows": (kernels.lora_rows_matmul_kernel, lambda f, fp32_dot: rows_configs(fp32_dot, f["DROPOUT_R"]), {
         "dA": _flag_sets(DROPOUT_R=(True, False)),                      # dA = dTᵀ · dropout(x)
         "dB": _flag_sets(DROPOUT_R=(False,)),                           # dB = dYᵀ · hidden
     }),
     "dropout_mask": (kernels.dropout_mask_kernel, lambda f, fp32_dot: [DropoutMaskConfig()], {"mask": [{}]}),
-    # BLOCK_S: the segment scan's width, 1 to MAX_BLOCK_S (a power of two)
     "seg_shrink": (multi_kernels.segmented_shrink_kernel, lambda f, fp32_dot: segmented_configs(fp32_dot), {
-        "fwd": _flag_sets(SEGMENT_IS_ADAPTER=(False, True), HAS_RANKS=(True, False),
-                          BLOCK_S=(multi_launch.MAX_BLOCK_S, 1)),
-        "bwd": _flag_sets(SEGMENT_IS_ADAPTER=(True,), HAS_RANKS=(True, False), BLOCK_S=(64,)),
+        "fwd": _flag_sets(SEGMENT_IS_ADAPTER=(False, True), HAS_RANKS=(True, False)),
+        "bwd": _flag_sets(SEGMENT_IS_ADAPTER=(True,), HAS_RANKS=(True, False)),
     }),
+    # NUM_T_SPLITS: the rank partials the expand sums unrolled, 1 to MAX_SPLITS (the most loads in flight)
     "seg_expand": (multi_kernels.segmented_expand_kernel, lambda f, fp32_dot: segmented_configs(fp32_dot), {
         "bwd": _flag_sets(SEGMENT_IS_ADAPTER=(True,), HAS_RANKS=(True, False), STORE_T_SUM=(True, False),
-                          BLOCK_S=(multi_launch.MAX_BLOCK_S,)),
+                          NUM_T_SPLITS=(launch.MAX_SPLITS, 1)),
         "fwd": _flag_sets(SEGMENT_IS_ADAPTER=(False, True), HAS_RANKS=(True, False), STORE_T_SUM=(True, False),
-                          BLOCK_S=(1, 64)),
+                          NUM_T_SPLITS=(launch.MAX_SPLITS, 1)),
     }),
     "seg_rows": (multi_kernels.segmented_rows_matmul_kernel, lambda f, fp32_dot: rows_configs(fp32_dot, False), {
         "dA": _flag_sets(HAS_RANKS=(True, False), RANK_ON_P=(True,)),
@@ -646,7 +713,7 @@ KERNELS = {
 
 
 _ABBREV = {"block_m": "m", "block_n": "n", "block_k": "k", "block_r": "r", "block_p": "p", "block_q": "q",
-           "group_m": "g", "num_warps": "w", "num_stages": "s"}
+           "group_m": "g", "num_warps": "w", "num_stages": "s", "split_k": "sk", "expand_stages": "es"}
 
 
 def _config_str(config) -> str:
@@ -684,6 +751,10 @@ class Case:
             args = _fused_args(self.usage, dt, flags)
             const = dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_R=c.block_r,
                          GROUP_M=c.group_m, DOT_PRECISION=self.precision[0], LORA_DOT_PRECISION=self.precision[1])
+        elif self.kernel == "expand":
+            args = _expand_args(self.usage, dt, flags)
+            const = dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=c.block_r,
+                         LORA_DOT_PRECISION=self.precision[1])
         elif self.kernel == "rows":
             args = _rows_args(self.usage, dt)
             # rows_matmul passes lora_precision(compute dtype) = lora_precision(input dtype)
@@ -705,7 +776,8 @@ class Case:
             args = dict(out_ptr="*i8", M=M, K=K, seed_ptr="*i64", dropout_p=P_DROP)
             const = dict(BLOCK_M=c.block_m, BLOCK_K=c.block_k)
         signature, constexprs, attrs = launch_signature(kernel, args, const, self.aligned)
-        return kernel, signature, constexprs, attrs, c.num_warps, c.num_stages
+        num_stages = c.expand_stages if self.kernel == "seg_expand" else c.num_stages
+        return kernel, signature, constexprs, attrs, c.num_warps, num_stages
 
     def request(self) -> dict:
         kernel, signature, constexprs, attrs, num_warps, num_stages = self.build()

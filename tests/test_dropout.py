@@ -146,12 +146,13 @@ def test_dropout_leaves_base_path_untouched(backend):
     assert torch.equal(y, y_off)
 
 
-# (kept entries, Σ keep · weight) of the (33, 70) keep-mask at p = 0.3, computed while the seed was
-# still an int argument: the same seed value must give the same mask bit for bit (Philox key and
-# counters unchanged), and the torch backend's mask is still torch's CPU generator's.
+# (kept entries, Σ keep · weight) of the (33, 70) keep-mask at p = 0.3: the same seed value must give
+# the same mask bit for bit, and the torch backend's mask is still torch's CPU generator's (values
+# computed while the seed was still an int argument). Triton's: since all four Philox outputs of a
+# call are used (test_triton_mask_is_its_philox_definition, issue 12).
 MASK_FINGERPRINTS = {
     ("torch", 1234): (1657, 811987984), ("torch", 2**31 - 2): (1641, 806051277),
-    ("triton", 1234): (1630, 806931663), ("triton", 2**31 - 2): (1601, 796918010),
+    ("triton", 1234): (1626, 798130698), ("triton", 2**31 - 2): (1589, 786892184),
 }
 
 
@@ -162,6 +163,37 @@ def test_mask_of_a_seed_value_unchanged(backend, seed):
     weight = (torch.arange(m * k, dtype=torch.int64).reshape(m, k) * 7919) % 1000003
     keep = keep_mask(backend, m, k, 0.3, seed).cpu()
     assert (int(keep.sum()), int((keep * weight).sum())) == MASK_FINGERPRINTS[backend, seed]
+
+
+def philox_keep_mask(m: int, k: int, p: float, seed: int) -> torch.Tensor:
+    """The Triton kernels' keep-mask by its definition, in numpy: element (m, k) is kept iff
+    uniform(output k % 4 of Philox4x32-10(key = seed's low and high words; counter (k // 4, m, 0, 0)))
+    >= p, uniform(u) = (u as int32, ~u when negative) x 4.6566127342e-10 in fp32 (Triton's
+    tl.philox and tl.uint_to_uniform_float)."""
+    np = pytest.importorskip("numpy")
+    low = np.uint64(0xFFFFFFFF)
+    rows, groups = np.meshgrid(np.arange(m, dtype=np.uint64), np.arange(-(-k // 4), dtype=np.uint64), indexing="ij")
+    c0, c1, c2, c3 = groups, rows, np.zeros_like(rows), np.zeros_like(rows)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    for _ in range(10):
+        prod_a, prod_b = round_a * c0, round_b * c2            # 32 x 32 bits: exact in uint64
+        c0, c2 = (prod_b >> np.uint64(32)) ^ c1 ^ k0, (prod_a >> np.uint64(32)) ^ c3 ^ k1
+        c1, c3 = prod_b & low, prod_a & low
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & low, (k1 + np.uint64(0xBB67AE85)) & low
+    bits = np.stack([c0, c1, c2, c3], axis=-1).reshape(m, -1)[:, :k].astype(np.uint32).view(np.int32)
+    uniform = np.where(bits < 0, ~bits, bits).astype(np.float32) * np.float32(4.6566127342e-10)
+    return torch.from_numpy(uniform >= np.float32(p))
+
+
+@pytest.mark.parametrize("seed", [1234, 2**31 - 2, 2**40 + 77])
+def test_triton_mask_is_its_philox_definition(seed):
+    """All four outputs of one Philox call serve four adjacent columns: the mask of the kernels is
+    philox_keep_mask's, bit for bit (the seed's high word is the key's second half)."""
+    skip_unless_backend_serves("triton", torch.float32)
+    m, k, p = 37, 150, 0.3
+    keep = keep_mask("triton", m, k, p, seed).cpu()
+    assert torch.equal(keep, philox_keep_mask(m, k, p, seed))
 
 
 def test_backends_read_the_seed_tensor_when_they_run(backend):

@@ -101,6 +101,4 @@ def test_opcheck():
     x, w_qkv, a, b, scales, ids, ranks = make_case(9, torch.float32)
     batch = lora_kernels.AdapterBatch(ids, L, ranks=ranks)
     out = x @ w_qkv[:N].T
-    torch.library.opcheck(add_multi_lora_op, (out, x, a, b, scales, batch.sorted_rows, batch.adapter_starts,
-                                              batch.segment_rows, batch.segment_starts, batch.segment_adapters,
-                                              batch.ranks))
+    torch.library.opcheck(add_multi_lora_op, (out, x, a, b, scales, *batch.tensors()))

@@ -690,24 +690,22 @@ def test_strided_int32_segment_starts(backend):
 
 
 @pytest.mark.parametrize("segments", [False, True], ids=["from_ids", "from_segments"])
-def test_segment_scan_over_several_steps(backend, segments, monkeypatch):
-    """More segments than one step of the kernels' segment scan (MAX_BLOCK_S, 1024 in real use,
-    shrunk to 4 here so the loop takes several steps at a test's size)."""
+def test_many_segments(backend, segments):
+    """Many short segments (101 over 160 rows: about a third empty, the others one to five rows, adapters
+    repeated and -1), so most row tiles of the tile map are partial and belong to a segment far
+    from the first: each program must find its own segment, not a neighbour's."""
     skip_unless_backend_serves(backend, FP32)
-    if backend == "triton":
-        from lora_kernels.triton import multi_lora_linear as triton_multi
-
-        monkeypatch.setattr(triton_multi, "MAX_BLOCK_S", 4)
     gen = torch.Generator().manual_seed(730)
-    num_adapters, m = 11, 70
+    num_adapters, m, num_segments = 37, 160, 101
     x = make_x(m, 24, "2d", FP32, gen)
     w, bias, a, b, scales = make_stacks(num_adapters, 20, 24, 8, FP32, True, gen)
-    if segments:   # 13 ragged segments, some empty, adapters repeated and -1
-        lengths = torch.tensor([5, 0, 9, 1, 17, 3, 0, 8, 2, 11, 6, 4, 4])
-        seg_adapters = torch.tensor([3, 0, -1, 10, 3, 7, 2, 0, 5, -1, 9, 1, 10])
-        starts = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-        ids = torch.repeat_interleave(seg_adapters, lengths).to(DEVICE)
+    if segments:
+        cuts = torch.sort(torch.randint(0, m + 1, (num_segments - 1,), generator=gen)).values
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), cuts, torch.full((1,), m)])
+        seg_adapters = torch.randint(-1, num_adapters, (num_segments,), generator=gen)
+        ids = torch.repeat_interleave(seg_adapters, starts[1:] - starts[:-1]).to(DEVICE)
         adapters = AdapterBatch.from_segments(starts.to(DEVICE), seg_adapters.to(DEVICE), num_adapters)
+        assert (starts[1:] == starts[:-1]).sum() >= 20   # empty segments among them
     else:
         ids = ids_for("random", m, num_adapters, gen)
         adapters = ids

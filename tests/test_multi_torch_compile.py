@@ -39,8 +39,7 @@ def make_inputs():
 
 def op_args(batch, need_hidden=True):
     x, w, bias, a, b, scales = make_inputs()
-    return (x, w, bias, a, b, scales, batch.sorted_rows, batch.adapter_starts, batch.segment_rows,
-            batch.segment_starts, batch.segment_adapters, batch.ranks, need_hidden)
+    return (x, w, bias, a, b, scales, *batch.tensors(), need_hidden)
 
 
 @pytest.mark.parametrize("ranks", [None, RANKS], ids=["full_rank", "true_ranks"])
@@ -61,7 +60,7 @@ def test_opcheck_backward():
     grad_y = torch.randn(M, N)
     for need in [(True, True, True), (True, False, False), (False, True, False), (False, False, True)]:
         torch.library.opcheck(multi_lora_linear_backward_op, (
-            grad_y, x, w, a, b, hidden, scales, batch.sorted_rows, batch.adapter_starts, batch.ranks, *need))
+            grad_y, x, w, a, b, hidden, scales, *batch.tensors(), *need, "torch"))
 
 
 @pytest.mark.parametrize("prebuilt", [True, False], ids=["prebuilt_batch", "ids_in_graph"])

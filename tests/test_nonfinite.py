@@ -118,8 +118,7 @@ def test_unread_nan_scale_follows_the_reference(backend):
     ranks = torch.tensor(RANKS, device=DEVICE)
     batch = AdapterBatch(ids, L, ranks)
     y, _ = torch.ops.lora_kernels.multi_lora_linear(
-        x, w, bias, a, b, scales, batch.sorted_rows, batch.adapter_starts, batch.segment_rows,
-        batch.segment_starts, batch.segment_adapters, batch.ranks, False)
+        x, w, bias, a, b, scales, *batch.tensors(), False)
     tensors = (x, w, bias, a, b, scales)
     reference = multi_lora_linear_reference(*(t.double() for t in tensors), ids, ranks)
     assert_ieee_like(y, reference, multi_lora_linear_reference(*tensors, ids, ranks), "y")

@@ -70,6 +70,23 @@ def backward_impl(ctx, direct: Callable, registered: Callable) -> Callable:
     return direct if fast else registered
 
 
+def op_backward(ctx, grad_y: torch.Tensor, x: torch.Tensor | None, reads: tuple, differentiable: Callable,
+                direct: Callable, registered: Callable, kernel_args: tuple) -> tuple:
+    """(dX, dW0, db, dA, dB) of an op's backward, None where not asked for (ctx.need: x, weight, bias,
+    lora_a, lora_b). A backward recorded for a second derivative (records_second_derivative over
+    grad_y and `reads`) takes differentiable() (torch ops); any other runs the backward op on
+    kernel_args, directly or registered (backward_impl). The frozen layer's gradients are plain GEMMs.
+    grad_y (M, N) with last stride 1."""
+    need_x, need_w, need_bias, need_a, need_b = ctx.need
+    grad_x = grad_a = grad_b = None
+    if records_second_derivative(grad_y, *reads):
+        grad_x, grad_a, grad_b = differentiable()
+    elif need_x or need_a or need_b:
+        grad_x, grad_a, grad_b = backward_impl(ctx, direct, registered)(*kernel_args)
+    grad_w, grad_bias = frozen_layer_grads(grad_y, x, need_w, need_bias)
+    return grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None
+
+
 def frozen_layer_grads(grad_y: torch.Tensor, x: torch.Tensor | None, need_w: bool, need_bias: bool):
     """(dW0 (N, K) | None, db (N,) | None) for the rare caller who trains the frozen layer too: plain GEMMs."""
     grad_w = grad_y.T @ x if need_w else None

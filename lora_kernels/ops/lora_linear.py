@@ -2,12 +2,14 @@
 
 Layers: public function (validate, flatten, draw the dropout seed) -> torch.library custom ops
 ``lora_kernels::lora_linear`` / ``lora_kernels::lora_linear_backward`` (fake impls for
-torch.compile, autograd registered between them) -> backend (Triton launcher or torch fallback).
-Routes of a call: torch.compile -> the registered op; forward-mode AD / torch.func -> the
-differentiable composition (_composite); profiler -> the registered op; autograd -> the eager fast
-path; else the forward directly. A backward recorded with create_graph=True computes its gradients
-with the composition's formulas, so second derivatives are exact on the eager and registered-op
-routes (torch.compile's AOT autograd refuses double backward itself).
+torch.compile, autograd registered between them) -> backend (_dispatch.implementation: the Triton
+launchers, which pick the fused or split strategy per shape (lora_kernels.tuning), or the torch backend).
+Routes of a call (_dispatch.route): inside a torch.compile trace -> the registered op; forward-mode
+AD / torch.func -> the differentiable composition (_composite); with the profiler on -> the registered
+op; an input requiring grad -> the eager fast path (autograd.Function, no dispatcher); else the
+forward directly. A backward recorded with create_graph=True computes its gradients with the
+composition's formulas, so second derivatives are exact on the eager and registered-op routes
+(torch.compile's AOT autograd refuses double backward itself).
 """
 
 from __future__ import annotations
@@ -20,14 +22,8 @@ from torch import Tensor
 from .. import fallback
 from .._backend import resolve_backend
 from . import _composite
-from ._autograd import (
-    backward_impl,
-    check_x_saved_for_second_derivative,
-    eager_fast_path,
-    frozen_layer_grads,
-    in_transform,
-    records_second_derivative,
-)
+from ._dispatch import implementation, route, rows, unflatten
+from ._autograd import check_x_saved_for_second_derivative, eager_fast_path, op_backward
 from ._checks import (
     FLOAT_DTYPES,
     check_dropout_p,
@@ -39,16 +35,6 @@ from ._checks import (
 )
 
 SEED_BOUND = 2**31 - 1
-
-
-def _backend_module(backend: str):
-    """The module holding lora_linear_forward / lora_linear_backward / dropout_keep_mask of `backend`
-    ("triton" or "torch", as resolve_backend names them)."""
-    if backend == "triton":
-        from ..triton import lora_linear as triton_lora_linear   # imports triton: only here
-
-        return triton_lora_linear
-    return fallback
 
 
 def _forward(
@@ -65,7 +51,7 @@ def _forward(
                          f"{'None' if seed is None else describe(seed)}")
     if m == 0 or n == 0:
         return x.new_empty((m, n)), x.new_zeros((m, r), dtype=fallback.hidden_dtype(x.dtype))
-    return _backend_module(resolve_backend(x.device, x.dtype)).lora_linear_forward(
+    return implementation(resolve_backend(x.device, x.dtype)).lora_linear_forward(
         x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
 
 
@@ -79,7 +65,7 @@ def _backward_grads(
     m = grad_y.shape[0]
     grads = (None, None, None)
     if m > 0:
-        grads = _backend_module(backend).lora_linear_backward(
+        grads = implementation(backend).lora_linear_backward(
             grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p, seed, need_x, need_a, need_b)
     shapes = _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b)
     return tuple(g if g is not None else grad_y.new_zeros(shape) for g, shape in zip(grads, shapes))
@@ -135,19 +121,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_hidden):
     x, weight, lora_a, lora_b, lora_hidden, seed = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b = ctx.need
-    if grad_y.stride(-1) != 1:
-        grad_y = grad_y.contiguous()
-    grad_x = grad_a = grad_b = None
-    if records_second_derivative(grad_y, x, weight, lora_a, lora_b):
-        grad_x, grad_a, grad_b = _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed)
-    elif need_x or need_a or need_b:
-        grad_x, grad_a, grad_b = backward_impl(ctx, _backward_grads, lora_linear_backward_op)(
-            grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
-            need_x, need_a, need_b, ctx.backend)
-    grad_w, grad_bias = frozen_layer_grads(grad_y, x, need_w, need_bias)
-    return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
-            grad_b if need_b else None, None, None, None)
+    need_x, _, _, need_a, need_b = ctx.need
+    grad_y = rows(grad_y, grad_y.shape[-1])
+    grads = op_backward(
+        ctx, grad_y, x, (x, weight, lora_a, lora_b),
+        lambda: _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed),
+        _backward_grads, lora_linear_backward_op,
+        (grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
+         need_x, need_a, need_b, ctx.backend))
+    return grads + (None, None, None)
 
 
 def _keep_mask(m: int, k: int, dropout_p: float, seed: Optional[Tensor], backend: str,
@@ -156,7 +138,7 @@ def _keep_mask(m: int, k: int, dropout_p: float, seed: Optional[Tensor], backend
     if dropout_p == 0.0:
         return None
     with torch._C._DisableFuncTorch():   # a constant: a plain tensor even under torch.func (a kernel writes it)
-        return _backend_module(backend).dropout_keep_mask(m, k, dropout_p, seed, device)
+        return implementation(backend).dropout_keep_mask(m, k, dropout_p, seed, device)
 
 
 def _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed):
@@ -250,6 +232,10 @@ def lora_linear(
     Triton kernels on a GPU (a captured CUDA graph draws a new one at each replay), else the CPU's.
     scale: a python number or 0-d tensor, finite with |scale| <= float32's largest, else ValueError.
     NaN / ±inf in the tensors propagate as in the float64 reference (README, "Non-finite values").
+    Routes: inside torch.compile, or with the profiler on, the registered ops lora_kernels::lora_linear
+    (and ::lora_linear_backward); under forward-mode AD / torch.func, plain torch ops; an input requiring
+    grad, the eager autograd.Function (no dispatcher); else the forward directly. On the Triton backend
+    each matmul carrying the LoRA term runs the strategy of lora_kernels.tuning (README, "Strategies").
 
     >>> import torch, lora_kernels
     >>> x, w, a, b = torch.randn(3, 5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
@@ -261,19 +247,13 @@ def lora_linear(
     scale = check_scale(scale)
     dropout_p = check_dropout_p(dropout_p)
     k = weight.shape[1]
-    x2d = x if x.dim() == 2 else x.reshape(-1, k)          # (M, K), a view when strides allow
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
-    args = (x2d, weight, bias, lora_a, lora_b, scale, dropout_p, _dropout_seed(dropout_p, x2d))
-    if torch.compiler.is_compiling():
-        y2d, _ = lora_linear_op(*args)
-    elif in_transform():   # forward-mode AD, torch.func: tangents and wrappers need torch ops
-        keep = _keep_mask(x2d.shape[0], k, dropout_p, args[-1], resolve_backend(x2d.device, x2d.dtype), x2d.device)
-        y2d = _composite.lora_linear(*args[:-1], keep)
-    elif torch.autograd._profiler_enabled():
-        y2d, _ = lora_linear_op(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        y2d, _ = _LoRALinearFunction.apply(*args)
-    else:
-        y2d, _ = _forward(*args)
-    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], weight.shape[0])
+    x2d = rows(x, k)                                                            # (M, K)
+    seed = _dropout_seed(dropout_p, x2d)
+    args = (x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+
+    def composite() -> Tensor:
+        keep = _keep_mask(x2d.shape[0], k, dropout_p, seed, resolve_backend(x2d.device, x2d.dtype), x2d.device)
+        return _composite.lora_linear(*args[:-1], keep)
+
+    grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])
+    return unflatten(route(lora_linear_op, _LoRALinearFunction, _forward, composite, args, grad_wanted), x)

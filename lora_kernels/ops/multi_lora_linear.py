@@ -2,11 +2,13 @@
 
 Layers: public function (validate, flatten, group rows by adapter) -> torch.library custom ops
 ``lora_kernels::multi_lora_linear`` / ``lora_kernels::multi_lora_linear_backward`` (fake impls,
-autograd registered between them) -> backend (Triton launcher or torch fallback). The base layer
-is torch's own GEMM in both backends, so rows of no adapter equal F.linear's output bit for bit.
-Routes of a call as in lora_linear: torch.compile -> the registered op; forward-mode AD / torch.func
--> the differentiable composition (_composite); profiler -> the registered op; autograd -> the eager
-fast path; else the forward directly. A backward recorded with create_graph=True computes its
+autograd registered between them) -> backend (_dispatch.implementation: Triton launchers or the torch
+backend, both given the AdapterBatch's tensors). The base layer is torch's own GEMM in both backends
+(the split strategy), so rows of no adapter equal F.linear's output bit for bit.
+Routes of a call (_dispatch.route), as in lora_linear: inside a torch.compile trace -> the registered
+op; forward-mode AD / torch.func -> the differentiable composition (_composite); with the profiler on
+-> the registered op; an input requiring grad -> the eager fast path; else the forward directly.
+add_multi_lora_ (inference only): the registered op inside a trace or under the profiler, else direct. A backward recorded with create_graph=True computes its
 gradients with the composition's formulas, so second derivatives are exact on the eager and
 registered-op routes (torch.compile's AOT autograd refuses double backward itself).
 """
@@ -20,17 +22,10 @@ from torch import Tensor
 
 from .. import fallback
 from .._backend import resolve_backend
-from ..metadata import AdapterBatch
+from ..metadata import AdapterBatch, BatchTensors
 from . import _composite
-from ._autograd import (
-    backward_impl,
-    carries_tangent,
-    check_x_saved_for_second_derivative,
-    eager_fast_path,
-    frozen_layer_grads,
-    in_transform,
-    records_second_derivative,
-)
+from ._autograd import carries_tangent, check_x_saved_for_second_derivative, eager_fast_path, in_transform, op_backward
+from ._dispatch import implementation, route, rows, unflatten
 from ._checks import (
     check_same_dtype_and_device,
     check_scales,
@@ -41,18 +36,16 @@ from ._checks import (
 )
 
 
-def _backend_module(t: Tensor):
-    if resolve_backend(t.device, t.dtype) == "triton":
-        from ..triton import multi_lora_linear as triton_multi_lora_linear   # imports triton: only here
-
-        return triton_multi_lora_linear
-    return fallback
+# The AdapterBatch reaches the registered ops as its tensors (metadata.BatchTensors' fields, in order):
+# custom ops take tensors and numbers, not objects.
+_BATCH_FIELDS = len(BatchTensors._fields)
 
 
 def _forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scales: Tensor,
     sorted_rows: Tensor, adapter_starts: Tensor, segment_rows: Tensor, segment_starts: Tensor,
-    segment_adapters: Optional[Tensor], ranks: Optional[Tensor], need_hidden: bool,
+    segment_adapters: Optional[Tensor], ranks: Optional[Tensor], segment_tiles: Tensor, adapter_tiles: Tensor,
+    active_adapters: Tensor, row_tile: int, need_hidden: bool,
 ) -> tuple[Tensor, Tensor]:
     """x (M, K) last stride 1 -> (y (M, N), T = x A[j]ᵀ (M, R) in hidden dtype when need_hidden, else (M, 0)).
     The AdapterBatch comes as its tensors (see lora_kernels.metadata)."""
@@ -60,26 +53,27 @@ def _forward(
     if m == 0 or n == 0 or x.is_meta:   # meta tensors: shapes only (their ids have no values to group by)
         return (x.new_empty((m, n)),
                 x.new_zeros((m, max_rank if need_hidden else 0), dtype=fallback.hidden_dtype(x.dtype)))
-    backend = _backend_module(x)
-    if backend is fallback:
-        return fallback.multi_lora_linear_forward(
-            x, weight, bias, lora_a, lora_b, scales, sorted_rows, adapter_starts, ranks, need_hidden)
-    return backend.multi_lora_linear_forward(
-        x, weight, bias, lora_a, lora_b, scales, segment_rows, segment_starts, segment_adapters, ranks,
-        need_hidden)
+    batch = BatchTensors(sorted_rows, adapter_starts, segment_rows, segment_starts, segment_adapters, ranks,
+                         segment_tiles, adapter_tiles, active_adapters, row_tile)
+    return implementation(resolve_backend(x.device, x.dtype)).multi_lora_linear_forward(
+        x, weight, bias, lora_a, lora_b, scales, batch, need_hidden)
 
 
 def _backward_grads(
     grad_y: Tensor, x: Optional[Tensor], weight: Tensor, lora_a: Tensor, lora_b: Tensor,
-    lora_hidden: Optional[Tensor], scales: Tensor, sorted_rows: Tensor, adapter_starts: Tensor,
-    ranks: Optional[Tensor], need_x: bool, need_a: bool, need_b: bool,
+    lora_hidden: Optional[Tensor], scales: Tensor,
+    sorted_rows: Tensor, adapter_starts: Tensor, segment_rows: Tensor, segment_starts: Tensor,
+    segment_adapters: Optional[Tensor], ranks: Optional[Tensor], segment_tiles: Tensor, adapter_tiles: Tensor,
+    active_adapters: Tensor, row_tile: int, need_x: bool, need_a: bool, need_b: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dX (M, K), dA (L, R, K), dB (L, N, R)); a gradient not asked for comes back empty."""
+    """(dX (M, K), dA (L, R, K), dB (L, N, R)); a gradient not asked for comes back empty.
+    backend: the one that served the forward."""
     grads = (None, None, None)
     if grad_y.shape[0] > 0 and not grad_y.is_meta:
-        grads = _backend_module(grad_y).multi_lora_linear_backward(
-            grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
-            need_x, need_a, need_b)
+        batch = BatchTensors(sorted_rows, adapter_starts, segment_rows, segment_starts, segment_adapters, ranks,
+                             segment_tiles, adapter_tiles, active_adapters, row_tile)
+        grads = implementation(backend).multi_lora_linear_backward(
+            grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, batch, need_x, need_a, need_b)
     shapes = _grad_shapes(grad_y, weight, lora_a, lora_b, need_x, need_a, need_b)
     return tuple(g if g is not None else grad_y.new_zeros(shape) for g, shape in zip(grads, shapes))
 
@@ -90,9 +84,8 @@ multi_lora_linear_backward_op = torch.library.custom_op(
 
 
 @multi_lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scales, sorted_rows, adapter_starts, segment_rows, segment_starts,
-      segment_adapters, ranks, need_hidden):
-    hidden_width = lora_a.shape[1] if need_hidden else 0
+def _(x, weight, bias, lora_a, lora_b, scales, *batch_and_need_hidden):
+    hidden_width = lora_a.shape[1] if batch_and_need_hidden[-1] else 0
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((x.shape[0], hidden_width), dtype=fallback.hidden_dtype(x.dtype)))
 
@@ -104,42 +97,43 @@ def _grad_shapes(grad_y, weight, lora_a, lora_b, need_x, need_a, need_b):
 
 
 @multi_lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
-      need_x, need_a, need_b):
+def _(grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, *batch_and_flags):
+    need_x, need_a, need_b, _backend = batch_and_flags[_BATCH_FIELDS:]
     shapes = _grad_shapes(grad_y, weight, lora_a, lora_b, need_x, need_a, need_b)
     return tuple(grad_y.new_empty(shape) for shape in shapes)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scales, sorted_rows, adapter_starts, _, _, _, ranks, _ = inputs
+    x, weight, bias, lora_a, lora_b, scales = inputs[:6]
+    batch = inputs[6:6 + _BATCH_FIELDS]
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     ctx.mark_non_differentiable(output[1])
     ctx.need = (need_x, need_w, need_bias, need_a, need_b)
+    # the backend that served the forward serves the backward (it may run outside a use_backend block)
+    ctx.backend = resolve_backend(x.device, x.dtype)
+    ctx.row_tile = batch[-1]
     # weight and the adapter stacks are parameters (saving them costs no memory); of the
     # activations, only what the requested gradients read
-    ctx.save_for_backward(
-        x if (need_a or need_w) else None, weight, lora_a, lora_b,
-        output[1] if need_b else None, scales, sorted_rows, adapter_starts, ranks)
+    ctx.save_for_backward(x if (need_a or need_w) else None, weight, lora_a, lora_b,
+                          output[1] if need_b else None, scales, *batch[:-1])
 
 
 def _backward(ctx, grad_y, _grad_hidden):
-    x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b = ctx.need
-    if grad_y.stride(-1) != 1:
-        grad_y = grad_y.contiguous()
-    grad_x = grad_a = grad_b = None
-    if records_second_derivative(grad_y, x, weight, lora_a, lora_b):   # create_graph=True: torch ops
+    x, weight, lora_a, lora_b, lora_hidden, scales, *batch_tensors = ctx.saved_tensors
+    batch = BatchTensors(*batch_tensors, ctx.row_tile)
+    need_x, _, _, need_a, need_b = ctx.need
+    grad_y = rows(grad_y, grad_y.shape[-1])
+
+    def differentiable():   # create_graph=True: torch ops
         check_x_saved_for_second_derivative("multi_lora_linear", "dB[j] = s_j·dY_jᵀ·X_j A[j]ᵀ", x, need_x, need_b)
-        grad_x, grad_a, grad_b = _composite.multi_lora_linear_grads(
-            grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
-            need_x, need_a, need_b)
-    elif need_x or need_a or need_b:
-        grad_x, grad_a, grad_b = backward_impl(ctx, _backward_grads, multi_lora_linear_backward_op)(
-            grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
-            need_x, need_a, need_b)
-    grad_w, grad_bias = frozen_layer_grads(grad_y, x, need_w, need_bias)
-    return (grad_x if need_x else None, grad_w, grad_bias, grad_a if need_a else None,
-            grad_b if need_b else None) + (None,) * 8
+        return _composite.multi_lora_linear_grads(
+            grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, batch.sorted_rows, batch.adapter_starts,
+            batch.ranks, need_x, need_a, need_b)
+
+    grads = op_backward(
+        ctx, grad_y, x, (x, weight, lora_a, lora_b), differentiable, _backward_grads, multi_lora_linear_backward_op,
+        (grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, *batch, need_x, need_a, need_b, ctx.backend))
+    return grads + (None,) * (2 + _BATCH_FIELDS)
 
 
 multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -225,7 +219,10 @@ def multi_lora_linear(
     or an AdapterBatch built once per batch (with per-adapter true ranks, or from segments).
     scales must be finite with |s| <= float32's largest: checked (ValueError) for CPU scales, not read
     back on a GPU. NaN / ±inf in the tensors propagate as in the float64 reference (README,
-    "Non-finite values").
+    "Non-finite values"). Routes: inside torch.compile, or with the profiler on, the registered ops
+    lora_kernels::multi_lora_linear (and ::multi_lora_linear_backward); under forward-mode AD /
+    torch.func, plain torch ops (a Python loop over adapters); an input requiring grad, the eager
+    autograd.Function (no dispatcher); else the forward directly.
 
     >>> import torch, lora_kernels
     >>> x, w = torch.randn(4, 8), torch.randn(6, 8)
@@ -238,42 +235,32 @@ def multi_lora_linear(
     """
     validate_multi_lora_linear(x, weight, bias, lora_a, lora_b, scales)
     num_adapters, _, k = lora_a.shape
-    x2d = x if x.dim() == 2 else x.reshape(-1, k)          # (M, K), a view when strides allow
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
+    x2d = rows(x, k)                                                            # (M, K)
     batch = _adapter_batch(adapter_ids, x2d.shape[0], num_adapters, lora_a.shape[1], x.device)
     scales = _dense_scales(scales, x.dtype)
     tensors = (x2d, weight, bias, lora_a, lora_b)
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     need_hidden = grad_wanted and lora_b.requires_grad
-    args = (*tensors, scales, batch.sorted_rows, batch.adapter_starts, batch.segment_rows,
-            batch.segment_starts, batch.segment_adapters, batch.ranks, need_hidden)
-    if torch.compiler.is_compiling():
-        y2d, _ = multi_lora_linear_op(*args)
-    elif in_transform():   # forward-mode AD, torch.func: tangents and wrappers need torch ops
-        y2d = _composite.multi_lora_linear(*tensors, scales, batch.sorted_rows, batch.adapter_starts, batch.ranks)
-    elif torch.autograd._profiler_enabled():
-        y2d, _ = multi_lora_linear_op(*args)
-    elif grad_wanted:
-        y2d, _ = _MultiLoRALinearFunction.apply(*args)
-    else:
-        y2d, _ = _forward(*args)
-    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], weight.shape[0])
+    args = (*tensors, scales, *batch.tensors(), need_hidden)
+
+    def composite() -> Tensor:
+        return _composite.multi_lora_linear(*tensors, scales, batch.sorted_rows, batch.adapter_starts, batch.ranks)
+
+    y2d = route(multi_lora_linear_op, _MultiLoRALinearFunction, _forward, composite, args, grad_wanted)
+    return unflatten(y2d, x)
 
 
 # ---- the LoRA term alone, added in place into an existing base output (serving) ---------------
 
-def _add(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor, sorted_rows: Tensor,
-         adapter_starts: Tensor, segment_rows: Tensor, segment_starts: Tensor,
-         segment_adapters: Optional[Tensor], ranks: Optional[Tensor]) -> None:
+def _add(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
+         sorted_rows: Tensor, adapter_starts: Tensor, segment_rows: Tensor, segment_starts: Tensor,
+         segment_adapters: Optional[Tensor], ranks: Optional[Tensor], segment_tiles: Tensor, adapter_tiles: Tensor,
+         active_adapters: Tensor, row_tile: int) -> None:
     if x.shape[0] == 0 or out.shape[1] == 0 or x.is_meta:
         return
-    backend = _backend_module(x)
-    if backend is fallback:
-        fallback.multi_lora_add_(out, x, lora_a, lora_b, scales, sorted_rows, adapter_starts, ranks)
-    else:
-        backend.multi_lora_add_(out, x, lora_a, lora_b, scales, segment_rows, segment_starts,
-                                segment_adapters, ranks)
+    batch = BatchTensors(sorted_rows, adapter_starts, segment_rows, segment_starts, segment_adapters, ranks,
+                         segment_tiles, adapter_tiles, active_adapters, row_tile)
+    implementation(resolve_backend(x.device, x.dtype)).multi_lora_add_(out, x, lora_a, lora_b, scales, batch)
 
 
 add_multi_lora_op = torch.library.custom_op("lora_kernels::add_multi_lora_", _add, mutates_args=("out",))
@@ -317,9 +304,7 @@ def add_multi_lora_(
         raise ValueError("add_multi_lora_ is inference-only: no forward-mode AD tangents or torch.func "
                          "transforms (jvp, vmap, ...) through an in-place update; use multi_lora_linear")
     num_adapters, _, k = lora_a.shape
-    x2d = x if x.dim() == 2 else x.reshape(-1, k)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
+    x2d = rows(x, k)                                                            # (M, K)
     try:
         out2d = out if out.dim() == 2 else out.view(-1, out.shape[-1])   # must be a view: updated in place
     except RuntimeError as exc:
@@ -327,7 +312,8 @@ def add_multi_lora_(
                          "without a copy; pass it 2-D") from exc
     batch = _adapter_batch(adapter_ids, x2d.shape[0], num_adapters, lora_a.shape[1], x.device)
     scales = _dense_scales(scales, x.dtype)
+    # routes: the registered op inside a compile trace or with the profiler on, else the direct call
+    # (inference only: no autograd route; forward-mode AD and torch.func were refused above)
     fn = add_multi_lora_op if torch.compiler.is_compiling() or torch.autograd._profiler_enabled() else _add
-    fn(out2d, x2d, lora_a, lora_b, scales, batch.sorted_rows, batch.adapter_starts, batch.segment_rows,
-       batch.segment_starts, batch.segment_adapters, batch.ranks)
+    fn(out2d, x2d, lora_a, lora_b, scales, *batch.tensors())
     return out

@@ -1,8 +1,11 @@
-"""Launchers of the single-adapter LoRA kernels: allocate, pick a config by shape, launch (the public
-launchers under their inputs' device: _device.on_device_of).
+"""Launchers of the single-adapter LoRA kernels: allocate, pick a plan and config by shape, launch (the
+public launchers under their inputs' device: _device.on_device_of).
 
 Inputs arrive validated by the op layer (lora_kernels.ops.lora_linear): x2d (M, K) with last
 stride 1, weight (N, K), bias (N,) | None, lora_a (r, K), lora_b (N, r), all on one device, one dtype.
+The forward's y and the backward's dX each run the plan lora_kernels.tuning.plan_for gives them:
+"split" (torch's GEMM, then shrink and an in-place expand) or "fused" (our GEMM with the LoRA term
+in its accumulator; split_k > 1: fp32 partials over K ranges, summed by the expand kernel).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from ..tuning import MatmulConfig, plan_for
 from .kernels.lora_linear import (
     dropout_mask_kernel,
+    lora_expand_kernel,
     lora_fused_matmul_kernel,
     lora_rows_matmul_kernel,
     lora_shrink_kernel,
@@ -31,21 +36,19 @@ DECODE_PROGRAMS = 128
 
 
 @dataclass(frozen=True)
-class MatmulConfig:
+class ShrinkConfig:
     block_m: int
-    block_n: int
-    block_k: int
     block_r: int
-    group_m: int
+    block_k: int
     num_warps: int
     num_stages: int
 
 
 @dataclass(frozen=True)
-class ShrinkConfig:
+class ExpandConfig:
     block_m: int
+    block_n: int
     block_r: int
-    block_k: int
     num_warps: int
     num_stages: int
 
@@ -87,18 +90,21 @@ def fused_matmul_config(m: int, n: int, k: int, rank: int, fp32_dot: str | None 
         # 8 warps and a rank tile of at most 32: with 4 warps the unspecialized signature spilled
         # 16-552 B (rank tile 32-64, 255 registers), with 8 and a 64-wide rank tile fp32 tf32 still
         # spilled 16 B (sm_80, forward); 8 and at most 32: 73-190 registers, none
-        cfg = MatmulConfig(64, 64, 64, rank_block(rank, 32), 8, 8, 4)
+        # fp32 on tf32 in 3 stages: with 4, the dX call with dropout spilled 8 B on sm_80 (80 registers;
+        # 32 deep: 8 B in the forward, 64), with 3 80-108 registers (190-230 unspecialized), none
+        cfg = MatmulConfig(64, 64, 64, rank_block(rank, 32), 8, 8, 3 if fp32_dot == "tf32" else 4)
     elif m <= 256 or epilogue_dropout or fp32_dot == "ieee":
-        # 8 warps: with 4, the dX epilogue's dropout (two live fp32 tiles) spilled ~1 KB per thread.
-        # The dX-with-dropout call keeps this 64x128 tile past 256 rows too: on the 128x128 one the two
-        # fp32 accumulators (128 of 255 registers) and the Philox mask spilled 160-280 B (16-bit),
-        # 256-504 B (tf32), up to 1.6 KB unspecialized; 64x128 has the same arithmetic intensity and
-        # needs 214-241 registers, no spill. 3 stages under dropout: fp32 tf32 unspecialized spilled
-        # 8 B on sm_90 with 4 (255 registers). Exact fp32 too (below): its 128x128 FMA tile needed 238-255
-        # registers at 16 deep and spilled 8-72 B (forward, either signature), 64x128 128-188, none
+        # 8 warps: with 4, the dX epilogue's dropout spilled ~1 KB per thread (beside the second fp32
+        # tile of before issue 12). The dX-with-dropout call keeps this 64x128 tile past 256 rows: on
+        # 128x128 the two fp32 tiles of before issue 12 and the Philox mask spilled 160-280 B (16-bit),
+        # 256-504 B (tf32); since the LoRA term is the accumulator's initial value (one live fp32 tile)
+        # 128x128 needs 172-184 registers aligned and no spill, and the tuner's candidates hold it.
+        # 3 stages under dropout: fp32 tf32 unspecialized spilled 8 B on sm_90 with 4 (255 registers).
+        # Exact fp32 too (below): its 128x128 FMA tile needed 238-255 registers at 16 deep and spilled
+        # 8-72 B (forward, either signature), 64x128 128-188, none
         cfg = MatmulConfig(64, 128, 64, rank_block(rank, 32), 8, 8, 3 if epilogue_dropout else 4)
     else:
-        # rank tile 16: at 32 the dX call without dropout spilled 8 B on sm_90 (255 registers);
+        # Rank tile 16: at 32 the dX call without dropout spilled 8 B on sm_90 (255 registers);
         # 218-222 registers with 16. The rank loop is a sliver of the K loop's work. fp32 on tf32: 32
         # deep (the bytes of 64 16-bit elements): 64 deep spilled 8 B unspecialized (forward, 254-255
         # registers, both targets), 32 deep 236-253 and none, and half the shared memory (97 KB on sm_90)
@@ -109,6 +115,71 @@ def fused_matmul_config(m: int, n: int, k: int, rank: int, fp32_dot: str | None 
         # unspecialized); 16-deep: 128-255 registers and none, and a quarter of the shared memory
         cfg = replace(cfg, block_k=16, block_r=16)
     return cfg
+
+
+# GEMM tiles of the tuner's fused search space, (block_m, block_n, block_k, num_warps, num_stages) by the
+# kind of input (fp32_dot: None for 16-bit inputs) and by M: decode tiles for M <= 16, 64-row tiles for
+# small M, 128x128 for prefill (3-5 stages: 96-160 KB of shared memory at 64 deep, bf16, within sm_80's
+# 163 KB per block). fp32 reads twice the bytes per element: half as deep (tf32), FMA dots (ieee) 16
+# deep (deeper spilled, see fused_matmul_config). Pruned by their AOT compiles (Triton 3.9, sm_80 /
+# sm_90, tests/test_aot_compile.py): 128x256x64 (8 warps, 3 stages) needed 244-255 registers aligned and
+# spilled 136-184 B per thread unspecialized (forward and the split-K GEMM), 72 B aligned under the dX
+# dropout epilogue; with 16 warps ptxas caps a thread at 128 registers and it spilled 96-224 B; 256x128x64
+# (8 warps) spilled 8-24 B aligned; 128x128x64 with 4 warps 24-48 B; 64x64x64 with 4 warps 8 B on
+# sm_80 (bf16, capped at 128 registers), 8 warps none; exact fp32 (FMA) 64x128x16 in 3 stages 16 B as
+# the split-K GEMM on sm_90, 2 stages none; 64x64x16 with 4 warps 8 B there.
+_CANDIDATE_TILES = {
+    None: {16: [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 128, 4, 5), (16, 128, 64, 4, 4),
+                (64, 64, 64, 8, 3)],
+           64: [(64, 64, 64, 8, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (64, 128, 64, 8, 5)],
+           256: [(64, 64, 64, 8, 3), (64, 128, 64, 4, 4), (64, 128, 64, 8, 5), (128, 128, 64, 8, 3),
+                 (128, 128, 64, 8, 4)],
+           None: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 5), (64, 128, 64, 4, 4),
+                  (64, 128, 64, 8, 5), (64, 128, 64, 8, 3)]},
+    "tf32": {16: [(16, 32, 64, 4, 4), (64, 64, 32, 4, 4)],
+             64: [(64, 64, 32, 4, 4), (64, 128, 32, 8, 3)],
+             256: [(64, 64, 32, 4, 4), (64, 128, 32, 8, 3), (64, 128, 32, 8, 4)],
+             None: [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 32, 8, 4), (128, 64, 32, 8, 3)]},
+    "ieee": {16: [(16, 32, 32, 4, 4), (32, 64, 16, 4, 3)],
+             64: [(32, 64, 16, 4, 3), (64, 64, 16, 8, 3), (64, 128, 16, 8, 2)],
+             256: [(64, 64, 16, 8, 3), (64, 128, 16, 8, 2)],
+             None: [(64, 128, 16, 8, 2), (64, 64, 16, 8, 3), (128, 64, 16, 8, 3)]},
+}
+# SMs of an H100 SXM: a tile grid with fewer programs gets split-K candidates
+SMS = 132
+SPLIT_K_CANDIDATES = (2, 4, 8)
+# split-K on the tiles with the fewest programs, each split at least this many K steps deep
+SPLIT_K_TILES = 2
+MIN_STEPS_PER_SPLIT = 4
+
+
+def fused_candidates(op: str, m: int, n: int, k: int, rank: int, dtype: torch.dtype) -> list[MatmulConfig]:
+    """The tuner's fused configs for one matmul (op "forward": N = out_features, K = in_features; "dx":
+    N = in_features, K = out_features; the rank r): the heuristic's own config first, then the tiles of
+    _CANDIDATE_TILES for M's range and the inputs' precision, and split-K 2, 4 and 8 of the tiles with
+    the fewest programs where the (M, N) grid leaves SMs idle. 6-15 configs; each compiles without
+    spills for sm_80 and sm_90 at every call site that can run it (tests/test_aot_compile.py)."""
+    return list(candidate_configs(op, m, n, k, rank, fp32_dot(dtype)))
+
+
+@functools.lru_cache(maxsize=1024)
+def candidate_configs(op: str, m: int, n: int, k: int, rank: int,
+                      fp32_dot: str | None = None) -> tuple[MatmulConfig, ...]:
+    """fused_candidates by fp32_dot(dtype) (what the AOT test sweeps for each precision). A "dx" plan
+    serves the call with and without the epilogue's dropout: both heuristic configs."""
+    heuristics = [fused_matmul_config(m, n, k, rank, fp32_dot, epilogue_dropout=False)]
+    if op == "dx":
+        heuristics.append(fused_matmul_config(m, n, k, rank, fp32_dot, epilogue_dropout=True))
+    by_m = _CANDIDATE_TILES[fp32_dot]
+    tiles = by_m[next((bound for bound in (16, 64, 256) if m <= bound), None)]
+    configs = [MatmulConfig(bm, bn, bk, 16 if fp32_dot == "ieee" or bm * bn >= 128 * 128 else rank_block(rank, 32),
+                            8, warps, stages) for bm, bn, bk, warps, stages in tiles]
+    programs = {c: triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n) for c in configs}
+    splits = []
+    for c in sorted((c for c in configs if programs[c] < SMS), key=programs.get)[:SPLIT_K_TILES]:
+        splits += [replace(c, split_k=s) for s in SPLIT_K_CANDIDATES
+                   if programs[c] * s <= 2 * SMS and k >= s * MIN_STEPS_PER_SPLIT * c.block_k]
+    return tuple(dict.fromkeys(heuristics + configs + splits))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -124,6 +195,23 @@ def shrink_config(m: int, k: int, rank: int, fp32_dot: str | None = None, dropou
     # 72-164 registers and none; dropout (32 Philox draws per thread and step) 120-584 B
     # unspecialized, 32-deep 184-245 registers and none
     return ShrinkConfig(64, rank_block(rank, 64), 16 if fp32_dot == "ieee" else (32 if dropout else 64), 4, 3)
+
+
+@functools.lru_cache(maxsize=1024)
+def expand_config(m: int, n: int) -> ExpandConfig:
+    """Tiles of lora_expand_kernel. It is memory bound: it reads out (or the split-K partials) and writes
+    out once, the rank product is a sliver, so the tiles need enough programs and little else. Decode
+    sizes narrow the column block to about one program per SM (N = 4096 -> 32 wide, 128 programs).
+    Rank steps of 16 (tl.dot's minimum: a rank-8 adapter does one). Registers (AOT, Triton 3.9, summing
+    8 split-K partials under the dX dropout or with bias): 16x64 with 4 warps spilled 8 B on sm_80
+    (capped at 64 registers), 2 warps 74-80 and none; 64x128 with 8 warps needed 250-255 unspecialized,
+    32x128 with 4 warps spilled 8 B on sm_80 (96), with 8 78-141 registers, none."""
+    if m <= 16:
+        block_n = 128
+        while block_n > 32 and triton.cdiv(n, block_n) < DECODE_PROGRAMS:
+            block_n //= 2
+        return ExpandConfig(16, block_n, 16, 2, 2)
+    return ExpandConfig(32, 128, 16, 8, 2)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -244,20 +332,70 @@ def fused_matmul(
     store_t_sum: bool,
     epilogue_dropout_p: float = 0.0,
     seed: torch.Tensor | None = None,   # 0-d int64, read with epilogue dropout
+    config: MatmulConfig | None = None,  # None: fused_matmul_config's heuristic
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """out (M, N) = x·w + bias + scale · (dropout_mask ⊙ ((Σ_s t_partials[s]) · v)), and, when
-    store_t_sum, the reduced (M, R) fp32 intermediate Σ_s t_partials[s]."""
+    store_t_sum, the reduced (M, R) fp32 intermediate Σ_s t_partials[s]. config.split_k > 1: the GEMM
+    writes split_k fp32 partials (split_k, M, N) of its K ranges, and the expand kernel sums them in a
+    fixed order with bias and the LoRA term."""
     m, k = x.shape
     n = w.shape[1]
     splits, _, rank = t_partials.shape
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    t_sum = torch.empty((m, rank), device=x.device, dtype=torch.float32) if store_t_sum else None
-    cfg = fused_matmul_config(m, n, k, rank, fp32_dot(x.dtype), epilogue_dropout=epilogue_dropout_p > 0.0)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    cfg = config or fused_matmul_config(m, n, k, rank, fp32_dot(x.dtype), epilogue_dropout=epilogue_dropout_p > 0.0)
+    split_k = cfg.split_k
+    # split_k fp32 partials (split_k, M, N): memory split_k x 4 / 2 times out's for 16-bit inputs
+    gemm_out = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+    # K ranges of whole BLOCK_K steps; a range past K (K smaller than split_k steps) stores zeros
+    k_per_split = k if split_k == 1 else triton.cdiv(triton.cdiv(k, cfg.block_k), split_k) * cfg.block_k
+    t_sum = None
+    if split_k == 1:
+        t_sum = torch.empty((m, rank), device=x.device, dtype=torch.float32) if store_t_sum else None
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
     lora_fused_matmul_kernel[grid](
-        x, w, bias if bias is not None else out, t_partials, v, out, t_sum if store_t_sum else t_partials,
-        m, n, k, rank, splits,
+        x, w, bias if bias is not None else out, t_partials, v, gemm_out, t_sum if t_sum is not None else t_partials,
+        m, n, k, rank, splits, k_per_split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        t_partials.stride(0), t_partials.stride(1),
+        v.stride(0), v.stride(1),
+        gemm_out.stride(0) if split_k > 1 else 0, gemm_out.stride(-2), gemm_out.stride(-1),
+        t_sum.stride(0) if t_sum is not None else 0,
+        bias.stride(0) if bias is not None else 0,
+        scale, *_dropout_args(epilogue_dropout_p, seed, out),
+        HAS_BIAS=bias is not None, STORE_T_SUM=t_sum is not None, EPILOGUE_DROPOUT=epilogue_dropout_p > 0.0,
+        SPLIT_K_PARTIALS=split_k > 1,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
+        GROUP_M=cfg.group_m, DOT_PRECISION=dot_precision(x.dtype), LORA_DOT_PRECISION=lora_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split_k > 1:
+        t_sum = expand(out, t_partials, v, scale, store_t_sum, epilogue_dropout_p, seed, bias=bias, base=gemm_out)
+    return out, t_sum
+
+
+def expand(
+    out: torch.Tensor,          # (M, N), updated in place (written, when base is given)
+    t_partials: torch.Tensor,   # (S, M, R) fp32
+    v: torch.Tensor,            # (R, N), any strides
+    scale: float,
+    store_t_sum: bool,
+    epilogue_dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,   # 0-d int64, read with epilogue dropout
+    bias: torch.Tensor | None = None,   # (N,), added (with base only: torch's addmm already added it)
+    base: torch.Tensor | None = None,   # (SPLIT_K, M, N) fp32 partials of the GEMM; None: out's values
+) -> torch.Tensor | None:
+    """out = base + bias + scale · (dropout_mask ⊙ ((Σ_s t_partials[s]) · v)), base being out itself (in
+    place) or Σ base[s] in a fixed order; returns Σ_s t_partials[s] (M, R) fp32 when store_t_sum."""
+    m, n = out.shape
+    splits, _, rank = t_partials.shape
+    t_sum = torch.empty((m, rank), device=out.device, dtype=torch.float32) if store_t_sum else None
+    cfg = expand_config(m, n)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    lora_expand_kernel[grid](
+        base if base is not None else out, bias if bias is not None else out, t_partials, v, out,
+        t_sum if store_t_sum else t_partials,
+        m, n, rank, splits,
+        *(base.stride() if base is not None else (0, 0, 0)),
         t_partials.stride(0), t_partials.stride(1),
         v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
@@ -265,11 +403,11 @@ def fused_matmul(
         bias.stride(0) if bias is not None else 0,
         scale, *_dropout_args(epilogue_dropout_p, seed, out),
         HAS_BIAS=bias is not None, STORE_T_SUM=store_t_sum, EPILOGUE_DROPOUT=epilogue_dropout_p > 0.0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
-        GROUP_M=cfg.group_m, DOT_PRECISION=dot_precision(x.dtype), LORA_DOT_PRECISION=lora_precision(x.dtype),
+        BASE_PARTIALS=base is not None, SPLIT_K=base.shape[0] if base is not None else 1,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, LORA_DOT_PRECISION=lora_precision(out.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, t_sum
+    return t_sum
 
 
 def rows_matmul(
@@ -309,9 +447,17 @@ def lora_linear_forward(
     lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dropout_p: float, seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (M, N) and lora_hidden T = dropout(x) Aᵀ (M, r) fp32, saved for dB. seed: 0-d int64 tensor
-    (None without dropout), loaded by the kernels on x's device: never read on the host."""
+    (None without dropout), loaded by the kernels on x's device: never read on the host.
+    The plan (tuning.plan_for "forward", N = out_features, K = in_features) picks split or fused."""
+    (m, k), n, rank = x.shape, weight.shape[0], lora_a.shape[0]
+    plan = plan_for("forward", x.device, x.dtype, m, n, k, rank)
     t_partials = shrink(x, lora_a, dropout_p, seed)                       # (S, M, r)
-    y, lora_hidden = fused_matmul(x, weight.T, bias, t_partials, lora_b.T, scale, store_t_sum=True)
+    if plan.strategy == "split":
+        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T   # torch's GEMM (cuBLAS)
+        lora_hidden = expand(y, t_partials, lora_b.T, scale, store_t_sum=True)
+    else:
+        y, lora_hidden = fused_matmul(x, weight.T, bias, t_partials, lora_b.T, scale, store_t_sum=True,
+                                      config=plan.config)
     return y, lora_hidden
 
 
@@ -327,13 +473,21 @@ def lora_linear_backward(
     need_x: bool, need_a: bool, need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dX, dA, dB) for the grads asked for.
-    dU = dY·B (M, r);  dX = dY·W0 + mask ⊙ (s·dU·A);  dA = s·dUᵀ·dropout(x);  dB = s·dYᵀ·T."""
+    dU = dY·B (M, r);  dX = dY·W0 + mask ⊙ (s·dU·A);  dA = s·dUᵀ·dropout(x);  dB = s·dYᵀ·T.
+    dX runs the plan of tuning.plan_for "dx" (N = in_features, K = out_features): split or fused."""
     grad_x = grad_a = grad_b = None
     if need_x or need_a:
         du_partials = shrink(grad_y, lora_b.T)                            # (S, M, r)
         if need_x:
-            grad_x, grad_u = fused_matmul(grad_y, weight, None, du_partials, lora_a, scale,
-                                          store_t_sum=need_a, epilogue_dropout_p=dropout_p, seed=seed)
+            (m, k), n, rank = grad_y.shape, weight.shape[1], lora_b.shape[1]
+            plan = plan_for("dx", grad_y.device, grad_y.dtype, m, n, k, rank)
+            if plan.strategy == "split":
+                grad_x = grad_y @ weight                                  # torch's GEMM (cuBLAS)
+                grad_u = expand(grad_x, du_partials, lora_a, scale, store_t_sum=need_a,
+                                epilogue_dropout_p=dropout_p, seed=seed)
+            else:
+                grad_x, grad_u = fused_matmul(grad_y, weight, None, du_partials, lora_a, scale, store_t_sum=need_a,
+                                              epilogue_dropout_p=dropout_p, seed=seed, config=plan.config)
         else:
             grad_u = _sum_splits(du_partials)
         if need_a:

@@ -3,8 +3,10 @@ launchers under their inputs' device: _device.on_device_of).
 
 Inputs arrive validated by the op layer (lora_kernels.ops.multi_lora_linear): x (M, K) with last
 stride 1, weight (N, K), bias (N,) | None, lora_a (L, R, K), lora_b (L, N, R), scales (L,) fp32,
-and an AdapterBatch's tensors. The base GEMM is torch's (cuBLAS); the LoRA term is added into its
-output in place by the expand kernel, so rows of no adapter are F.linear's output bit for bit.
+and batch: metadata.BatchTensors (the torch backend takes the same arguments). The kernels find
+their rows through the batch's tile maps and take its row_tile as BLOCK_M. The base GEMM is
+torch's (cuBLAS); the LoRA term is added into its output in place by the expand kernel, so rows of
+no adapter are F.linear's output bit for bit.
 Grids depend on shapes only: nothing is read back from the device.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -23,11 +26,13 @@ from .kernels.multi_lora_linear import (
 )
 from ._device import on_device_of
 from .lora_linear import (
-    _splits, _sum_splits, dot_precision, fp32_dot, lora_precision, rank_block, rows_compute_dtype, rows_config,
+    MAX_SPLITS, _splits, _sum_splits, dot_precision, fp32_dot, lora_precision, rank_block, rows_compute_dtype,
+    rows_config,
 )
 
-# Segment lengths scanned per step by every program to find its segment (S <= this: one step).
-MAX_BLOCK_S = 1024
+if TYPE_CHECKING:   # the type only: metadata sits above the backends
+    from ..metadata import BatchTensors
+
 # The expand loops over an adapter's rank in 16-wide steps (tl.dot's minimum): a rank-8 adapter
 # in a stack padded to 64 does one step, not four.
 EXPAND_BLOCK_R = 16
@@ -35,64 +40,67 @@ EXPAND_BLOCK_R = 16
 
 @dataclass(frozen=True)
 class SegmentedConfig:
-    block_m: int       # rows per tile
+    block_m: int       # rows per tile: the batch's row_tile (its tile map was built for it)
     block_k: int       # shrink: reduction step
     block_r: int       # shrink: rank tile
     block_n: int       # expand: output columns per program
     num_warps: int
-    num_stages: int
+    num_stages: int    # shrink
+    expand_stages: int
 
 
 @functools.lru_cache(maxsize=1024)
-def segmented_config(m: int, num_segments: int, rank: int, fp32_dot: str | None = None) -> SegmentedConfig:
-    """Decode-like batches (few rows per segment on average) take 16-row tiles, so a one-row
-    segment wastes 15 masked rows rather than 63; long segments (prefill, training) take 64.
-    At most M segments hold rows, whatever the number of adapter slots: the average uses that.
-    8 warps on the 64x128 tiles: the expand needed 163-204 registers a thread with 4 (AOT cubins,
-    sm_80/sm_90), 96-110 with 8.
+def segmented_config(row_tile: int, rank: int, fp32_dot: str | None = None) -> SegmentedConfig:
+    """Tiles of the segmented shrink and expand for a batch's row tile (metadata.row_tile, from its
+    rows and active segments: 16 for decode-like batches, so a one-row segment wastes 15 masked rows
+    rather than 63; 64 for long segments, prefill and training).
+    The expand on 64-row tiles: 8 warps, 64 columns, 2 stages. Its unrolled split sum keeps up to
+    MAX_SPLITS = 8 (64, 16) fp32 tiles and their addresses live: 64x128 tiles with 3 stages (the
+    runtime split loop's config: 96-110 registers) needed 200-255 registers and spilled 8-24 B at 8
+    splits (sm_80 and sm_90, aligned and unspecialized; 1 stage still spilled 8-16 B); 64x64 with 2
+    stages: 96-181 registers, none (AOT cubins).
     fp32_dot (lora_linear.fp32_dot of the inputs) "ieee": the shrink's dot runs as FMA, which holds the
     (BM, BLOCK_K) and (BLOCK_K, BR) operand slices in registers: 128- and 64-deep steps spilled
     8 B-3.9 KB per thread (AOT cubins, sm_80 / sm_90; 3.9 KB unspecialized); 32- and 16-deep: 47-174
-    registers, none. The expand's tiles do not depend on it."""
-    if m <= 64 or m < 32 * min(num_segments, m):
-        return SegmentedConfig(16, 32 if fp32_dot == "ieee" else 128, rank_block(rank, 64), 64, 4, 3)
-    return SegmentedConfig(64, 16 if fp32_dot == "ieee" else 64, rank_block(rank, 64), 128, 8, 3)
+    registers, none. The expand's tiles do not depend on it.
+    fp32_dot "tf32", 64-row tiles: the shrink in 2 stages (of 64-deep fp32 steps: as many bytes in
+    flight as 4 of 16-bit ones): with 3, the backward shrink at rank tile 32 spilled 8 B at 64
+    registers (sm_80, aligned); with 2, 64 registers and none."""
+    if row_tile <= 16:
+        return SegmentedConfig(row_tile, 32 if fp32_dot == "ieee" else 128, rank_block(rank, 64), 64, 4, 3, 3)
+    return SegmentedConfig(row_tile, 16 if fp32_dot == "ieee" else 64, rank_block(rank, 64), 64, 8,
+                           2 if fp32_dot == "tf32" else 3, 2)
 
 
-def _block_s(num_segments: int) -> int:
-    return min(MAX_BLOCK_S, triton.next_power_of_2(max(num_segments, 1)))
-
-
-def _row_tiles(m: int, num_segments: int, block_m: int) -> int:
-    """Upper bound on the row tiles of any grouping: each segment adds at most one partial tile,
-    and every tile holds at least one row (decode over 1,024 adapter slots: 64 tiles, not 1,028)."""
-    return min(triton.cdiv(m, block_m) + num_segments, m)
+def _index_or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """t, or a stand-in pointer the kernel never reads (its flag says t is absent)."""
+    return t if t is not None else stand_in
 
 
 def segmented_shrink(
     x: torch.Tensor,                 # (M, K)
     a: torch.Tensor,                 # (L, R, K), any strides
+    tiles: torch.Tensor,             # (T, 2) int32 tile map of the segments below
     rows: torch.Tensor, seg_starts: torch.Tensor, seg_adapters: torch.Tensor | None,
-    ranks: torch.Tensor | None,
+    ranks: torch.Tensor | None, row_tile: int,
 ) -> torch.Tensor:
-    """fp32 partials (S_k, M, R) of x[rows] · a[j]ᵀ, split over K; rows of no adapter are left unwritten."""
+    """fp32 partials (S_k, M, R) of x[rows] · a[j]ᵀ, split over K (S_k <= MAX_SPLITS); rows of no
+    adapter are left unwritten."""
     m, k = x.shape
     rank = a.shape[1]
-    num_segments = seg_starts.shape[0] - 1
-    cfg = segmented_config(m, num_segments, rank, fp32_dot(x.dtype))
+    cfg = segmented_config(row_tile, rank, fp32_dot(x.dtype))
     rank_tiles = triton.cdiv(rank, cfg.block_r)
     # splits sized for the tiles that do work (about cdiv(M, BLOCK_M)), not the grid's bound
     splits, k_per_split = _splits(k, cfg.block_k, triton.cdiv(m, cfg.block_m) * rank_tiles)
     partials = torch.empty((splits, m, rank), device=x.device, dtype=torch.float32)
-    grid = (_row_tiles(m, num_segments, cfg.block_m), rank_tiles, splits)
+    grid = (tiles.shape[0], rank_tiles, splits)
     segmented_shrink_kernel[grid](
-        x, a, partials, rows, seg_starts, seg_adapters if seg_adapters is not None else seg_starts,
-        ranks if ranks is not None else seg_starts,
-        k, rank, num_segments, k_per_split,
+        x, a, partials, tiles, rows, seg_starts, _index_or(seg_adapters, seg_starts), _index_or(ranks, seg_starts),
+        k, rank, k_per_split,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2),
         partials.stride(0), partials.stride(1),
         SEGMENT_IS_ADAPTER=seg_adapters is None, HAS_RANKS=ranks is not None,
-        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, BLOCK_S=_block_s(num_segments),
+        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -101,34 +109,36 @@ def segmented_shrink(
 
 def segmented_expand_(
     out: torch.Tensor,               # (M, N), updated in place; any strides
-    t_partials: torch.Tensor,        # (S_k, M, R) fp32
+    t_partials: torch.Tensor,        # (S_k, M, R) fp32, S_k <= MAX_SPLITS
     v: torch.Tensor,                 # (L, R, N), any strides
     scales: torch.Tensor,            # (L,) fp32
+    tiles: torch.Tensor,             # (T, 2) int32 tile map of the segments below
     rows: torch.Tensor, seg_starts: torch.Tensor, seg_adapters: torch.Tensor | None,
-    ranks: torch.Tensor | None,
+    ranks: torch.Tensor | None, row_tile: int,
     store_t_sum: bool,
 ) -> torch.Tensor | None:
     """out[rows] += scales[j] · (Σ_s t_partials[s][rows]) · v[j]; returns the reduced (M, R) fp32
-    intermediate (zero on rows of no adapter and past each rank) when store_t_sum, else None."""
+    intermediate (zero on rows of no adapter and past each rank) when store_t_sum, else None.
+    The split sum is unrolled (NUM_T_SPLITS a constexpr): at most MAX_SPLITS variants per config."""
     m, n = out.shape
     splits, _, rank = t_partials.shape
-    num_segments = seg_starts.shape[0] - 1
-    cfg = segmented_config(m, num_segments, rank, fp32_dot(out.dtype))
+    assert 1 <= splits <= MAX_SPLITS, f"{splits} rank partials: the unrolled sum takes 1 to {MAX_SPLITS}"
+    cfg = segmented_config(row_tile, rank, fp32_dot(out.dtype))
     t_sum = torch.zeros((m, rank), device=out.device, dtype=torch.float32) if store_t_sum else None
-    grid = (_row_tiles(m, num_segments, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    grid = (tiles.shape[0], triton.cdiv(n, cfg.block_n))
     segmented_expand_kernel[grid](
-        t_partials, v, out, t_sum if store_t_sum else t_partials, rows, seg_starts,
-        seg_adapters if seg_adapters is not None else seg_starts, ranks if ranks is not None else seg_starts,
-        scales,
-        n, rank, num_segments, splits,
+        t_partials, v, out, _index_or(t_sum, t_partials), tiles, rows, seg_starts,
+        _index_or(seg_adapters, seg_starts), _index_or(ranks, seg_starts), scales,
+        n, rank,
         t_partials.stride(0), t_partials.stride(1),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1),
         t_sum.stride(0) if store_t_sum else 0,
         SEGMENT_IS_ADAPTER=seg_adapters is None, HAS_RANKS=ranks is not None, STORE_T_SUM=store_t_sum,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=EXPAND_BLOCK_R, BLOCK_S=_block_s(num_segments),
+        NUM_T_SPLITS=splits,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=EXPAND_BLOCK_R,
         LORA_DOT_PRECISION=lora_precision(out.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.expand_stages,
     )
     return t_sum
 
@@ -137,34 +147,45 @@ def segmented_rows_matmul(
     left: torch.Tensor,              # (M, P)
     right: torch.Tensor,             # (M, Q)
     scales: torch.Tensor,            # (L,) fp32
-    sorted_rows: torch.Tensor, adapter_starts: torch.Tensor, ranks: torch.Tensor | None,
+    batch: BatchTensors,             # its by-adapter view and active_adapters (A,)
     rank: int, rank_on_p: bool, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """(L, P, Q) in out_dtype: scales[j] · leftᵀ · right over adapter j's rows, rank-masked on P or Q."""
+    """(L, P, Q) in out_dtype: scales[j] · leftᵀ · right over adapter j's rows, rank-masked on P or Q;
+    zeros for the adapters outside batch.active_adapters (no rows). Programs and fp32 partials cover
+    the A active adapters only: (splits, A, P, Q), not (splits, L, P, Q) (1,024 slots, r 64, K 4,096:
+    1 GiB per split over the slots, 2 MiB for 2 active adapters)."""
     m, p = left.shape
     q = right.shape[1]
-    num_adapters = adapter_starts.shape[0] - 1
+    num_adapters = scales.shape[0]
+    active = batch.active_adapters
+    num_active = active.shape[0]
+    grad = torch.zeros((num_adapters, p, q), device=left.device, dtype=out_dtype)
+    if num_active == 0:
+        return grad
     compute_dtype = rows_compute_dtype(left, right)
     # the single-adapter weight-gradient tiles: one side is the rank (small)
     cfg = rows_config(p, q, fp32_dot(compute_dtype))
     tiles_pq = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
-    # split each adapter's rows as if one adapter had every row (a skewed training batch: 8 slots,
-    # one in use, would otherwise run on 1/8 of the programs), but keep the fp32 partials no larger
-    # than the rows read: at many adapters (decode-sized batches, 1,024 slots) one split
+    # split each adapter's rows as if one adapter had every row (a skewed training batch: 8 active
+    # adapters, one holding most rows, would otherwise run on 1/8 of the programs), but keep the fp32
+    # partials no larger than the rows read: at many active adapters (decode: 64 rows, 64 adapters)
+    # one split
     splits, _ = _splits(m, cfg.block_m, tiles_pq)
-    splits = max(1, min(splits, (m * (p + q)) // (num_adapters * p * q)))
-    partials = torch.empty((splits, num_adapters, p, q), device=left.device, dtype=torch.float32)
-    segmented_rows_matmul_kernel[(num_adapters, tiles_pq, splits)](
-        left, right, partials, sorted_rows, adapter_starts, ranks if ranks is not None else adapter_starts, scales,
+    splits = max(1, min(splits, (m * (p + q)) // (num_active * p * q)))
+    partials = torch.empty((splits, num_active, p, q), device=left.device, dtype=torch.float32)
+    segmented_rows_matmul_kernel[(num_active, tiles_pq, splits)](
+        left, right, partials, active, batch.sorted_rows, batch.adapter_starts,
+        _index_or(batch.ranks, batch.adapter_starts), scales,
         p, q, rank, splits,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1),
         partials.stride(0), partials.stride(1), partials.stride(2),
-        HAS_RANKS=ranks is not None, RANK_ON_P=rank_on_p,
+        HAS_RANKS=batch.ranks is not None, RANK_ON_P=rank_on_p,
         BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
         DOT_PRECISION=lora_precision(compute_dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return _sum_splits(partials).to(out_dtype)
+    # the active adapters are distinct (a permutation's head): one write each, deterministic
+    return grad.index_copy_(0, active.to(torch.int64), _sum_splits(partials).to(out_dtype))
 
 
 def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -172,31 +193,35 @@ def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
 
 
-@on_device_of("out")
-def multi_lora_add_(
-    out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
-    segment_rows: torch.Tensor, segment_starts: torch.Tensor, segment_adapters: torch.Tensor | None,
-    ranks: torch.Tensor | None, store_hidden: bool = False,
-) -> torch.Tensor | None:
-    """out[rows of j] += scales[j] · (x A[j]ᵀ) B[j]ᵀ in place (out (M, N), any strides: a column
-    slice of a fused qkv output, a transposed view); returns T (M, R) fp32 when store_hidden."""
-    segments = (segment_rows, segment_starts, segment_adapters, ranks)
+def _add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+              scales: torch.Tensor, batch: BatchTensors, store_hidden: bool) -> torch.Tensor | None:
+    """multi_lora_add_ over the batch's segments; returns T (M, R) fp32 when store_hidden."""
+    segments = (batch.segment_tiles, batch.segment_rows, batch.segment_starts, batch.segment_adapters,
+                batch.ranks, batch.row_tile)
     t_partials = segmented_shrink(x, lora_a, *segments)                             # (S_k, M, R)
     return segmented_expand_(out, t_partials, lora_b.transpose(1, 2), scales, *segments,
                              store_t_sum=store_hidden)
 
 
+@on_device_of("out")
+def multi_lora_add_(
+    out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+    batch: BatchTensors,
+) -> None:
+    """out[rows of j] += scales[j] · (x A[j]ᵀ) B[j]ᵀ in place (out (M, N), any strides: a column
+    slice of a fused qkv output, a transposed view)."""
+    _add_lora(out, x, lora_a, lora_b, scales, batch, store_hidden=False)
+
+
 @on_device_of("x")
 def multi_lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
-    segment_rows: torch.Tensor, segment_starts: torch.Tensor, segment_adapters: torch.Tensor | None,
-    ranks: torch.Tensor | None, need_hidden: bool,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor, batch: BatchTensors, need_hidden: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (M, N) and, when need_hidden, T = x A[j]ᵀ (M, R) fp32 for dB (else an empty (M, 0))."""
+    """y (M, N) and, when need_hidden, T = x A[j]ᵀ (M, R) fp32 for dB (else an empty (M, 0)).
+    The forward walks the batch's segments (segment_tiles over segment_rows / segment_starts)."""
     y = _base(x, weight, bias)                                                       # (M, N)
-    hidden = multi_lora_add_(y, x, lora_a, lora_b, scales, segment_rows, segment_starts, segment_adapters,
-                             ranks, store_hidden=need_hidden)
+    hidden = _add_lora(y, x, lora_a, lora_b, scales, batch, store_hidden=need_hidden)
     return y, hidden if need_hidden else x.new_empty((x.shape[0], 0), dtype=torch.float32)
 
 
@@ -208,13 +233,13 @@ def multi_lora_linear_backward(
     lora_a: torch.Tensor,            # (L, R, K)
     lora_b: torch.Tensor,            # (L, N, R)
     lora_hidden: torch.Tensor | None,   # (M, R) fp32 T = x A[j]ᵀ, for dB
-    scales: torch.Tensor, sorted_rows: torch.Tensor, adapter_starts: torch.Tensor,
-    ranks: torch.Tensor | None, need_x: bool, need_a: bool, need_b: bool,
+    scales: torch.Tensor, batch: BatchTensors, need_x: bool, need_a: bool, need_b: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Over adapter j's rows: dU = dY·B[j] (M, R);  dX = dY·W0 + s_j·dU·A[j];  dA[j] = s_j·dUᵀ·X;
-    dB[j] = s_j·dYᵀ·T. The segments are the adapters themselves (the by-adapter view)."""
+    dB[j] = s_j·dYᵀ·T. The segments are the adapters themselves (the by-adapter view: adapter_tiles
+    over sorted_rows / adapter_starts); dA and dB have programs for the active adapters only."""
     max_rank = lora_a.shape[1]
-    segments = (sorted_rows, adapter_starts, None, ranks)
+    segments = (batch.adapter_tiles, batch.sorted_rows, batch.adapter_starts, None, batch.ranks, batch.row_tile)
     grad_x = grad_a = grad_b = None
     if need_x or need_a:
         du_partials = segmented_shrink(grad_y, lora_b.transpose(1, 2), *segments)      # (S_k, M, R)
@@ -224,9 +249,9 @@ def multi_lora_linear_backward(
         else:
             grad_u = _sum_splits(du_partials)   # entries of no adapter / past a rank: never read
         if need_a:
-            grad_a = segmented_rows_matmul(grad_u, x, scales, sorted_rows, adapter_starts, ranks,
-                                           max_rank, rank_on_p=True, out_dtype=grad_y.dtype)   # (L, R, K)
+            grad_a = segmented_rows_matmul(grad_u, x, scales, batch, max_rank, rank_on_p=True,
+                                           out_dtype=grad_y.dtype)                        # (L, R, K)
     if need_b:
-        grad_b = segmented_rows_matmul(grad_y, lora_hidden, scales, sorted_rows, adapter_starts, ranks,
-                                       max_rank, rank_on_p=False, out_dtype=grad_y.dtype)      # (L, N, R)
+        grad_b = segmented_rows_matmul(grad_y, lora_hidden, scales, batch, max_rank, rank_on_p=False,
+                                       out_dtype=grad_y.dtype)                            # (L, N, R)
     return grad_x, grad_a, grad_b

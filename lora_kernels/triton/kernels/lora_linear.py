@@ -1,9 +1,12 @@
 """Triton kernels of the single-adapter fused LoRA linear (forward and backward).
 
-Three kernels serve every matmul of ``y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` and of its backward:
+Four kernels serve every matmul of ``y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ`` and of its backward:
 
 * ``lora_shrink_kernel``        partial[s] = dropout(X)[:, k in split s] · Aᵀ      (M, K) x (K, R) -> (M, R)
-* ``lora_fused_matmul_kernel``  out = X · W + b + scale · ((Σ_s partial[s]) · V)    (M, K) x (K, N) + (M, R) x (R, N)
+* ``lora_fused_matmul_kernel``  out = X · W + b + scale · ((Σ_s partial[s]) · V)   (M, K) x (K, N) + (M, R) x (R, N)
+                                (or, split-K, the fp32 partials of X · W over split_k ranges of K)
+* ``lora_expand_kernel``        out = base + b + scale · ((Σ_s partial[s]) · V), base = out (in place, after
+                                torch's GEMM: the split strategy) or the split-K partials' fixed-order sum
 * ``lora_rows_matmul_kernel``   partial[s] = alpha · Lᵀ · dropout(Rm) over the rows m of split s   (P, M) x (M, Q)
 
 Every operand is addressed through its strides, so transposed views (W0ᵀ, Bᵀ) are read in place.
@@ -20,18 +23,67 @@ import triton.language as tl
 
 
 @triton.jit
-def dropout_keep(seed, offs_m, offs_k, dropout_p):
-    """Keep-mask of LoRA dropout for rows offs_m (BM,) x columns offs_k (BK,) of an (M, K) matrix, seed
-    being the int64 value a kernel loaded from its seed_ptr: element (m, k) is kept iff
-    uniform(philox(seed; counter = (k, m, 0, 0))) >= dropout_p.
-    The same (seed, m, k) gives the same bit in every kernel, which is how backward regenerates
-    the forward mask without storing it. Two 32-bit counters rather than one 64-bit offset m*K + k:
-    unique up to 2**32 rows and columns, and 32-bit Philox keeps the dX epilogue (two live fp32
-    accumulators) from spilling registers (~1 KB per thread at 128x128 with 64-bit Philox, sm_90)."""
-    rows, cols = tl.broadcast(offs_m.to(tl.uint32)[:, None], offs_k.to(tl.uint32)[None, :])
+def dropout_keep(seed, offs_m, k_start, dropout_p, BLOCK_K: tl.constexpr):
+    """Keep-mask of LoRA dropout for rows offs_m (BM,) x columns k_start + arange(BLOCK_K) of an (M, K)
+    matrix, seed being the int64 value a kernel loaded from its seed_ptr: element (m, k) is kept iff
+    uniform(output k % 4 of philox(seed; counter = (k // 4, m, 0, 0))) >= dropout_p. One Philox call
+    gives four columns' bits (the 10 rounds are the cost: a quarter of one call per element).
+    k_start must be a multiple of 4 (every caller's is a multiple of its column block, >= 16).
+    The same (seed, m, k) gives the same bit in every kernel and tile, which is how backward
+    regenerates the forward mask without storing it. 32-bit counters rather than one 64-bit offset
+    m*K + k: unique up to 2**32 rows and 2**34 columns, and 32-bit Philox keeps the dX epilogue from
+    spilling registers (~1 KB per thread at 128x128 with 64-bit Philox, sm_90)."""
+    groups = (k_start // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)
+    rows, cols = tl.broadcast(offs_m.to(tl.uint32)[:, None], groups[None, :])   # (BM, BK / 4)
     zero = rows * 0
-    random_bits, _, _, _ = tl.philox(seed, cols, rows, zero, zero)
-    return tl.uint_to_uniform_float(random_bits) >= dropout_p
+    r0, r1, r2, r3 = tl.philox(seed, cols, rows, zero, zero)
+    # (BM, BK/4, 2, 2)[m, j, c, d] = r_{2c + d}: row-major reshape puts output i at column 4j + i
+    bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (offs_m.shape[0], BLOCK_K))
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def lora_term(
+    t_ptr, v_ptr, t_sum_ptr, seed_ptr,
+    offs_m, offs_n, pid_n, M, N, R, num_t_splits,
+    stride_ts, stride_tm, stride_vr, stride_vn, stride_sm,
+    scale, dropout_p, dropout_scale,
+    STORE_T_SUM: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, LORA_DOT_PRECISION: tl.constexpr,
+):
+    """The LoRA term of one (BLOCK_M, BLOCK_N) output tile, fp32: scale · (mask ⊙ ((Σ_s t[s]) · v)), v (R, N),
+    t (num_t_splits, M, R) fp32 partials summed in a fixed order (deterministic); the mask (DROPOUT: the
+    dX term, columns = x's) as dropout_keep gives it, kept entries times dropout_scale. With STORE_T_SUM
+    the column block pid_n == 0 stores t_sum = Σ_s t[s] (M, R) fp32 for the backward. The one place
+    the fused GEMM (its accumulator's initial value) and the expand kernel compute it."""
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    # (BM, R) x (R, BN) in chunks of BLOCK_R, rank intermediate kept in fp32
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < R
+        tile_mask = m_mask[:, None] & r_mask[None, :]
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        # pointer increments: 64-bit, whatever split * stride_ts
+        t_split_ptr = t_ptr + rows[:, None] * stride_tm + offs_r[None, :]
+        for _ in range(0, num_t_splits):   # fixed order: deterministic
+            t += tl.load(t_split_ptr, mask=tile_mask, other=0.0)
+            t_split_ptr += stride_ts
+        if STORE_T_SUM:   # one column block stores the reduced intermediate for the backward pass
+            if pid_n == 0:
+                tl.store(t_sum_ptr + rows[:, None] * stride_sm + offs_r[None, :], t, mask=tile_mask)
+        v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
+                    mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        lora = tl.dot(t, v, lora, input_precision=LORA_DOT_PRECISION)
+    if DROPOUT:
+        keep = dropout_keep(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, dropout_p, BLOCK_N)
+        lora = tl.where(keep, lora * dropout_scale, 0.0)
+    # the scale multiplies the finished rank product, as in the reference: scaling T first turns a
+    # large finite scale into ±inf terms whose sum is NaN where the reference has a finite value
+    return scale * lora
 
 
 @triton.jit
@@ -65,7 +117,7 @@ def lora_shrink_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)      # (BM, BK)
         if DROPOUT:
-            keep = dropout_keep(seed, offs_m, offs_k, dropout_p)
+            keep = dropout_keep(seed, offs_m, k0, dropout_p, BLOCK_K)   # k0: a multiple of BLOCK_K
             x = tl.where(keep, x.to(tl.float32) * dropout_scale, 0.0).to(x.dtype)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=(offs_r[None, :] < R) & k_mask[:, None], other=0.0)      # (BK, BR)
@@ -78,23 +130,29 @@ def lora_shrink_kernel(
 @triton.jit
 def lora_fused_matmul_kernel(
     x_ptr, w_ptr, bias_ptr, t_ptr, v_ptr, out_ptr, t_sum_ptr,
-    M, N, K, R, num_t_splits,
+    M, N, K, R, num_t_splits, k_per_split,
     stride_xm, stride_xk,      # x: (M, K)
     stride_wk, stride_wn,      # w: (K, N)   (W0ᵀ in forward, W0 in backward)
     stride_ts, stride_tm,      # t: (num_t_splits, M, R) fp32 partials of the rank-R intermediate, last stride 1
     stride_vr, stride_vn,      # v: (R, N)   (Bᵀ in forward, A in backward)
-    stride_om, stride_on,      # out: (M, N)
+    stride_os, stride_om, stride_on,   # out: (M, N); SPLIT_K_PARTIALS: (SPLIT_K, M, N) fp32 partials
     stride_sm,                 # t_sum: (M, R) fp32, last stride 1
     stride_bias,               # bias: (N,), any stride (0 for an expanded one)
     scale, seed_ptr, dropout_p, dropout_scale,   # seed_ptr: 0-d int64, read only with EPILOGUE_DROPOUT
     HAS_BIAS: tl.constexpr, STORE_T_SUM: tl.constexpr, EPILOGUE_DROPOUT: tl.constexpr,
+    SPLIT_K_PARTIALS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_DOT_PRECISION: tl.constexpr,
 ):
-    """out = x·w + bias + scale · (mask ⊙ ((Σ_s t[s]) · v)), with the LoRA term added to the fp32
-    accumulator before the one cast at the store: no (M, N) intermediate besides out; t_sum = Σ_s t[s].
+    """out = x·w + bias + scale · (mask ⊙ ((Σ_s t[s]) · v)) in one fp32 accumulator: the LoRA term
+    (lora_term) is its initial value, the K loop adds x·w into it, bias last, one cast at the store: no
+    (M, N) intermediate besides out, and one live (BM, BN) fp32 tile (the dX epilogue's dropout mask is
+    drawn before the K loop, not beside a second accumulator); t_sum = Σ_s t[s].
     Forward: x, W0ᵀ, bias, xAᵀ partials, Bᵀ -> y, T.   Backward: dY, W0, none, dY·B partials, A -> dX, dU
-    (the dropout mask then applies to the LoRA term of dX, EPILOGUE_DROPOUT)."""
+    (the dropout mask then applies to the LoRA term of dX, EPILOGUE_DROPOUT).
+    SPLIT_K_PARTIALS: program (tile, s) of the grid (tiles, SPLIT_K) stores the fp32 partial x·w over
+    k in [s·k_per_split, (s+1)·k_per_split) to out[s], nothing else (lora_expand_kernel sums them in a
+    fixed order and adds bias and the LoRA term): enough programs when the (M, N) tiles are few."""
     # grouped ordering: GROUP_M row-blocks share each column-block of w while it is in L2
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -112,46 +170,84 @@ def lora_fused_matmul_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
 
-    # main GEMM: (BM, BK) x (BK, BN), fp32 accumulator
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT_K_PARTIALS:
+        pid_s = tl.program_id(1)
+        k_start = pid_s * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)   # an empty range stores zeros
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        k_start = 0
+        k_end = K
+        acc = lora_term(t_ptr, v_ptr, t_sum_ptr, seed_ptr, offs_m, offs_n, pid_n, M, N, R, num_t_splits,
+                        stride_ts, stride_tm, stride_vr, stride_vn, stride_sm, scale, dropout_p, dropout_scale,
+                        STORE_T_SUM, EPILOGUE_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, LORA_DOT_PRECISION)
+
+    # main GEMM: (BM, BK) x (BK, BN) into the fp32 accumulator
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
+        k_mask = offs_k < k_end
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + cols[None, :] * stride_wn,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
-    # LoRA epilogue: (BM, R) x (R, BN) in chunks of BLOCK_R, rank intermediate kept in fp32
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < R
-        t_offsets = rows[:, None] * stride_tm + offs_r[None, :]
-        tile_mask = m_mask[:, None] & r_mask[None, :]
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        t_split_ptr = t_ptr + t_offsets   # pointer increments: 64-bit, whatever split * stride_ts
-        for _ in range(0, num_t_splits):   # fixed order: deterministic
-            t += tl.load(t_split_ptr, mask=tile_mask, other=0.0)
-            t_split_ptr += stride_ts
-        if STORE_T_SUM:   # one column-block stores the reduced intermediate for the backward pass
-            if pid_n == 0:
-                tl.store(t_sum_ptr + rows[:, None] * stride_sm + offs_r[None, :], t, mask=tile_mask)
-        v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
-                    mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        lora = tl.dot(t, v, lora, input_precision=LORA_DOT_PRECISION)
-    if EPILOGUE_DROPOUT:
-        keep = dropout_keep(tl.load(seed_ptr), offs_m, offs_n, dropout_p)
-        lora = tl.where(keep, lora * dropout_scale, 0.0)
-    # the scale multiplies the finished rank product, as in the reference: scaling T first turns a
-    # large finite scale into ±inf terms whose sum is NaN where the reference has a finite value
-    acc += scale * lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K_PARTIALS:
+        tl.store(out_ptr + pid_s.to(tl.int64) * stride_os + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                 acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols * stride_bias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+@triton.jit
+def lora_expand_kernel(
+    base_ptr, bias_ptr, t_ptr, v_ptr, out_ptr, t_sum_ptr,
+    M, N, R, num_t_splits,
+    stride_bs, stride_bm, stride_bn,   # base: (SPLIT_K, M, N) fp32 partials of x·w (BASE_PARTIALS)
+    stride_ts, stride_tm,      # t: (num_t_splits, M, R) fp32 partials of the rank-R intermediate, last stride 1
+    stride_vr, stride_vn,      # v: (R, N)   (Bᵀ in forward, A in backward)
+    stride_om, stride_on,      # out: (M, N)
+    stride_sm,                 # t_sum: (M, R) fp32, last stride 1
+    stride_bias,               # bias: (N,), any stride
+    scale, seed_ptr, dropout_p, dropout_scale,   # seed_ptr: 0-d int64, read only with EPILOGUE_DROPOUT
+    HAS_BIAS: tl.constexpr, STORE_T_SUM: tl.constexpr, EPILOGUE_DROPOUT: tl.constexpr,
+    BASE_PARTIALS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, LORA_DOT_PRECISION: tl.constexpr,
+):
+    """out = base + bias + scale · (mask ⊙ ((Σ_s t[s]) · v)) in fp32, one cast at the store; t_sum = Σ_s t[s]
+    (STORE_T_SUM). base: out's own values (in place, after torch's GEMM wrote x·w + bias there: the
+    split strategy), or with BASE_PARTIALS the sum of the SPLIT_K fp32 partials of the split-K fused
+    GEMM, in a fixed order: deterministic.
+    Memory bound: reads out (or the partials) and writes out once; the rank loop is a sliver."""
+    # grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+
+    acc = lora_term(t_ptr, v_ptr, t_sum_ptr, seed_ptr, offs_m, offs_n, pid_n, M, N, R, num_t_splits,
+                    stride_ts, stride_tm, stride_vr, stride_vn, stride_sm, scale, dropout_p, dropout_scale,
+                    STORE_T_SUM, EPILOGUE_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, LORA_DOT_PRECISION)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    if BASE_PARTIALS:
+        base_ptrs = base_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bn
+        # a loop, not unrolled: 8 unrolled (BM, BN) fp32 loads in flight spilled 232-608 B per thread
+        # (64x128, 8 warps, sm_80 / sm_90; 255 registers). Pointer increments: 64-bit, whatever split * stride_bs
+        for _ in range(0, SPLIT_K):
+            acc += tl.load(base_ptrs, mask=out_mask, other=0.0)
+            base_ptrs += stride_bs
+    else:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols * stride_bias, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -192,7 +288,7 @@ def lora_rows_matmul_kernel(
         r = tl.load(r_ptr + rows[:, None] * stride_rm + offs_q[None, :] * stride_rq,
                     mask=m_mask[:, None] & q_mask[None, :], other=0.0).to(tl.float32)    # (BM, BQ)
         if DROPOUT_R:
-            keep = dropout_keep(seed, offs_m, offs_q, dropout_p)
+            keep = dropout_keep(seed, offs_m, pid_q * BLOCK_Q, dropout_p, BLOCK_Q)
             r = tl.where(keep, r * dropout_scale, 0.0)
         acc = tl.dot(lt, r, acc, input_precision=DOT_PRECISION)
 
@@ -206,6 +302,6 @@ def dropout_mask_kernel(out_ptr, M, K, seed_ptr, dropout_p, BLOCK_M: tl.constexp
     (0-d int64): for tests and debugging."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(tl.load(seed_ptr), offs_m, offs_k, dropout_p)
+    keep = dropout_keep(tl.load(seed_ptr), offs_m, tl.program_id(1) * BLOCK_K, dropout_p, BLOCK_K)
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
