@@ -62,8 +62,8 @@ def tune(
     verbose: bool = True,
 ) -> TuneResult:
     """Measure the plans of every (op, layer (K, N), M, rank) and write the fastest of each to `output`
-    (default: tuning.user_table_path(device)), merged into the table already there; then drop the
-    in-process tables, so the next lookup uses them. layer_shapes: (in_features K, out_features N) pairs.
+    (default: tuning.user_table_path(device)), merged into the table already there, each shape as soon
+    as it is measured; then drop the in-process tables, so the next lookup uses them. layer_shapes: (in_features K, out_features N) pairs.
     timer(fn) -> milliseconds (default: do_bench's median on CUDA, the wall clock's under the
     interpreter). time_budget_s: stop between candidates once spent, keeping the shapes fully measured."""
     _refuse_inside_capture_or_compile()
@@ -101,14 +101,14 @@ def tune(
                 break
             best, times_ms, skipped = measured
             entries.append(tuning.entry_of(op, dtype, m, n, k, rank, best, times_ms, skipped))
+            # written at once (merged into the table): a run stopped later (a step's time limit, a
+            # sticky CUDA error of a candidate) keeps every shape it measured
+            tuning.write_table(output, device, entries[-1:])
             if verbose:
                 split_ms, best_ms = times_ms["split"], times_ms[tuning.plan_name(best)]
                 print(_ROW.format(op, m, n, k, rank, tuning.plan_name(best), f"{best_ms:.4f}", f"{split_ms:.4f}",
                                   f"{split_ms / best_ms:.2f}x", len(skipped)), flush=True)
-    path = None
-    if entries:
-        tuning.write_table(output, device, entries)
-        path = output
+    path = output if entries else None
     tuning.clear_tables()
     if verbose:
         stopped = "" if complete else " (stopped by the time budget; the rest keeps its default plans)"

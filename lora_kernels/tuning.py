@@ -81,6 +81,13 @@ def forced_plan(plan: Plan | str) -> Iterator[None]:
         _forced.reset(token)
 
 
+def current_forced_plan() -> Plan | None:
+    """The plan forced in this thread or asyncio task (forced_plan), else None. The ops carry it from a
+    forward to its backward, which autograd may run on another thread: on a GPU its CUDA device thread,
+    which sees none of the caller's contextvars (torch 2.13)."""
+    return _forced.get()
+
+
 def m_bucket(m: int) -> int:
     """Rows are tuned per power of two from 16 up (decode sizes 1-16 share one bucket)."""
     return 16 if m <= 16 else 1 << (m - 1).bit_length()
@@ -91,15 +98,39 @@ def rank_bucket(rank: int) -> int:
     return 16 if rank <= 16 else 1 << (rank - 1).bit_length()
 
 
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether cuBLAS would run an fp32 matmul on tf32 tensor cores now (the Triton kernels follow the
+    same setting for fp32 inputs). Where torch has the fp32_precision API, cuBLAS reads
+    torch.backends.cuda.matmul.fp32_precision (its getter resolves "none" to the generic
+    torch.backends.fp32_precision), which allow_tf32 and set_float32_matmul_precision ("high" and
+    "medium": tf32) set too; allow_tf32's getter raises once fp32_precision alone made the two disagree
+    ("mix of the legacy and new APIs"). Older torch (2.4 ...): allow_tf32 is the one switch."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except AttributeError:   # no fp32_precision: cuBLASModule raises AttributeError for unknown names
+        return bool(matmul.allow_tf32)
+
+
+def fp32_precision_now() -> str:
+    """"tf32" or "ieee": the precision fp32 matmuls run at now (fp32_matmul_uses_tf32)."""
+    return "tf32" if fp32_matmul_uses_tf32() else "ieee"
+
+
 # dtype -> its name: str(dtype) costs ~100 ns a call, a dict hit ~50 (plan_for runs per layer call)
 _dtype_names: dict[torch.dtype, str] = {}
 
 
-def plan_key(op: str, dtype: torch.dtype, m: int, n: int, k: int, rank: int) -> tuple:
-    """(op, dtype name, M bucket, N, K, rank bucket): N and K exact (a model has a handful)."""
+def plan_key(op: str, dtype: torch.dtype, m: int, n: int, k: int, rank: int,
+             fp32_precision: str | None = None) -> tuple:
+    """(op, dtype name, M bucket, N, K, rank bucket): N and K exact (a model has a handful). fp32 is
+    keyed with its precision, "float32/tf32" or "float32/ieee" (fp32_precision, else the current one:
+    fp32_precision_now): tiles tuned for tensor-core dots are not those of exact FMA dots."""
     name = _dtype_names.get(dtype)
     if name is None:
         name = _dtype_names[dtype] = str(dtype).removeprefix("torch.")
+    if dtype is torch.float32:
+        name = f"{name}/{fp32_precision or fp32_precision_now()}"
     # m_bucket(m), rank_bucket(rank) inlined: a Python call costs ~0.1 µs, a third of a lookup
     return (op, name, 16 if m <= 16 else 1 << (m - 1).bit_length(), n, k,
             16 if rank <= 16 else 1 << (rank - 1).bit_length())
@@ -124,8 +155,20 @@ def load_tables(device: torch.device) -> dict[tuple, Plan]:
     config, key) is skipped with a warning naming the file and the reason: the defaults, never a crash."""
     kind = device_kind(device)
     table: dict[tuple, Plan] = {}
-    for path in (SHIPPED_DIR / f"{kind}.json", user_table_path(device)):
-        if path.is_file():
+    paths = [SHIPPED_DIR / f"{kind}.json"]
+    try:
+        paths.append(user_table_path(device))
+    except RuntimeError as exc:   # Path.home(): no HOME and no passwd entry (a container's arbitrary uid)
+        warnings.warn(f"lora_kernels plan table: no user cache ({exc}; set LORA_KERNELS_TUNING_DIR); "
+                      "using the shipped or default plans", stacklevel=3)
+    for path in paths:
+        try:
+            present = path.is_file()
+        except OSError as exc:   # is_file raises, not answers False, for EACCES (another user's directory)
+            warnings.warn(f"lora_kernels plan table {path}: unreadable ({type(exc).__name__}: {exc}); using "
+                          "the default plans", stacklevel=3)
+            continue
+        if present:
             table.update(read_table(path, kind))
     return table
 
@@ -146,6 +189,20 @@ def plan_for(op: str, device: torch.device, dtype: torch.dtype, m: int, n: int, 
     if table is None:
         table = _device_table(device)
     return table.get(plan_key(op, dtype, m, n, k, rank), DEFAULT_PLAN)
+
+
+def demote_to_split(op: str, device: torch.device, dtype: torch.dtype, m: int, n: int, k: int, rank: int,
+                    reason: str) -> None:
+    """A fused plan from this device's table could not launch (reason): its key serves split from now
+    on, in this process; warns once per key."""
+    table = _device_table(device)
+    key = plan_key(op, dtype, m, n, k, rank)
+    plan = table.get(key, DEFAULT_PLAN)
+    table[key] = SPLIT
+    warnings.warn(f"lora_kernels: the plan table's {plan_name(plan)} for {key} cannot launch on "
+                  f"{device_name(device)} ({reason.splitlines()[0] if reason else 'no reason given'}); "
+                  "that shape runs the split strategy from now on (re-run python -m lora_kernels.tune)",
+                  stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- devices
@@ -196,6 +253,7 @@ FORMAT_VERSION = 1
 # {"format": FORMAT, "version": 1, "device_kind": "h200", "device_name": "NVIDIA H200",
 #  "torch": "2.9.0", "triton": "3.5.0", "created_utc": "...",
 #  "entries": [{"op": "forward", "dtype": "bfloat16", "m": 4096, "n": 4096, "k": 4096, "rank": 16,
+#               ("fp32_precision": "tf32" | "ieee", float32 entries only),
 #               "strategy": "fused", "config": {MatmulConfig fields} | null,
 #               "times_ms": {plan_name: median ms, ...}, "skipped": {plan_name: reason, ...}}, ...]}
 # m and rank are the measured sizes: an entry serves their buckets (m_bucket, rank_bucket). times_ms and
@@ -229,9 +287,12 @@ def _parse_config(raw: Any) -> MatmulConfig | None:
     if missing or unknown:
         raise ValueError(f"config {raw}: missing {sorted(missing)}, unknown {sorted(unknown)}")
     bad = [name for name, value in raw.items() if not _positive_int(value)
-           or (name in _POWER_OF_TWO_FIELDS and value & (value - 1))]
-    if bad:   # Triton's tiles and warps are powers of two: anything else fails at launch, in a user's call
-        raise ValueError(f"config {raw}: {bad} must be positive integers (tiles and warps powers of two)")
+           or (name in _POWER_OF_TWO_FIELDS and value & (value - 1))
+           or (name.startswith("block_") and value < 16)
+           or (name == "num_warps" and value > 32)]   # a block holds at most 1024 threads
+    if bad:   # Triton's tiles and warps are powers of two, tl.dot's tiles >= 16: else a user's call fails to compile
+        raise ValueError(f"config {raw}: {bad} must be positive integers (tiles and warps powers of two, "
+                         "tiles at least 16, at most 32 warps)")
     return MatmulConfig(**raw)
 
 
@@ -255,7 +316,12 @@ def parse_entry(entry: Any) -> tuple[tuple, Plan]:
     config = _parse_config(entry.get("config"))
     if entry["strategy"] == "split" and config is not None:
         raise ValueError("the split strategy takes no config (torch runs the GEMM)")
-    return plan_key(entry["op"], dtype, *sizes), Plan(entry["strategy"], config)
+    precision = None
+    if dtype is torch.float32:   # measured at one fp32 precision: it serves that one only
+        precision = entry.get("fp32_precision")
+        if precision not in ("tf32", "ieee"):
+            raise ValueError(f"fp32_precision {precision!r}: a float32 entry says \"tf32\" or \"ieee\"")
+    return plan_key(entry["op"], dtype, *sizes, fp32_precision=precision), Plan(entry["strategy"], config)
 
 
 def read_table(path: Path, kind: str) -> dict[tuple, Plan]:
@@ -292,10 +358,14 @@ def read_table(path: Path, kind: str) -> dict[tuple, Plan]:
 
 def entry_of(op: str, dtype: torch.dtype, m: int, n: int, k: int, rank: int, plan: Plan,
              times_ms: dict[str, float], skipped: dict[str, str]) -> dict[str, Any]:
-    """One measured shape as a table entry (the inverse of parse_entry, plus the measurement)."""
-    return {"op": op, "dtype": str(dtype).removeprefix("torch."), "m": m, "n": n, "k": k, "rank": rank,
-            "strategy": plan.strategy, "config": None if plan.config is None else dataclasses.asdict(plan.config),
-            "times_ms": times_ms, "skipped": skipped}
+    """One measured shape as a table entry (the inverse of parse_entry, plus the measurement); a float32
+    one records the fp32 precision it was measured at (fp32_precision_now)."""
+    entry = {"op": op, "dtype": str(dtype).removeprefix("torch."), "m": m, "n": n, "k": k, "rank": rank,
+             "strategy": plan.strategy, "config": None if plan.config is None else dataclasses.asdict(plan.config),
+             "times_ms": times_ms, "skipped": skipped}
+    if dtype is torch.float32:
+        entry["fp32_precision"] = fp32_precision_now()
+    return entry
 
 
 def write_table(path: Path, device: torch.device | str, entries: list[dict[str, Any]]) -> None:

@@ -158,7 +158,7 @@ if [ "$QUICK" = 1 ]; then
           tests-kernels:120:30)
 else
     BUDGET=480
-    PLAN=(tests-gpu:100:30 tests-int64:50:20 tune:110:40 bench-single:110:45 bench-multi:200:60 bench-e2e:60:30
+    PLAN=(tests-gpu:100:30 tests-int64:90:30 tune:110:40 bench-single:110:45 bench-multi:200:60 bench-e2e:60:30
           sanitizer:90:40 tests-kernels:150:40 tests:300:40)
 fi
 DEADLINE=$(( START + BUDGET - 10 ))              # 10 s for the summary and the copies
@@ -276,12 +276,16 @@ seed_tuning_table() {
     if [ -f "$SHIPPED_TABLE" ]; then cp -- "$SHIPPED_TABLE" "$TUNE_OUT"; else rm -f -- "$TUNE_OUT"; fi
 }
 install_tuning_table() {
-    if [ "${STATUS[tune]:-}" = PASS ] && [ -f "$TUNE_OUT" ]; then
+    # the tuner writes each shape as soon as it is measured (atomically): a stopped or failed run's
+    # table holds only fully measured shapes, installed too
+    local partial=""
+    [ "${STATUS[tune]:-}" = PASS ] || partial=" (partial: the step ended ${STATUS[tune]:-})"
+    if [[ "${STATUS[tune]:-}" =~ ^(PASS|TIMEOUT|FAIL)$ ]] && [ -f "$TUNE_OUT" ]; then
         cp -- "$TUNE_OUT" "$LORA_KERNELS_TUNING_DIR/$SLUG.json"
         if mkdir -p "${SHIPPED_TABLE%/*}" && cp -- "$TUNE_OUT" "$SHIPPED_TABLE"; then
-            TABLE_NOTE="${TUNE_OUT#"$REPO"/}, the plans of the steps after it; installed as ${SHIPPED_TABLE#"$REPO"/} (commit it)"
+            TABLE_NOTE="${TUNE_OUT#"$REPO"/}$partial, the plans of the steps after it; installed as ${SHIPPED_TABLE#"$REPO"/} (commit it)"
         else
-            TABLE_NOTE="${TUNE_OUT#"$REPO"/}, the plans of the steps after it; NOT installed in ${SHIPPED_TABLE#"$REPO"/}"
+            TABLE_NOTE="${TUNE_OUT#"$REPO"/}$partial, the plans of the steps after it; NOT installed in ${SHIPPED_TABLE#"$REPO"/}"
         fi
     else
         TABLE_NOTE="the tune step wrote none: the steps ran the shipped plans (or the defaults)"

@@ -36,3 +36,18 @@ def backend(request):
     lora_kernels.set_backend(request.param)
     return request.param
 
+
+@pytest.fixture(params=["torch", "triton-split", "triton-fused"])
+def single_backend(request):
+    """For the single-adapter op: the torch backend, then the Triton backend under each strategy
+    (forced with lora_kernels.tuning.forced_plan: README, "Strategies"). Returns the backend's name."""
+    name, _, strategy = request.param.partition("-")
+    lora_kernels.set_backend(name)
+    if not strategy:
+        yield name
+        return
+    from lora_kernels import tuning
+
+    with tuning.forced_plan(strategy):
+        yield name
+

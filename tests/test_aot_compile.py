@@ -537,16 +537,16 @@ TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 
 def _precisions(dtype: torch.dtype) -> list[tuple[str, str]]:
     """(dot_precision, lora_precision) pairs the launcher may pass for `dtype`: with cuBLAS's fp32
-    matmuls on tf32 and not, as the launcher reads torch's setting (launch._cublas_fp32_uses_tf32:
+    matmuls on tf32 and not, as the launcher reads torch's setting (launch.fp32_matmul_uses_tf32:
     torch's own flags stay untouched, whichever of its two APIs set them)."""
-    reader = launch._cublas_fp32_uses_tf32
+    reader = launch.fp32_matmul_uses_tf32
     try:
         pairs = []
         for tf32 in (False, True):
-            launch._cublas_fp32_uses_tf32 = lambda tf32=tf32: tf32
+            launch.fp32_matmul_uses_tf32 = lambda tf32=tf32: tf32
             pairs.append((launch.dot_precision(dtype), launch.lora_precision(dtype)))
     finally:
-        launch._cublas_fp32_uses_tf32 = reader
+        launch.fp32_matmul_uses_tf32 = reader
     return _unique(pairs)
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels import lora_linear_reference, multi_lora_linear_reference
+from lora_kernels import lora_linear_reference, multi_lora_linear_reference, tuning
+from lora_kernels.tuning import MatmulConfig, Plan
 
 from .helpers import DEVICE
 from .test_lora_linear import check_against_reference, make_params, make_x
@@ -249,11 +250,19 @@ def float64_outer_sum(u64, x, rows=None):
 
 
 @needs_memory
-def test_triton_int64_offsets_lora_linear(release_memory):
+@pytest.mark.parametrize("plan", [Plan("split"), Plan("fused"), Plan("fused", MatmulConfig(64, 64, 64, 16, 8, 8, 3, 2))],
+                         ids=["split", "fused", "fused-splitk2"])
+def test_triton_int64_offsets_lora_linear(release_memory, plan):
     """lora_linear forward and backward in bf16 on an x of more than 2**31 elements: y and dX on the rows
     around and past element 2**31 against float64, and dA, a sum over every row of x, against a float64
-    sum taken in chunks."""
+    sum taken in chunks. Under each strategy (an untuned GPU runs split): the fused GEMM's and the split-K
+    sum's offsets too (split-K's fp32 partials of dX, (2, M, K): 17 GB more)."""
     lora_kernels.set_backend("triton")
+    with tuning.forced_plan(plan):   # carried to the backward by the op (ctx.plan)
+        _int64_offsets_lora_linear()
+
+
+def _int64_offsets_lora_linear():
     n, r, scale = 64, 16, 2.0
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(INT64_M, INT64_K, generator=gen, device=DEVICE, dtype=torch.bfloat16).requires_grad_()

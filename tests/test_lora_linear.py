@@ -95,6 +95,12 @@ def check_against_reference(x, w, bias, a, b, scale, grad_w=False):
         assert_close(g, g64, g_base, f"d{name}")
 
 
+
+@pytest.fixture
+def backend(single_backend):
+    """This module's tests run on the torch backend and on the Triton backend under both strategies."""
+    return single_backend
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}_K{}_N{}_r{}".format(*s))
 def test_shapes(backend, dtype, shape):

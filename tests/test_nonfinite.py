@@ -138,9 +138,10 @@ def _single_case(dtype, name, value):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("scale", [0.0, -1.5], ids=["scale0", "scale-1.5"])
 @pytest.mark.parametrize("name", list(SINGLE_SPOTS))
-def test_single_forward_nonfinite_like_reference(backend, dtype, scale, name):
+def test_single_forward_nonfinite_like_reference(single_backend, dtype, scale, name):
     """Scale 0 with inf in lora_b gave a finite output on the torch backend (BLAS skips the product at
     alpha = 0) where the reference has NaN."""
+    backend = single_backend   # the Triton backend under each strategy too
     skip_unless_backend_serves(backend, dtype)
     for value in VALUES:
         args = _single_case(dtype, name, value)
@@ -150,11 +151,12 @@ def test_single_forward_nonfinite_like_reference(backend, dtype, scale, name):
         assert_ieee_like(y, reference, lora_linear_reference(*tensors, scale), f"y ({name} = {value})")
 
 
-def test_single_huge_finite_scale_applied_after_the_rank_product(backend):
+def test_single_huge_finite_scale_applied_after_the_rank_product(single_backend):
     """T = [4, 4] and B's rows cancel: (T Bᵀ) = [0, 0.5], so 1e38 · (T Bᵀ) = [0, 5e37] is finite, but 1e38 · T
     overflows float32 to [inf, inf] and (inf, inf) · (1, -1) = NaN. The Triton kernels scaled T before
     the product. (The torch backend hands the scale to BLAS as addmm's alpha; where a BLAS applies
     alpha is its own business, so only the kernels we write are held to the order here.)"""
+    backend = single_backend   # the Triton backend under each strategy too
     if backend == "torch":
         pytest.skip("the torch backend's order at huge scales is the BLAS library's (addmm alpha)")
     skip_unless_backend_serves(backend, torch.float32)
@@ -169,8 +171,9 @@ def test_single_huge_finite_scale_applied_after_the_rank_product(backend):
 
 @pytest.mark.parametrize("scale", [0.0, -1.5], ids=["scale0", "scale-1.5"])
 @pytest.mark.parametrize("name", ["x", "lora_a", "lora_b"])
-def test_single_gradients_nonfinite_like_reference(backend, scale, name):
+def test_single_gradients_nonfinite_like_reference(single_backend, scale, name):
     """dX, dA, dB when x, lora_a or lora_b hold a NaN / ±inf: the reference's autograd, in float64."""
+    backend = single_backend   # the Triton backend under each strategy too
     skip_unless_backend_serves(backend, torch.float32)
     for value in VALUES:
         args = _single_case(torch.float32, name, value)

@@ -200,3 +200,32 @@ def test_every_candidate_runs_and_matches(dtype):
             assert_close(out, expected64, baseline, "out")
         except AssertionError as exc:
             raise AssertionError(f"{config}: {exc}") from exc
+
+
+def test_table_plan_that_cannot_launch_falls_back_to_split(monkeypatch, tmp_path):
+    """A fused plan from the device's table whose kernel cannot run on this GPU (out of shared memory or
+    registers: a table measured with another Triton, or edited by hand) warns once and serves split for
+    that key from then on: the call still returns the right result. A forced plan raises instead."""
+    from triton.runtime.errors import OutOfResources
+
+    x = torch.randn(24, 40, device=DEVICE)
+    w, bias, a, b = make_params(16, 40, 8, torch.float32, True, torch.Generator().manual_seed(3))
+    key = tuning.plan_key("forward", torch.float32, 24, 16, 40, 8)
+    table = {key: Plan("fused", MatmulConfig(16, 16, 16, 16, 8, 1, 1))}
+    monkeypatch.setattr(tuning, "_tables", {torch.device(DEVICE): table})
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(triton_launch, "lora_fused_matmul_kernel", NoLaunch())
+    expected = lora_linear_reference(x.double(), w.double(), bias.double(), a.double(), b.double(), 0.5)
+    with pytest.warns(UserWarning, match="cannot launch"):
+        y = lora_linear(x, w, bias, a, b, 0.5)
+    assert_close(y, expected, lora_linear_reference(x, w, bias, a, b, 0.5), "y")
+    assert table[key] == tuning.SPLIT
+    with tuning.forced_plan(Plan("fused", MatmulConfig(16, 16, 16, 16, 8, 1, 1))), \
+            pytest.raises(OutOfResources):
+        lora_linear(x, w, bias, a, b, 0.5)

@@ -32,9 +32,14 @@ def tuning_dir(tmp_path, monkeypatch):
     tuning.clear_tables()
 
 
-def entry(op="forward", dtype="float32", m=64, n=48, k=32, rank=8, strategy="fused", config=FUSED_A):
-    return {"op": op, "dtype": dtype, "m": m, "n": n, "k": k, "rank": rank, "strategy": strategy,
-            "config": None if config is None else dict(vars(config)), "times_ms": {}, "skipped": {}}
+def entry(op="forward", dtype="float32", m=64, n=48, k=32, rank=8, strategy="fused", config=FUSED_A,
+          fp32_precision=None):
+    """A table entry; a float32 one measured at fp32_precision (default: the current precision)."""
+    doc = {"op": op, "dtype": dtype, "m": m, "n": n, "k": k, "rank": rank, "strategy": strategy,
+           "config": None if config is None else dict(vars(config)), "times_ms": {}, "skipped": {}}
+    if dtype == "float32":
+        doc["fp32_precision"] = fp32_precision or tuning.fp32_precision_now()
+    return doc
 
 
 def table(entries, kind=None, **fields):
@@ -436,3 +441,22 @@ def test_importing_the_package_or_the_tables_imports_no_triton():
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('triton', 'transformers', 'peft')); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fp32_plans_serve_the_fp32_precision_they_were_measured_at(tmp_path, monkeypatch):
+    """Tiles tuned for tf32 tensor-core dots are not those of exact fp32 (FMA dots, deeper tiles spill):
+    a float32 entry serves lookups at its own fp32 precision only; one without a precision is skipped."""
+    monkeypatch.setenv("LORA_KERNELS_TUNING_DIR", str(tmp_path))
+    tuning.user_table_path(DEVICE).write_text(table([entry(fp32_precision="tf32")]))
+    tuning.clear_tables()
+    monkeypatch.setattr(tuning, "fp32_matmul_uses_tf32", lambda: True)
+    assert lookup() == tuning.Plan("fused", FUSED_A)
+    monkeypatch.setattr(tuning, "fp32_matmul_uses_tf32", lambda: False)
+    assert lookup() == tuning.SPLIT
+    no_precision = entry()
+    del no_precision["fp32_precision"]
+    tuning.user_table_path(DEVICE).write_text(table([no_precision]))
+    tuning.clear_tables()
+    with pytest.warns(UserWarning, match="fp32_precision None"):
+        assert lookup() == tuning.SPLIT
+    tuning.clear_tables()

@@ -14,6 +14,7 @@ composition's formulas, so second derivatives are exact on the eager and registe
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from .. import fallback
 from .._backend import resolve_backend
+from ..tuning import current_forced_plan, forced_plan
 from . import _composite
 from ._dispatch import implementation, route, rows, unflatten
 from ._autograd import check_x_saved_for_second_derivative, eager_fast_path, op_backward
@@ -107,6 +109,9 @@ def _setup_context(ctx, inputs, output):
     # the backward may run outside the forward's use_backend block, or on autograd's device thread
     # (which does not see it). Under torch.compile: the backend current when the graph was traced.
     ctx.backend = resolve_backend(x.device, x.dtype)
+    # likewise a plan forced around the forward (tuning.forced_plan, a ContextVar too): the tuner's or a
+    # test's choice reaches dX on autograd's device thread
+    ctx.plan = current_forced_plan()
     # save only what the requested gradients read; lora_a (a parameter: no memory) also for dB,
     # whose second derivative differentiates T = dropout(x) Aᵀ in A
     ctx.save_for_backward(
@@ -123,12 +128,13 @@ def _backward(ctx, grad_y, _grad_hidden):
     x, weight, lora_a, lora_b, lora_hidden, seed = ctx.saved_tensors
     need_x, _, _, need_a, need_b = ctx.need
     grad_y = rows(grad_y, grad_y.shape[-1])
-    grads = op_backward(
-        ctx, grad_y, x, (x, weight, lora_a, lora_b),
-        lambda: _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed),
-        _backward_grads, lora_linear_backward_op,
-        (grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
-         need_x, need_a, need_b, ctx.backend))
+    with forced_plan(ctx.plan) if ctx.plan is not None else contextlib.nullcontext():
+        grads = op_backward(
+            ctx, grad_y, x, (x, weight, lora_a, lora_b),
+            lambda: _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed),
+            _backward_grads, lora_linear_backward_op,
+            (grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
+             need_x, need_a, need_b, ctx.backend))
     return grads + (None, None, None)
 
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 import triton
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
-from ..tuning import MatmulConfig, plan_for
+from ..tuning import MatmulConfig, current_forced_plan, demote_to_split, fp32_matmul_uses_tf32, plan_for
 from .kernels.lora_linear import (
     dropout_mask_kernel,
     lora_expand_kernel,
@@ -248,24 +251,10 @@ def _sum_splits(partials: torch.Tensor) -> torch.Tensor:
     return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
 
 
-def _cublas_fp32_uses_tf32() -> bool:
-    """Whether cuBLAS would run an fp32 matmul on tf32 tensor cores now. Where torch has the
-    fp32_precision API, cuBLAS reads torch.backends.cuda.matmul.fp32_precision (its getter resolves
-    "none" to the generic torch.backends.fp32_precision), which allow_tf32 and
-    set_float32_matmul_precision ("high" and "medium": tf32) set too; allow_tf32's getter raises once
-    fp32_precision alone made the two disagree ("mix of the legacy and new APIs"). Older torch
-    (2.4 ...): allow_tf32 is the one switch."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        return matmul.fp32_precision == "tf32"
-    except AttributeError:   # no fp32_precision: cuBLASModule raises AttributeError for unknown names
-        return bool(matmul.allow_tf32)
-
-
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's own setting for fp32 matmuls (_cublas_fp32_uses_tf32, off by
+    """fp32 inputs follow torch's own setting for fp32 matmuls (fp32_matmul_uses_tf32, off by
     default): exact fp32 unless the user allowed tf32. 16-bit inputs use their own tensor cores."""
-    if dtype == torch.float32 and not _cublas_fp32_uses_tf32():
+    if dtype == torch.float32 and not fp32_matmul_uses_tf32():
         return "ieee"
     return "tf32"
 
@@ -441,6 +430,28 @@ def rows_matmul(
     return _sum_splits(partials).to(out_dtype)
 
 
+# What a fused plan from a table raises when its kernel cannot run on this GPU (shared memory,
+# registers: a table measured with another Triton, or edited by hand)
+LAUNCH_ERRORS = (OutOfResources, CompilationError)
+
+
+def _run_plan(op: str, like: torch.Tensor, m: int, n: int, k: int, rank: int,
+              fused: Callable[[MatmulConfig | None], tuple], split: Callable[[], tuple]) -> tuple:
+    """fused(plan.config) or split(), as tuning.plan_for(op, ...) says for like's device and dtype. A
+    fused plan from a table that cannot launch here falls back to split, for this call and every
+    later one of its key (tuning.demote_to_split warns once); a forced plan (the tuner's candidate,
+    a test's) raises instead."""
+    plan = plan_for(op, like.device, like.dtype, m, n, k, rank)
+    if plan.strategy == "fused":
+        try:
+            return fused(plan.config)
+        except LAUNCH_ERRORS as exc:
+            if current_forced_plan() is not None:
+                raise
+            demote_to_split(op, like.device, like.dtype, m, n, k, rank, f"{type(exc).__name__}: {exc}")
+    return split()
+
+
 @on_device_of("x")
 def lora_linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -450,15 +461,16 @@ def lora_linear_forward(
     (None without dropout), loaded by the kernels on x's device: never read on the host.
     The plan (tuning.plan_for "forward", N = out_features, K = in_features) picks split or fused."""
     (m, k), n, rank = x.shape, weight.shape[0], lora_a.shape[0]
-    plan = plan_for("forward", x.device, x.dtype, m, n, k, rank)
     t_partials = shrink(x, lora_a, dropout_p, seed)                       # (S, M, r)
-    if plan.strategy == "split":
+
+    def split():
         y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T   # torch's GEMM (cuBLAS)
-        lora_hidden = expand(y, t_partials, lora_b.T, scale, store_t_sum=True)
-    else:
-        y, lora_hidden = fused_matmul(x, weight.T, bias, t_partials, lora_b.T, scale, store_t_sum=True,
-                                      config=plan.config)
-    return y, lora_hidden
+        return y, expand(y, t_partials, lora_b.T, scale, store_t_sum=True)
+
+    def fused(config):
+        return fused_matmul(x, weight.T, bias, t_partials, lora_b.T, scale, store_t_sum=True, config=config)
+
+    return _run_plan("forward", x, m, n, k, rank, fused, split)
 
 
 @on_device_of("grad_y")
@@ -480,14 +492,17 @@ def lora_linear_backward(
         du_partials = shrink(grad_y, lora_b.T)                            # (S, M, r)
         if need_x:
             (m, k), n, rank = grad_y.shape, weight.shape[1], lora_b.shape[1]
-            plan = plan_for("dx", grad_y.device, grad_y.dtype, m, n, k, rank)
-            if plan.strategy == "split":
+
+            def split():
                 grad_x = grad_y @ weight                                  # torch's GEMM (cuBLAS)
-                grad_u = expand(grad_x, du_partials, lora_a, scale, store_t_sum=need_a,
-                                epilogue_dropout_p=dropout_p, seed=seed)
-            else:
-                grad_x, grad_u = fused_matmul(grad_y, weight, None, du_partials, lora_a, scale, store_t_sum=need_a,
-                                              epilogue_dropout_p=dropout_p, seed=seed, config=plan.config)
+                return grad_x, expand(grad_x, du_partials, lora_a, scale, store_t_sum=need_a,
+                                      epilogue_dropout_p=dropout_p, seed=seed)
+
+            def fused(config):
+                return fused_matmul(grad_y, weight, None, du_partials, lora_a, scale, store_t_sum=need_a,
+                                    epilogue_dropout_p=dropout_p, seed=seed, config=config)
+
+            grad_x, grad_u = _run_plan("dx", grad_y, m, n, k, rank, fused, split)
         else:
             grad_u = _sum_splits(du_partials)
         if need_a:

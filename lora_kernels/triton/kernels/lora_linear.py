@@ -80,7 +80,7 @@ def lora_term(
         lora = tl.dot(t, v, lora, input_precision=LORA_DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, dropout_p, BLOCK_N)
-        lora = tl.where(keep, lora * dropout_scale, 0.0)
+        lora = lora * tl.where(keep, dropout_scale, 0.0)   # a dropped inf or NaN is NaN, as in the reference
     # the scale multiplies the finished rank product, as in the reference: scaling T first turns a
     # large finite scale into ±inf terms whose sum is NaN where the reference has a finite value
     return scale * lora
@@ -118,7 +118,8 @@ def lora_shrink_kernel(
                     mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)      # (BM, BK)
         if DROPOUT:
             keep = dropout_keep(seed, offs_m, k0, dropout_p, BLOCK_K)   # k0: a multiple of BLOCK_K
-            x = tl.where(keep, x.to(tl.float32) * dropout_scale, 0.0).to(x.dtype)
+            # times 0, not a select: a dropped inf or NaN is NaN, as in x · mask / (1 - p)
+            x = (x.to(tl.float32) * tl.where(keep, dropout_scale, 0.0)).to(x.dtype)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=(offs_r[None, :] < R) & k_mask[:, None], other=0.0)      # (BK, BR)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
@@ -289,7 +290,7 @@ def lora_rows_matmul_kernel(
                     mask=m_mask[:, None] & q_mask[None, :], other=0.0).to(tl.float32)    # (BM, BQ)
         if DROPOUT_R:
             keep = dropout_keep(seed, offs_m, pid_q * BLOCK_Q, dropout_p, BLOCK_Q)
-            r = tl.where(keep, r * dropout_scale, 0.0)
+            r = r * tl.where(keep, dropout_scale, 0.0)   # a dropped inf or NaN is NaN, as in the reference
         acc = tl.dot(lt, r, acc, input_precision=DOT_PRECISION)
 
     out = out_ptr + pid_s.to(tl.int64) * stride_os + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :]

@@ -213,6 +213,7 @@ def segmented_rows_matmul_kernel(
     out = (out_ptr + pid_s.to(tl.int64) * stride_os + pid_a.to(tl.int64) * stride_oa
            + offs_p[:, None].to(tl.int64) * stride_op + offs_q[None, :])
     # past the rank the masked-out operand is 0, but 0 · inf or NaN in the other is NaN: store the zeros
-    # the reference has there
-    in_rank = p_mask[:, None] & q_mask[None, :]
+    # the reference has there; so does a split without rows (past an adapter's last row, or an adapter
+    # with none in an unchecked batch's active_adapters tail): 0, not 0 · scale
+    in_rank = p_mask[:, None] & q_mask[None, :] & (m_end > m_start)
     tl.store(out, tl.where(in_rank, acc * scale, 0.0), mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
