@@ -80,7 +80,7 @@ def lora_term(
         lora = tl.dot(t, v, lora, input_precision=LORA_DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(tl.load(seed_ptr), offs_m, pid_n * BLOCK_N, dropout_p, BLOCK_N)
-        lora = lora * tl.where(keep, dropout_scale, 0.0)   # a dropped inf or NaN is NaN, as in the reference
+        lora = tl.where(keep, lora * dropout_scale, lora * 0.0)   # a dropped inf or NaN is NaN, as in the reference
     # the scale multiplies the finished rank product, as in the reference: scaling T first turns a
     # large finite scale into ±inf terms whose sum is NaN where the reference has a finite value
     return scale * lora
