@@ -282,11 +282,11 @@ def triton_plan(op: str, device: torch.device, dtype: torch.dtype, m: int, n: in
     """(strategy, MatmulConfig fields or None) the Triton backend runs for one matmul: lora_kernels.tuning's
     plan for this device; a fused plan without a config runs the launcher's heuristic tiles."""
     plan = tuning.plan_for(op, device, dtype, m, n, k, r)
-    config = plan.config
-    if plan.strategy == "fused" and config is None:
-        from lora_kernels.triton.lora_linear import fp32_dot, fused_matmul_config
-        config = fused_matmul_config(m, n, k, r, fp32_dot(dtype), epilogue_dropout=epilogue_dropout)
-    return plan.strategy, (None if config is None else asdict(config))
+    if plan.strategy != "fused":
+        return plan.strategy, None
+    from lora_kernels.triton.lora_linear import fused_plan_config
+
+    return plan.strategy, asdict(fused_plan_config(plan.config, m, n, k, r, dtype, epilogue_dropout))
 
 
 def ours_plan(backend: str, device: torch.device, dtype: torch.dtype, mode: str, m: int, shape: Shape, r: int,

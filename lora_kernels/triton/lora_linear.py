@@ -311,6 +311,12 @@ def shrink(x: torch.Tensor, a: torch.Tensor, dropout_p: float = 0.0, seed: torch
     return partials
 
 
+def fused_plan_config(config: MatmulConfig | None, m: int, n: int, k: int, rank: int, dtype: torch.dtype,
+                      epilogue_dropout: bool) -> MatmulConfig:
+    """The tiles a fused plan runs for one matmul: its config, or (None) fused_matmul_config's heuristic."""
+    return config or fused_matmul_config(m, n, k, rank, fp32_dot(dtype), epilogue_dropout=epilogue_dropout)
+
+
 def fused_matmul(
     x: torch.Tensor,            # (M, K)
     w: torch.Tensor,            # (K, N), any strides
@@ -331,7 +337,7 @@ def fused_matmul(
     n = w.shape[1]
     splits, _, rank = t_partials.shape
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    cfg = config or fused_matmul_config(m, n, k, rank, fp32_dot(x.dtype), epilogue_dropout=epilogue_dropout_p > 0.0)
+    cfg = fused_plan_config(config, m, n, k, rank, x.dtype, epilogue_dropout=epilogue_dropout_p > 0.0)
     split_k = cfg.split_k
     # split_k fp32 partials (split_k, M, N): memory split_k x 4 / 2 times out's for 16-bit inputs
     gemm_out = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
