@@ -18,6 +18,7 @@ from torch import nn
 
 from ..metadata import AdapterBatch
 from ..ops._checks import check_scale
+from ..ops._tensor_parallel import any_dtensor
 from ..ops.multi_lora_linear import multi_lora_linear
 from .lora_linear import fused_inputs
 
@@ -88,10 +89,12 @@ class MultiLoRALinear(nn.Module):
         rank = lora_a.shape[0]
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"load_adapter: rank {rank} does not fit this layer's slots (max_rank={self.max_rank})")
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.lora_a[slot, :rank].copy_(lora_a)
-        self.lora_b[slot, :, :rank].copy_(lora_b)
+        stack_a, lora_a = _local_block(self.lora_a, lora_a)
+        stack_b, lora_b = _local_block(self.lora_b, lora_b)
+        stack_a[slot].zero_()
+        stack_b[slot].zero_()
+        stack_a[slot, :rank].copy_(lora_a)
+        stack_b[slot, :, :rank].copy_(lora_b)
         self.scales[slot] = scale
         self.ranks[slot] = rank
 
@@ -99,8 +102,8 @@ class MultiLoRALinear(nn.Module):
     def unload_adapter(self, slot: int) -> None:
         """Empties `slot`: its rows get the base output until an adapter is loaded there again."""
         self._check_slot(slot)
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        _local_block(self.lora_a)[0][slot].zero_()
+        _local_block(self.lora_b)[0][slot].zero_()
         self.scales[slot] = 0.0
         self.ranks[slot] = 0
 
@@ -127,6 +130,21 @@ class MultiLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_slots={self.num_slots}, max_rank={self.max_rank}"
+
+
+def _local_block(stack: torch.Tensor, factor: torch.Tensor | None = None):
+    """(this rank's block of stack, of factor): the stacks of a tensor-parallel layer are DTensors
+    (lora_kernels.nn.tensor_parallel); each rank writes the block it holds, of the whole factor every
+    rank was given (lora_a (r, K) or lora_b (N, r): the stack's placements, one dim fewer), with no
+    communication. A plain stack: (stack, factor) as given."""
+    if not any_dtensor(stack):
+        return stack, factor
+    if factor is not None:
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        placements = [Shard(p.dim - 1) if p.is_shard() else p for p in stack.placements]
+        factor = distribute_tensor(factor.to(stack.device), stack.device_mesh, placements, src_data_rank=None).to_local()
+    return stack.to_local(), factor
 
 
 def wrap_multi_lora(model: nn.Module, patterns, num_slots: int, max_rank: int) -> list[str]:

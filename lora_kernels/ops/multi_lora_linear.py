@@ -5,11 +5,13 @@ Layers: public function (validate, flatten, group rows by adapter) -> torch.libr
 autograd registered between them) -> backend (_dispatch.implementation: Triton launchers or the torch
 backend, both given the AdapterBatch's tensors). The base layer is torch's own GEMM in both backends
 (the split strategy), so rows of no adapter equal F.linear's output bit for bit.
-Routes of a call (_dispatch.route), as in lora_linear: inside a torch.compile trace -> the registered
-op; forward-mode AD / torch.func -> the differentiable composition (_composite); with the profiler on
--> the registered op; an input requiring grad -> the eager fast path; else the forward directly.
-add_multi_lora_ (inference only): the registered op inside a trace or under the profiler, else direct. A backward recorded with create_graph=True computes its
-gradients with the composition's formulas, so second derivatives are exact on the eager and
+Routes of a call (_dispatch.route), as in lora_linear: inside a torch.compile trace or with DTensor
+inputs (tensor parallelism, _tensor_parallel) -> the registered op; forward-mode AD / torch.func ->
+the differentiable composition (_composite); with the profiler on -> the registered op; an input
+requiring grad -> the eager fast path; else the forward directly.
+add_multi_lora_ (inference only): the registered op inside a trace, with DTensors or under the
+profiler, else direct. A backward recorded with create_graph=True computes its gradients with the
+composition's formulas, so second derivatives are exact on the eager and
 registered-op routes (torch.compile's AOT autograd refuses double backward itself).
 """
 
@@ -23,7 +25,7 @@ from torch import Tensor
 from .. import fallback
 from .._backend import resolve_backend
 from ..metadata import AdapterBatch, BatchTensors
-from . import _composite
+from . import _composite, _tensor_parallel
 from ._autograd import carries_tangent, check_x_saved_for_second_derivative, eager_fast_path, in_transform, op_backward
 from ._dispatch import implementation, route, rows, unflatten
 from ._checks import (
@@ -177,12 +179,15 @@ def _validate_adapters(x, lora_a, lora_b, scales, n: int, k: int, others: dict) 
     # finite, |s| <= float32's largest: checked where the values are in host memory (not inside a
     # torch.compile trace: no values there); on a GPU reading them would be a host sync per layer
     if scales.is_cpu and not torch.compiler.is_compiling():
-        check_scales(scales)
+        check_scales(_tensor_parallel.replicated_local(scales, "scales"))
 
 
 def _adapter_batch(adapter_ids, num_rows: int, num_adapters: int, max_rank: int,
                    device: torch.device) -> AdapterBatch:
-    batch = adapter_ids if isinstance(adapter_ids, AdapterBatch) else AdapterBatch(adapter_ids, num_adapters)
+    if isinstance(adapter_ids, AdapterBatch):
+        batch = adapter_ids
+    else:   # a replicated DTensor of ids (tensor parallelism) is its local tensor: the same on every rank
+        batch = AdapterBatch(_tensor_parallel.replicated_local(adapter_ids, "adapter_ids"), num_adapters)
     if batch.num_adapters != num_adapters:
         raise ValueError(f"{batch!r} was built for {batch.num_adapters} adapters but lora_a stacks "
                          f"L={num_adapters}")
@@ -222,7 +227,8 @@ def multi_lora_linear(
     "Non-finite values"). Routes: inside torch.compile, or with the profiler on, the registered ops
     lora_kernels::multi_lora_linear (and ::multi_lora_linear_backward); under forward-mode AD /
     torch.func, plain torch ops (a Python loop over adapters); an input requiring grad, the eager
-    autograd.Function (no dispatcher); else the forward directly.
+    autograd.Function (no dispatcher); else the forward directly. DTensor inputs (tensor parallelism:
+    README, "Distributed") take the registered ops; the AdapterBatch is replicated on every rank.
 
     >>> import torch, lora_kernels
     >>> x, w = torch.randn(4, 8), torch.randn(6, 8)
@@ -242,11 +248,14 @@ def multi_lora_linear(
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     need_hidden = grad_wanted and lora_b.requires_grad
     args = (*tensors, scales, *batch.tensors(), need_hidden)
+    distributed = _tensor_parallel.any_dtensor(*tensors, scales)
+    if distributed:   # tensor parallelism: every tensor a DTensor, laid out for weight's placement
+        args = (*_tensor_parallel.multi_lora_linear_args(*tensors, scales, batch.tensors()), need_hidden)
 
     def composite() -> Tensor:
         return _composite.multi_lora_linear(*tensors, scales, batch.sorted_rows, batch.adapter_starts, batch.ranks)
 
-    y2d = route(multi_lora_linear_op, _MultiLoRALinearFunction, _forward, composite, args, grad_wanted)
+    y2d = route(multi_lora_linear_op, _MultiLoRALinearFunction, _forward, composite, args, grad_wanted, distributed)
     return unflatten(y2d, x)
 
 
@@ -312,8 +321,14 @@ def add_multi_lora_(
                          "without a copy; pass it 2-D") from exc
     batch = _adapter_batch(adapter_ids, x2d.shape[0], num_adapters, lora_a.shape[1], x.device)
     scales = _dense_scales(scales, x.dtype)
-    # routes: the registered op inside a compile trace or with the profiler on, else the direct call
-    # (inference only: no autograd route; forward-mode AD and torch.func were refused above)
-    fn = add_multi_lora_op if torch.compiler.is_compiling() or torch.autograd._profiler_enabled() else _add
-    fn(out2d, x2d, lora_a, lora_b, scales, *batch.tensors())
+    args = (out2d, x2d, lora_a, lora_b, scales, *batch.tensors())
+    # routes: the registered op inside a compile trace, with DTensors (tensor parallelism: laid out for
+    # out's placement) or with the profiler on, else the direct call (inference only: no autograd
+    # route; forward-mode AD and torch.func were refused above)
+    if _tensor_parallel.any_dtensor(out2d, x2d, lora_a, lora_b, scales):
+        add_multi_lora_op(*_tensor_parallel.add_multi_lora_args(*args[:5], batch.tensors()))
+    elif torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        add_multi_lora_op(*args)
+    else:
+        _add(*args)
     return out
