@@ -19,7 +19,8 @@ MultiLoRALinear's stacks follow (lora_a (L, R, K) on K rowwise, lora_b (L, N, R)
 scales and ranks stay plain tensors, the same on every rank, and load_adapter / unload_adapter keep
 working (each rank writes its block). Parallelize after adding a PEFT model's adapters: parameters
 created later are plain tensors. Every rank must hold the same parameters before (rank 0's are
-scattered, as torch's styles do) and seed torch alike (dropout masks; README, "Distributed").
+scattered, as torch's styles do) and seed torch alike (dropout masks; README, "Distributed
+training").
 Importing this module imports torch.distributed.tensor (about 1 s): lora_kernels never does.
 """
 

@@ -34,6 +34,8 @@ import sys
 import torch
 from torch import Tensor
 
+from ..metadata import AdapterBatch, BatchTensors
+
 _rules_registered = False
 
 
@@ -79,10 +81,10 @@ def lora_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Ten
 
 
 def multi_lora_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
-                           scales: Tensor, batch: tuple) -> tuple:
-    """multi_lora_linear_op's leading arguments (x, weight, bias, lora_a, lora_b, scales, *batch) laid
-    out for weight's placement: lora_a (L, R, K), lora_b (L, N, R); scales and the batch's tensors
-    replicated (row_tile, an int, passes through)."""
+                           scales: Tensor, batch: AdapterBatch) -> tuple:
+    """multi_lora_linear_op's leading arguments (x, weight, bias, lora_a, lora_b, scales, *batch.tensors())
+    laid out for weight's placement: lora_a (L, R, K), lora_b (L, N, R); scales and the batch's
+    tensors replicated (row_tile, an int, passes through)."""
     mesh, layouts = _layouts("multi_lora_linear", weight,
                              {"x": x, "bias": bias, "lora_a": lora_a, "lora_b": lora_b, "scales": scales})
     x = _laid_out("x", x, mesh, [lay.x for lay in layouts])
@@ -95,7 +97,7 @@ def multi_lora_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_
 
 
 def add_multi_lora_args(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
-                        batch: tuple) -> tuple:
+                        batch: AdapterBatch) -> tuple:
     """add_multi_lora_op's arguments laid out for out's placement (out, updated in place, cannot
     move): Shard(-1) -> colwise, Partial -> rowwise (add before the all-reduce), Replicate."""
     dtensor = dtensor_class()
@@ -187,8 +189,10 @@ def _replicated(t: Tensor, mesh) -> Tensor:
     return dtensor_class().from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-def _replicated_all(mesh, scales: Tensor, batch: tuple) -> tuple:
-    """(scales, batch) with every tensor a replicated DTensor; ints and None pass through."""
+def _replicated_all(mesh, scales: Tensor, batch: AdapterBatch) -> tuple:
+    """(scales, batch.tensors()) with every tensor a replicated DTensor; ints and None pass through.
+    The batch's tensors are converted once per batch and mesh (batch.replicated, outside a compile
+    trace: a traced conversion holds fake tensors), its ranks (one layer's: with_ranks) per call."""
     from torch.distributed.tensor import Replicate
 
     dtensor, replicate = dtensor_class(), [Replicate()] * mesh.ndim
@@ -200,7 +204,13 @@ def _replicated_all(mesh, scales: Tensor, batch: tuple) -> tuple:
             return t if all(p.is_replicate() for p in t.placements) else t.redistribute(mesh, replicate)
         return dtensor.from_local(t, mesh, replicate, run_check=False)
 
-    return replicated(scales), tuple(replicated(t) for t in batch)
+    tensors = batch.tensors()
+    converted = None if torch.compiler.is_compiling() else batch.replicated.get(mesh)
+    if converted is None:
+        converted = BatchTensors(*map(replicated, tensors._replace(ranks=None)))
+        if not torch.compiler.is_compiling():
+            batch.replicated[mesh] = converted
+    return replicated(scales), converted._replace(ranks=replicated(tensors.ranks))
 
 
 def _seed_of_block(seed: Tensor, x: Tensor, seed_bound: int) -> Tensor:

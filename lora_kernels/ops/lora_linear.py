@@ -239,10 +239,10 @@ def lora_linear(
     Triton kernels on a GPU (a captured CUDA graph draws a new one at each replay), else the CPU's.
     scale: a python number or 0-d tensor, finite with |scale| <= float32's largest, else ValueError.
     NaN / ±inf in the tensors propagate as in the float64 reference (README, "Non-finite values").
-    Routes: inside torch.compile, with DTensor inputs (tensor parallelism: README, "Distributed") or with
-    the profiler on, the registered ops lora_kernels::lora_linear (and ::lora_linear_backward); under
-    forward-mode AD / torch.func, plain torch ops; an input requiring grad, the eager autograd.Function
-    (no dispatcher); else the forward directly. On the Triton backend
+    Routes: inside torch.compile, with DTensor inputs (tensor parallelism: README, "Distributed
+    training") or with the profiler on, the registered ops lora_kernels::lora_linear (and
+    ::lora_linear_backward); under forward-mode AD / torch.func, plain torch ops; an input requiring
+    grad, the eager autograd.Function (no dispatcher); else the forward directly. On the Triton backend
     each matmul carrying the LoRA term runs the strategy of lora_kernels.tuning (README, "Strategies").
 
     >>> import torch, lora_kernels

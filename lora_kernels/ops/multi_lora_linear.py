@@ -228,7 +228,7 @@ def multi_lora_linear(
     lora_kernels::multi_lora_linear (and ::multi_lora_linear_backward); under forward-mode AD /
     torch.func, plain torch ops (a Python loop over adapters); an input requiring grad, the eager
     autograd.Function (no dispatcher); else the forward directly. DTensor inputs (tensor parallelism:
-    README, "Distributed") take the registered ops; the AdapterBatch is replicated on every rank.
+    README, "Distributed training") take the registered ops; the AdapterBatch is replicated on every rank.
 
     >>> import torch, lora_kernels
     >>> x, w = torch.randn(4, 8), torch.randn(6, 8)
@@ -250,7 +250,7 @@ def multi_lora_linear(
     args = (*tensors, scales, *batch.tensors(), need_hidden)
     distributed = _tensor_parallel.any_dtensor(*tensors, scales)
     if distributed:   # tensor parallelism: every tensor a DTensor, laid out for weight's placement
-        args = (*_tensor_parallel.multi_lora_linear_args(*tensors, scales, batch.tensors()), need_hidden)
+        args = (*_tensor_parallel.multi_lora_linear_args(*tensors, scales, batch), need_hidden)
 
     def composite() -> Tensor:
         return _composite.multi_lora_linear(*tensors, scales, batch.sorted_rows, batch.adapter_starts, batch.ranks)
@@ -326,7 +326,7 @@ def add_multi_lora_(
     # out's placement) or with the profiler on, else the direct call (inference only: no autograd
     # route; forward-mode AD and torch.func were refused above)
     if _tensor_parallel.any_dtensor(out2d, x2d, lora_a, lora_b, scales):
-        add_multi_lora_op(*_tensor_parallel.add_multi_lora_args(*args[:5], batch.tensors()))
+        add_multi_lora_op(*_tensor_parallel.add_multi_lora_args(*args[:5], batch))
     elif torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
         add_multi_lora_op(*args)
     else:
