@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._dtensor import replicated_local
 from ._env import check_ids_from_env
 from .ops._checks import describe
 
@@ -183,6 +184,7 @@ def _ranks_tensor(ranks, num_adapters: int, device: torch.device) -> torch.Tenso
     the stack's full rank)."""
     if ranks is None:
         return None
+    ranks = replicated_local(ranks, "ranks")
     if isinstance(ranks, (list, tuple)):
         if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
             raise TypeError(f"ranks must hold ints (or be an int32/int64 tensor), got {list(ranks)[:16]}")
@@ -239,7 +241,9 @@ class AdapterBatch:
     def __init__(self, adapter_ids: torch.Tensor, num_adapters: int, ranks=None, *, check: bool | None = None):
         """adapter_ids (M,) int32/int64, -1 = no adapter; ranks: per-adapter true ranks (L,) or None.
         check: run the id check (one host sync per batch on CUDA) for this batch or not; None: the
-        global setting (set_check_adapter_ids). Callers whose ids are valid by construction pass False."""
+        global setting (set_check_adapter_ids). Callers whose ids are valid by construction pass False.
+        Under tensor parallelism the ids (and ranks) may be DTensors replicated on every rank."""
+        adapter_ids = replicated_local(adapter_ids, "adapter_ids")
         _check_index_tensor("adapter_ids", adapter_ids)
         num_adapters = _check_num_adapters(num_adapters)
         if check is None:
@@ -297,10 +301,6 @@ class AdapterBatch:
                               else tile_map(self.adapter_starts, self.num_rows, self.row_tile))
         bound = min(self.num_adapters, self.num_rows)
         self.active_adapters = _active_first(self.counts, bound if num_active is None else num_active)
-        # {device mesh: tensors() as replicated DTensors, ranks left out}: filled by the ops under tensor
-        # parallelism (ops._tensor_parallel) and shared with with_ranks' copies, so the layers of a
-        # forward convert a batch once (about 47 µs a tensor), not once each
-        self.replicated: dict = {}
 
     def tensors(self) -> BatchTensors:
         """What the ops hand the backends."""
@@ -322,6 +322,8 @@ class AdapterBatch:
         >>> batch.adapter_ids.tolist(), batch.counts.tolist()
         ([1, 1, -1, 1, 1], [0, 4])
         """
+        segment_starts = replicated_local(segment_starts, "segment_starts")
+        segment_adapters = replicated_local(segment_adapters, "segment_adapters")
         _check_index_tensor("segment_starts", segment_starts)
         _check_index_tensor("segment_adapters", segment_adapters)
         num_adapters = _check_num_adapters(num_adapters)
@@ -380,7 +382,7 @@ class AdapterBatch:
         """The same grouping with other true ranks (L,) int32, unchecked: one layer's ranks per slot
         (MultiLoRALinear keeps its own, validated when an adapter is loaded). No copy, no sync."""
         batch = copy.copy(self)
-        batch.ranks = None if ranks is None else _int32_ranks(ranks, self.device)
+        batch.ranks = None if ranks is None else _int32_ranks(replicated_local(ranks, "ranks"), self.device)
         batch.max_rank = None
         return batch
 

@@ -68,7 +68,16 @@ def _grad_for(y, grad_y, mesh):
     return distribute_tensor(grad_y, mesh, target)
 
 
-def _check_single(mesh, backend, dtype, style, x_shape, with_bias, dropout_p, route):
+def _check_single(mesh, backend, dtype, style, x_shape, with_bias, dropout_p, route="eager", seeds_differ=False,
+                  downstream=False, create_graph=False):
+    """lora_linear on DTensors laid out by `style` against the whole tensors, forward and gradients.
+    seeds_differ: each rank seeds torch differently (the first rank's seed must serve all).
+    downstream: y feeds a DTensor matmul with a weight split on its rows, so y's gradient comes back in
+    another layout than y's (Partial or Shard(0)); the backward must still use the forward's masks.
+    create_graph: the gradients taken with create_graph=True (the differentiable formulas)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     from lora_kernels.ops.lora_linear import SEED_BOUND
 
     torch.manual_seed(0)
@@ -76,15 +85,25 @@ def _check_single(mesh, backend, dtype, style, x_shape, with_bias, dropout_p, ro
                    bias=torch.randn(N, dtype=dtype) if with_bias else None,
                    lora_a=torch.randn(R, K, dtype=dtype), lora_b=torch.randn(N, R, dtype=dtype))
     grad_y = torch.randn(*x_shape, N, dtype=dtype)
+    next_weight = torch.randn(4, N, dtype=dtype)                                # downstream (4, N)
     wanted = ("x", "lora_a", "lora_b")
-    dist_in = _distributed(tensors, _placements(style), dist_mesh := mesh, grad=wanted)
+    dist_in = _distributed(tensors, _placements(style), mesh, grad=wanted)
     call = lora_kernels.lora_linear
     if route == "compile":
         call = torch.compile(lora_kernels.lora_linear, backend="aot_eager", fullgraph=False)
-    torch.manual_seed(7)                    # the dropout seed: drawn alike on every rank
+    torch.manual_seed(7 + (dist.get_rank() if seeds_differ else 0))   # the dropout seed: rank 0's serves all
     y = call(*dist_in.values(), 0.5, dropout_p=dropout_p)
-    y.backward(_grad_for(y, grad_y, dist_mesh))
-    what = f"lora_linear {style} {backend} {dtype} x{tuple(x_shape)} bias={with_bias} p={dropout_p} {route}"
+    if downstream:   # out = y W2ᵀ (M, 4): y's gradient is grad_out W2 (M, N)
+        out = y @ distribute_tensor(next_weight, mesh, [Shard(1)]).T
+        grad_out = _grad_for(out, grad_y[..., :4], mesh)
+        grad_y = grad_y[..., :4] @ next_weight
+    else:
+        out, grad_out = y, _grad_for(y, grad_y, mesh)
+    inputs = [dist_in[name] for name in wanted]
+    grads = torch.autograd.grad(out, inputs, grad_out, create_graph=create_graph)
+    what = (f"lora_linear {style} {backend} {dtype} x{tuple(x_shape)} bias={with_bias} p={dropout_p} {route}"
+            f"{' seeds differ' if seeds_differ else ''}{' downstream' if downstream else ''}"
+            f"{' create_graph' if create_graph else ''}")
 
     # the same call whole, with the mask each block of x drew (rowwise: its own seed, seed + block)
     whole = {name: None if t is None else t.clone().requires_grad_(name in wanted) for name, t in tensors.items()}
@@ -94,10 +113,10 @@ def _check_single(mesh, backend, dtype, style, x_shape, with_bias, dropout_p, ro
         seed = torch.randint(SEED_BOUND, (), dtype=torch.int64)
         keep = _keep_mask_of_blocks(y, dist_in["x"], seed, dropout_p, backend, SEED_BOUND)
     expected = _lora_linear_with_mask(whole, 0.5, dropout_p, keep)
-    expected.backward(grad_y)
+    expected_grads = torch.autograd.grad(expected, [whole[name] for name in wanted], grad_y)
     assert_same_maths(y.full_tensor(), expected.detach(), msg=f"{what}: y")
-    for name in wanted:
-        assert_same_maths(dist_in[name].grad.full_tensor(), whole[name].grad, msg=f"{what}: grad of {name}")
+    for name, grad, expected_grad in zip(wanted, grads, expected_grads):
+        assert_same_maths(grad.full_tensor(), expected_grad, msg=f"{what}: grad of {name}")
 
 
 def _keep_mask_of_blocks(y, x, seed, dropout_p, backend, seed_bound):
@@ -129,7 +148,7 @@ def _lora_linear_with_mask(t: dict, scale, dropout_p, keep):
     return y.reshape(*x.shape[:-1], N)
 
 
-def _check_multi(mesh, dtype, style, route):
+def _check_multi(mesh, dtype, style, route="eager"):
     torch.manual_seed(1)
     tensors = dict(x=torch.randn(M, K, dtype=dtype), weight=torch.randn(N, K, dtype=dtype),
                    bias=torch.randn(N, dtype=dtype), lora_a=torch.randn(L, R, K, dtype=dtype),
@@ -142,7 +161,10 @@ def _check_multi(mesh, dtype, style, route):
     call = lora_kernels.multi_lora_linear
     if route == "compile":
         call = torch.compile(lora_kernels.multi_lora_linear, backend="aot_eager", fullgraph=False)
-    y = call(*dist_in.values(), scales, lora_kernels.AdapterBatch(ids, L))
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    replicated_ids = distribute_tensor(ids, mesh, [Replicate()])     # ids as a replicated DTensor: accepted
+    y = call(*dist_in.values(), scales, lora_kernels.AdapterBatch(replicated_ids, L))
     y.backward(_grad_for(y, grad_y, mesh))
     whole = {name: t.clone().requires_grad_(name in wanted) for name, t in tensors.items()}
     expected = lora_kernels.multi_lora_linear(*whole.values(), scales, ids)
@@ -154,7 +176,7 @@ def _check_multi(mesh, dtype, style, route):
 
     # add_multi_lora_ into the base output as the layer's matmul leaves it (colwise: sharded on N;
     # rowwise: Partial, before the all-reduce), in place
-    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor import Partial, Shard
 
     with torch.no_grad():
         base = tensors["x"] @ tensors["weight"].T
@@ -202,20 +224,22 @@ def _ops_worker(rank: int, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world_size,))
+    lora_kernels.set_backend("torch")
+    for style in ("colwise", "rowwise"):   # inside a trace, before any eager DTensor call of the process
+        _check_single(mesh, "torch", torch.float64, style, (2, M // 2), with_bias=True, dropout_p=0.0, route="compile")
+        _check_multi(mesh, torch.float64, style, route="compile")
     for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):   # triton: interpreted
         lora_kernels.set_backend(backend)
         for style in ("colwise", "rowwise", "replicate", "rows"):
             x_shape = (M,) if style == "rows" else (2, M // 2)
-            _check_single(mesh, backend, dtype, style, x_shape, with_bias=True, dropout_p=0.0, route="eager")
-        _check_single(mesh, backend, dtype, "colwise", (M,), with_bias=False, dropout_p=0.3, route="eager")
-        _check_single(mesh, backend, dtype, "rowwise", (M,), with_bias=True, dropout_p=0.3, route="eager")
-        _check_single(mesh, backend, dtype, "rows", (M,), with_bias=True, dropout_p=0.3, route="eager")
+            _check_single(mesh, backend, dtype, style, x_shape, with_bias=True, dropout_p=0.0)
+            _check_single(mesh, backend, dtype, style, (M,), with_bias=style != "colwise", dropout_p=0.3,
+                          seeds_differ=style == "colwise", downstream=style in ("replicate", "rows"))
         for style in ("colwise", "rowwise", "replicate"):
-            _check_multi(mesh, dtype, style, route="eager")
+            _check_multi(mesh, dtype, style)
     lora_kernels.set_backend("torch")
-    for style in ("colwise", "rowwise"):   # the registered op inside a trace
-        _check_single(mesh, "torch", torch.float64, style, (2, M // 2), with_bias=True, dropout_p=0.0, route="compile")
-        _check_multi(mesh, torch.float64, style, route="compile")
+    for style in ("rowwise", "replicate"):
+        _check_single(mesh, "torch", torch.float64, style, (M,), with_bias=True, dropout_p=0.3, create_graph=True)
     _check_errors(mesh)
 
 
@@ -372,3 +396,23 @@ def test_importing_lora_kernels_leaves_torch_distributed_tensor_unimported():
     code = "import sys, lora_kernels; print('torch.distributed.tensor' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_plan_names_the_projections_only():
+    """tensor_parallel_plan picks the listed projections (LoRA layers or plain nn.Linear), never the
+    modules inside a LoRA layer, and passes over LoRA layers it does not plan (an embedding's)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lora_kernels.nn.tensor_parallel import LoRAColwiseParallel, LoRARowwiseParallel, tensor_parallel_plan
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=1, vocab_size=64)
+    targets = ["q_proj", "o_proj", "down_proj", "embed_tokens"]
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(r=2, target_modules=targets))
+    plan = tensor_parallel_plan(model, colwise=("q_proj", "k_proj", "lm_head", "lora_A", "default", "base_layer"),
+                                rowwise=("o_proj", "down_proj", "embed_tokens_is_not_listed"))
+    prefix = "base_model.model."
+    assert {name[len(prefix):]: type(style) for name, style in plan.items()} == {
+        "model.layers.0.self_attn.q_proj": LoRAColwiseParallel, "model.layers.0.self_attn.k_proj": LoRAColwiseParallel,
+        "lm_head": LoRAColwiseParallel, "model.layers.0.self_attn.o_proj": LoRARowwiseParallel,
+        "model.layers.0.mlp.down_proj": LoRARowwiseParallel}

@@ -16,9 +16,9 @@ import fnmatch
 import torch
 from torch import nn
 
+from .._dtensor import any_dtensor
 from ..metadata import AdapterBatch
 from ..ops._checks import check_scale
-from ..ops._tensor_parallel import any_dtensor
 from ..ops.multi_lora_linear import multi_lora_linear
 from .lora_linear import fused_inputs
 

@@ -15,12 +15,13 @@ distribute a layer's parameters as the fused ops take them (lora_kernels.ops._te
     colwise: weight, bias, lora_B sharded on out_features N; lora_A replicated; x Replicate -> y Shard(-1)
     rowwise: weight, lora_A sharded on in_features K; lora_B, bias replicated; x Shard(-1) -> y Replicate
              (one all-reduce, carrying the base output and the LoRA term together)
-MultiLoRALinear's stacks follow (lora_a (L, R, K) on K rowwise, lora_b (L, N, R) on N colwise); its
-scales and ranks stay plain tensors, the same on every rank, and load_adapter / unload_adapter keep
-working (each rank writes its block). Parallelize after adding a PEFT model's adapters: parameters
-created later are plain tensors. Every rank must hold the same parameters before (rank 0's are
-scattered, as torch's styles do) and seed torch alike (dropout masks; README, "Distributed
-training").
+MultiLoRALinear's stacks follow (lora_a (L, R, K) on K rowwise, lora_b (L, N, R) on N colwise; its
+scales and ranks become replicated DTensors, as distribute_module makes every other buffer), and
+load_adapter / unload_adapter keep working (each rank writes its block). Parallelize after adding a
+PEFT model's adapters: parameters created later are plain tensors. Rank 0's parameters are scattered
+(src_data_rank, as torch's styles do). With use_local_output=True (the default) the next module sees
+local shards, so N (colwise) and K (rowwise) must split evenly over the ranks, as for torch's own
+styles on nn.Linear.
 Importing this module imports torch.distributed.tensor (about 1 s): lora_kernels never does.
 """
 
@@ -134,8 +135,9 @@ def tensor_parallel_plan(model: nn.Module, colwise=LLAMA_COLWISE, rowwise=LLAMA_
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
         inside_lora = any(part in ("base_layer", "lora_A", "lora_B") for part in name.split("."))
-        linear = isinstance(module, nn.Linear) or _lora_tensors(module) is not None
-        if inside_lora or not linear:
+        if inside_lora or leaf not in (*colwise, *rowwise):
+            continue
+        if not isinstance(module, (nn.Linear, LoRALinear, MultiLoRALinear)) and not _is_peft_lora_layer(module):
             continue
         if leaf in colwise:
             plan[name] = LoRAColwiseParallel()

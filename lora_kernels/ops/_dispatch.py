@@ -2,12 +2,12 @@
 x flattened to rows, and the route a call takes.
 
 Routes (the order route() tries them):
-1. inside a torch.compile trace, or with DTensor inputs (tensor parallelism: the op's sharding rules,
-   _tensor_parallel) -> the registered op (torch.library custom op with a fake kernel);
+1. inside a torch.compile trace -> the registered op (torch.library custom op with a fake kernel);
 2. forward-mode AD / torch.func transforms -> the op's differentiable composition (_composite);
 3. with the profiler on -> the registered op (named in traces; its backward op too);
 4. an input requiring grad (grad mode on) -> the eager fast path (autograd.Function, no dispatcher);
 5. else -> the forward called directly.
+DTensors (tensor parallelism) take these routes with each rank's local tensors (_tensor_parallel).
 Both backends implement every op with the same functions and arguments (fallback.py for torch,
 triton/backend.py for Triton): the op layer never branches on which one it holds.
 """
@@ -47,10 +47,10 @@ def unflatten(y2d: Tensor, like: Tensor) -> Tensor:
 
 
 def route(registered_op: Callable, fast_path: type, forward: Callable, composite: Callable[[], Tensor],
-          args: tuple, grad_wanted: bool, distributed: bool) -> Tensor:
+          args: tuple, grad_wanted: bool) -> Tensor:
     """y of one call through the first route that applies (see the module docstring). The op's forward
-    returns (y, saved intermediate); composite() returns y alone. distributed: the args are DTensors."""
-    if distributed or torch.compiler.is_compiling():
+    returns (y, saved intermediate); composite() returns y alone."""
+    if torch.compiler.is_compiling():
         return registered_op(*args)[0]
     if in_transform():   # forward-mode AD, torch.func: tangents and wrappers need torch ops
         return composite()

@@ -4,13 +4,13 @@ Layers: public function (validate, flatten, draw the dropout seed) -> torch.libr
 ``lora_kernels::lora_linear`` / ``lora_kernels::lora_linear_backward`` (fake impls for
 torch.compile, autograd registered between them) -> backend (_dispatch.implementation: the Triton
 launchers, which pick the fused or split strategy per shape (lora_kernels.tuning), or the torch backend).
-Routes of a call (_dispatch.route): inside a torch.compile trace or with DTensor inputs (tensor
-parallelism, _tensor_parallel) -> the registered op; forward-mode
+Routes of a call (_dispatch.route): inside a torch.compile trace -> the registered op; forward-mode
 AD / torch.func -> the differentiable composition (_composite); with the profiler on -> the registered
 op; an input requiring grad -> the eager fast path (autograd.Function, no dispatcher); else the
-forward directly. A backward recorded with create_graph=True computes its gradients with the
-composition's formulas, so second derivatives are exact on the eager and registered-op routes
-(torch.compile's AOT autograd refuses double backward itself).
+forward directly; DTensors (tensor parallelism, _tensor_parallel) take them with each rank's shards.
+A backward recorded with create_graph=True computes its gradients with the composition's formulas,
+so second derivatives are exact on the eager and registered-op routes (torch.compile's AOT autograd
+refuses double backward itself).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import Tensor
 from .. import fallback
 from .._backend import resolve_backend
 from ..tuning import current_forced_plan, forced_plan
+from .._dtensor import any_dtensor
 from . import _composite, _tensor_parallel
 from ._dispatch import implementation, route, rows, unflatten
 from ._autograd import check_x_saved_for_second_derivative, eager_fast_path, op_backward
@@ -239,11 +240,12 @@ def lora_linear(
     Triton kernels on a GPU (a captured CUDA graph draws a new one at each replay), else the CPU's.
     scale: a python number or 0-d tensor, finite with |scale| <= float32's largest, else ValueError.
     NaN / ±inf in the tensors propagate as in the float64 reference (README, "Non-finite values").
-    Routes: inside torch.compile, with DTensor inputs (tensor parallelism: README, "Distributed
-    training") or with the profiler on, the registered ops lora_kernels::lora_linear (and
-    ::lora_linear_backward); under forward-mode AD / torch.func, plain torch ops; an input requiring
-    grad, the eager autograd.Function (no dispatcher); else the forward directly. On the Triton backend
-    each matmul carrying the LoRA term runs the strategy of lora_kernels.tuning (README, "Strategies").
+    Routes: inside torch.compile, or with the profiler on, the registered ops lora_kernels::lora_linear
+    (and ::lora_linear_backward); under forward-mode AD / torch.func, plain torch ops; an input requiring
+    grad, the eager autograd.Function (no dispatcher); else the forward directly. DTensor inputs (tensor
+    parallelism: README, "Distributed training") take these routes with each rank's shards. On the
+    Triton backend each matmul carrying the LoRA term runs the strategy of lora_kernels.tuning (README,
+    "Strategies").
 
     >>> import torch, lora_kernels
     >>> x, w, a, b = torch.randn(3, 5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
@@ -258,14 +260,16 @@ def lora_linear(
     x2d = rows(x, k)                                                            # (M, K)
     seed = _dropout_seed(dropout_p, x2d)
     args = (x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    distributed = _tensor_parallel.any_dtensor(x2d, weight, bias, lora_a, lora_b)
-    if distributed:   # tensor parallelism: every tensor a DTensor, laid out for weight's placement
-        args = _tensor_parallel.lora_linear_args(*args, SEED_BOUND)
+    labelled = None
+    if any_dtensor(x2d, weight, bias, lora_a, lora_b):   # tensor parallelism: local shards
+        args, labelled = _tensor_parallel.lora_linear_args(*args, SEED_BOUND)
 
-    def composite() -> Tensor:
-        keep = _keep_mask(x2d.shape[0], k, dropout_p, seed, resolve_backend(x2d.device, x2d.dtype), x2d.device)
+    def composite() -> Tensor:   # args: this rank's shards and seed under tensor parallelism
+        x_rows, call_seed = args[0], args[-1]
+        backend = resolve_backend(x_rows.device, x_rows.dtype)
+        keep = _keep_mask(*x_rows.shape, dropout_p, call_seed, backend, x_rows.device)
         return _composite.lora_linear(*args[:-1], keep)
 
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])
-    return unflatten(route(lora_linear_op, _LoRALinearFunction, _forward, composite, args, grad_wanted, distributed),
-                     x)
+    y2d = route(lora_linear_op, _LoRALinearFunction, _forward, composite, args, grad_wanted)
+    return unflatten(y2d if labelled is None else labelled(y2d), x)

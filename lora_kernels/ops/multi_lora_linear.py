@@ -5,14 +5,14 @@ Layers: public function (validate, flatten, group rows by adapter) -> torch.libr
 autograd registered between them) -> backend (_dispatch.implementation: Triton launchers or the torch
 backend, both given the AdapterBatch's tensors). The base layer is torch's own GEMM in both backends
 (the split strategy), so rows of no adapter equal F.linear's output bit for bit.
-Routes of a call (_dispatch.route), as in lora_linear: inside a torch.compile trace or with DTensor
-inputs (tensor parallelism, _tensor_parallel) -> the registered op; forward-mode AD / torch.func ->
-the differentiable composition (_composite); with the profiler on -> the registered op; an input
-requiring grad -> the eager fast path; else the forward directly.
-add_multi_lora_ (inference only): the registered op inside a trace, with DTensors or under the
-profiler, else direct. A backward recorded with create_graph=True computes its gradients with the
-composition's formulas, so second derivatives are exact on the eager and
-registered-op routes (torch.compile's AOT autograd refuses double backward itself).
+Routes of a call (_dispatch.route), as in lora_linear: inside a torch.compile trace -> the registered
+op; forward-mode AD / torch.func -> the differentiable composition (_composite); with the profiler on
+-> the registered op; an input requiring grad -> the eager fast path; else the forward directly;
+DTensors (tensor parallelism, _tensor_parallel) take them with each rank's shards.
+add_multi_lora_ (inference only): the registered op inside a trace or under the profiler, else direct.
+A backward recorded with create_graph=True computes its gradients with the composition's formulas,
+so second derivatives are exact on the eager and registered-op routes (torch.compile's AOT autograd
+refuses double backward itself).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import fallback
 from .._backend import resolve_backend
 from ..metadata import AdapterBatch, BatchTensors
+from .._dtensor import any_dtensor, replicated_local
 from . import _composite, _tensor_parallel
 from ._autograd import carries_tangent, check_x_saved_for_second_derivative, eager_fast_path, in_transform, op_backward
 from ._dispatch import implementation, route, rows, unflatten
@@ -179,15 +180,12 @@ def _validate_adapters(x, lora_a, lora_b, scales, n: int, k: int, others: dict) 
     # finite, |s| <= float32's largest: checked where the values are in host memory (not inside a
     # torch.compile trace: no values there); on a GPU reading them would be a host sync per layer
     if scales.is_cpu and not torch.compiler.is_compiling():
-        check_scales(_tensor_parallel.replicated_local(scales, "scales"))
+        check_scales(replicated_local(scales, "scales"))
 
 
 def _adapter_batch(adapter_ids, num_rows: int, num_adapters: int, max_rank: int,
                    device: torch.device) -> AdapterBatch:
-    if isinstance(adapter_ids, AdapterBatch):
-        batch = adapter_ids
-    else:   # a replicated DTensor of ids (tensor parallelism) is its local tensor: the same on every rank
-        batch = AdapterBatch(_tensor_parallel.replicated_local(adapter_ids, "adapter_ids"), num_adapters)
+    batch = adapter_ids if isinstance(adapter_ids, AdapterBatch) else AdapterBatch(adapter_ids, num_adapters)
     if batch.num_adapters != num_adapters:
         raise ValueError(f"{batch!r} was built for {batch.num_adapters} adapters but lora_a stacks "
                          f"L={num_adapters}")
@@ -228,7 +226,8 @@ def multi_lora_linear(
     lora_kernels::multi_lora_linear (and ::multi_lora_linear_backward); under forward-mode AD /
     torch.func, plain torch ops (a Python loop over adapters); an input requiring grad, the eager
     autograd.Function (no dispatcher); else the forward directly. DTensor inputs (tensor parallelism:
-    README, "Distributed training") take the registered ops; the AdapterBatch is replicated on every rank.
+    README, "Distributed training") take these routes with each rank's shards; the AdapterBatch is the
+    same on every rank.
 
     >>> import torch, lora_kernels
     >>> x, w = torch.randn(4, 8), torch.randn(6, 8)
@@ -248,15 +247,16 @@ def multi_lora_linear(
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     need_hidden = grad_wanted and lora_b.requires_grad
     args = (*tensors, scales, *batch.tensors(), need_hidden)
-    distributed = _tensor_parallel.any_dtensor(*tensors, scales)
-    if distributed:   # tensor parallelism: every tensor a DTensor, laid out for weight's placement
-        args = (*_tensor_parallel.multi_lora_linear_args(*tensors, scales, batch), need_hidden)
+    labelled = None
+    if any_dtensor(*tensors, scales):   # tensor parallelism: each rank's shards
+        local, labelled = _tensor_parallel.multi_lora_linear_args(*tensors, scales, batch)
+        tensors, scales, args = local[:5], local[5], (*local, need_hidden)
 
     def composite() -> Tensor:
         return _composite.multi_lora_linear(*tensors, scales, batch.sorted_rows, batch.adapter_starts, batch.ranks)
 
-    y2d = route(multi_lora_linear_op, _MultiLoRALinearFunction, _forward, composite, args, grad_wanted, distributed)
-    return unflatten(y2d, x)
+    y2d = route(multi_lora_linear_op, _MultiLoRALinearFunction, _forward, composite, args, grad_wanted)
+    return unflatten(y2d if labelled is None else labelled(y2d), x)
 
 
 # ---- the LoRA term alone, added in place into an existing base output (serving) ---------------
@@ -322,13 +322,10 @@ def add_multi_lora_(
     batch = _adapter_batch(adapter_ids, x2d.shape[0], num_adapters, lora_a.shape[1], x.device)
     scales = _dense_scales(scales, x.dtype)
     args = (out2d, x2d, lora_a, lora_b, scales, *batch.tensors())
-    # routes: the registered op inside a compile trace, with DTensors (tensor parallelism: laid out for
-    # out's placement) or with the profiler on, else the direct call (inference only: no autograd
-    # route; forward-mode AD and torch.func were refused above)
-    if _tensor_parallel.any_dtensor(out2d, x2d, lora_a, lora_b, scales):
-        add_multi_lora_op(*_tensor_parallel.add_multi_lora_args(*args[:5], batch))
-    elif torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
-        add_multi_lora_op(*args)
-    else:
-        _add(*args)
+    if any_dtensor(out2d, x2d, lora_a, lora_b, scales):   # tensor parallelism: local shards
+        args = _tensor_parallel.add_multi_lora_args(*args[:5], batch)
+    # routes: the registered op inside a compile trace or with the profiler on, else the direct call
+    # (inference only: no autograd route; forward-mode AD and torch.func were refused above)
+    fn = add_multi_lora_op if torch.compiler.is_compiling() or torch.autograd._profiler_enabled() else _add
+    fn(*args)
     return out
