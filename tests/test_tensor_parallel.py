@@ -220,6 +220,36 @@ def _check_errors(mesh):
                                        torch.ones(L), ids)
 
 
+def _check_2d_mesh(world_size: int):
+    """A (2, 1) and a (1, 2) mesh: x split on its rows along one dim (data parallel), the layer colwise
+    or rowwise along the other; y and the gradients against the whole tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    r = Replicate()
+    for shape in ((world_size, 1), (1, world_size)):
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+        for tp_x, tp_weight, tp_a, tp_b in ((r, Shard(0), r, Shard(0)), (Shard(1), Shard(1), Shard(1), r)):
+            placements = dict(x=[Shard(0), tp_x], weight=[r, tp_weight], bias=[r, tp_weight if tp_x == r else r],
+                              lora_a=[r, tp_a], lora_b=[r, tp_b])
+            torch.manual_seed(5)
+            tensors = dict(x=torch.randn(M, K, dtype=torch.float64), weight=torch.randn(N, K, dtype=torch.float64),
+                           bias=torch.randn(N, dtype=torch.float64), lora_a=torch.randn(R, K, dtype=torch.float64),
+                           lora_b=torch.randn(N, R, dtype=torch.float64))
+            grad_y = torch.randn(M, N, dtype=torch.float64)
+            wanted = ("x", "weight", "bias", "lora_a", "lora_b")          # the frozen layer's gradients too
+            dist_in = _distributed(tensors, placements, mesh, grad=wanted)
+            y = lora_kernels.lora_linear(*dist_in.values(), 0.5)
+            grads = torch.autograd.grad(y, [dist_in[n] for n in wanted], _grad_for(y, grad_y, mesh))
+            whole = {name: t.clone().requires_grad_() for name, t in tensors.items()}
+            expected = _lora_linear_with_mask(whole, 0.5, 0.0, None)
+            expected_grads = torch.autograd.grad(expected, [whole[n] for n in wanted], grad_y)
+            what = f"mesh {shape}, weight {placements['weight']}"
+            assert_same_maths(y.full_tensor(), expected.detach(), msg=f"{what}: y")
+            for name, grad, expected_grad in zip(wanted, grads, expected_grads):
+                assert_same_maths(grad.full_tensor(), expected_grad, msg=f"{what}: grad of {name}")
+
+
 def _ops_worker(rank: int, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -241,6 +271,7 @@ def _ops_worker(rank: int, world_size: int) -> None:
     for style in ("rowwise", "replicate"):
         _check_single(mesh, "torch", torch.float64, style, (M,), with_bias=True, dropout_p=0.3, create_graph=True)
     _check_errors(mesh)
+    _check_2d_mesh(world_size)
 
 
 def test_ops_colwise_rowwise_replicated_rows_forward_backward_on_both_backends():
