@@ -30,12 +30,10 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-import torch
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
-from ..ops import _tensor_parallel
 from .lora_linear import LoRALinear
 from .multi_lora_linear import MultiLoRALinear
 
