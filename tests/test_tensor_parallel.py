@@ -68,14 +68,12 @@ def _grad_for(y, grad_y, mesh):
     return distribute_tensor(grad_y, mesh, target)
 
 
-def _check_single(mesh, backend, dtype, style, x_shape, with_bias, dropout_p, route="eager", seeds_differ=False,
-                  downstream=False, create_graph=False):
+def _check_single(mesh, backend, dtype, style, x_shape, with_bias, dropout_p, route="eager", downstream=False,
+                  create_graph=False):
     """lora_linear on DTensors laid out by `style` against the whole tensors, forward and gradients.
-    seeds_differ: each rank seeds torch differently (the first rank's seed must serve all).
     downstream: y feeds a DTensor matmul with a weight split on its rows, so y's gradient comes back in
     another layout than y's (Partial or Shard(0)); the backward must still use the forward's masks.
     create_graph: the gradients taken with create_graph=True (the differentiable formulas)."""
-    import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from lora_kernels.ops.lora_linear import SEED_BOUND
@@ -91,7 +89,7 @@ def _check_single(mesh, backend, dtype, style, x_shape, with_bias, dropout_p, ro
     call = lora_kernels.lora_linear
     if route == "compile":
         call = torch.compile(lora_kernels.lora_linear, backend="aot_eager", fullgraph=False)
-    torch.manual_seed(7 + (dist.get_rank() if seeds_differ else 0))   # the dropout seed: rank 0's serves all
+    torch.manual_seed(7)                    # the dropout seed: drawn alike on every rank
     y = call(*dist_in.values(), 0.5, dropout_p=dropout_p)
     if downstream:   # out = y W2ᵀ (M, 4): y's gradient is grad_out W2 (M, N)
         out = y @ distribute_tensor(next_weight, mesh, [Shard(1)]).T
@@ -102,7 +100,7 @@ def _check_single(mesh, backend, dtype, style, x_shape, with_bias, dropout_p, ro
     inputs = [dist_in[name] for name in wanted]
     grads = torch.autograd.grad(out, inputs, grad_out, create_graph=create_graph)
     what = (f"lora_linear {style} {backend} {dtype} x{tuple(x_shape)} bias={with_bias} p={dropout_p} {route}"
-            f"{' seeds differ' if seeds_differ else ''}{' downstream' if downstream else ''}"
+            f"{' downstream' if downstream else ''}"
             f"{' create_graph' if create_graph else ''}")
 
     # the same call whole, with the mask each block of x drew (rowwise: its own seed, seed + block)
@@ -207,6 +205,10 @@ def _check_errors(mesh):
     with pytest.raises(ValueError, match=r"weight has placement P\(sum\)"):
         lora_kernels.lora_linear(*(distribute_tensor(t, mesh, [Replicate()]) for t in (x,)), partial_w, None,
                                  *(distribute_tensor(t, mesh, [Replicate()]) for t in (a, b)))
+    uneven_rows = distribute_tensor(torch.randn(3, 2, K), mesh, [Shard(0)])        # 3 samples over 2 ranks
+    with pytest.raises(ValueError, match="cannot be flattened to"):
+        lora_kernels.lora_linear(uneven_rows, distribute_tensor(w, mesh, [Replicate()]), None,
+                                 *(distribute_tensor(t, mesh, [Replicate()]) for t in (a, b)))
     # a lora_a sharded on its rank (S-LoRA's layout) is gathered, not misread
     y = lora_kernels.lora_linear(distribute_tensor(x, mesh, [Replicate()]), dw, None,
                                  distribute_tensor(a, mesh, [Shard(0)]), distribute_tensor(b, mesh, [Shard(0)]))
@@ -218,6 +220,19 @@ def _check_errors(mesh):
                                        distribute_tensor(torch.randn(L, R, K), mesh, [Replicate()]),
                                        distribute_tensor(torch.randn(L, N, R), mesh, [Shard(1)]),
                                        torch.ones(L), ids)
+
+
+def _check_seeds_must_agree(mesh):
+    """Ranks seeded differently would draw masks that disagree: the first dropout call on a mesh raises."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    x, w, a, b = (distribute_tensor(t, mesh, [p]) for t, p in (
+        (torch.randn(M, K), Replicate()), (torch.randn(N, K), Shard(0)), (torch.randn(R, K), Replicate()),
+        (torch.randn(N, R), Shard(0))))
+    torch.manual_seed(7 + dist.get_rank())
+    with pytest.raises(RuntimeError, match="needs every rank seeded alike"):
+        lora_kernels.lora_linear(x, w, None, a, b, dropout_p=0.3)
 
 
 def _check_2d_mesh(world_size: int):
@@ -258,13 +273,14 @@ def _ops_worker(rank: int, world_size: int) -> None:
     for style in ("colwise", "rowwise"):   # inside a trace, before any eager DTensor call of the process
         _check_single(mesh, "torch", torch.float64, style, (2, M // 2), with_bias=True, dropout_p=0.0, route="compile")
         _check_multi(mesh, torch.float64, style, route="compile")
+    _check_seeds_must_agree(mesh)         # the mesh's first dropout call
     for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):   # triton: interpreted
         lora_kernels.set_backend(backend)
         for style in ("colwise", "rowwise", "replicate", "rows"):
             x_shape = (M,) if style == "rows" else (2, M // 2)
             _check_single(mesh, backend, dtype, style, x_shape, with_bias=True, dropout_p=0.0)
             _check_single(mesh, backend, dtype, style, (M,), with_bias=style != "colwise", dropout_p=0.3,
-                          seeds_differ=style == "colwise", downstream=style in ("replicate", "rows"))
+                          downstream=style in ("replicate", "rows"))
         for style in ("colwise", "rowwise", "replicate"):
             _check_multi(mesh, dtype, style)
     lora_kernels.set_backend("torch")

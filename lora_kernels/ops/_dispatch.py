@@ -37,7 +37,12 @@ def implementation(backend: str) -> ModuleType:
 
 def rows(x: Tensor, k: int) -> Tensor:
     """x (..., K) as (M, K) rows with last stride 1: a view when strides allow, else a copy."""
-    x2d = x if x.dim() == 2 else x.reshape(-1, k)
+    try:
+        x2d = x if x.dim() == 2 else x.reshape(-1, k)
+    except RuntimeError as error:   # a DTensor split unevenly on a leading dim cannot be flattened
+        raise ValueError(f"x (shape {tuple(x.shape)}, placements {getattr(x, 'placements', None)}) cannot be "
+                         f"flattened to (M, K) rows: {error}. Split x on its first dim evenly, on its last "
+                         "dim, or not at all") from error
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 

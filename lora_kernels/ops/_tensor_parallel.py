@@ -26,10 +26,10 @@ Not built: S-LoRA's lora_a split on its rank (colwise A sharded on r, T all-gath
 each rank (p-1)/p of the shrink GEMM, r/N_local of the layer's flops (r = 16, N = 4096, p = 2: 0.8 %)
 for an all-gather of T per layer and call; we cannot measure NCCL here. A lora_a given split on its
 rank is gathered.
-Dropout: the seed is the one the mesh's first rank drew from torch's generator (all-gathered: the
-ranks need not be seeded alike), plus the index of the rank's block of x, so ranks holding the same
-block draw the same mask and the blocks of a split x independent ones (a mask that differs from a
-single process's run, with the same distribution).
+Dropout: the seed is torch's (every rank seeded alike, checked at the first dropout call on a mesh),
+plus the index of the rank's block of x, so ranks holding the same block draw the same mask and the
+blocks of a split x independent ones (a mask that differs from a single process's run, with the same
+distribution). The ranks must agree on dropout (train / eval) as on everything else.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from torch import Tensor
 
 from .._dtensor import dtensor_class, replicated_local
 from ..metadata import AdapterBatch
+
+_meshes_with_agreed_seeds: set = set()   # meshes whose ranks were checked to draw the same dropout seeds
 
 def lora_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                      scale: float, dropout_p: float, seed: Tensor | None,
@@ -55,7 +57,8 @@ def lora_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Ten
     lora_a = _laid_out("lora_a", lora_a, mesh, [s.lora_a for s in styles])
     lora_b = _laid_out("lora_b", lora_b, mesh, [s.lora_b for s in styles])
     if seed is not None:
-        seed = _seed_of_block(_agreed_seed(seed, mesh), x, seed_bound)
+        _check_seeds_agree(seed, mesh)
+        seed = _seed_of_block(seed, x, seed_bound)
     local = (_local(x, [s.x_grad for s in styles]), _local(weight, [s.weight_grad for s in styles]),
              _local_bias(bias, styles), _local(lora_a, [s.lora_a_grad for s in styles]),
              _local(lora_b, [s.lora_b_grad for s in styles]), scale, dropout_p, seed)
@@ -198,14 +201,25 @@ def _labeller(mesh, styles: list, shape: tuple[int, int]) -> Callable[[Tensor], 
                                         stride=(shape[1], 1))
 
 
-def _agreed_seed(seed: Tensor, mesh) -> Tensor:
-    """The seed of the mesh's first rank, on every rank: one all-gather of the ranks' 0-d seeds (8 bytes
-    each, in the stream: no host sync), so ranks seeded differently (accelerate's
-    set_seed(device_specific=True)) or whose generators drifted apart still draw matching masks."""
-    from torch.distributed.tensor import Shard
+def _check_seeds_agree(seed: Tensor, mesh) -> None:
+    """At the first dropout call on a mesh, checks that every rank drew the same seed: ranks holding
+    the same block of x must apply the same mask, so tensor parallelism needs every rank seeded alike
+    (torch.manual_seed with one seed; not accelerate's set_seed(device_specific=True)), as torch's own
+    DTensor random ops do (they synchronise their generator once, then rely on every rank making the
+    same calls). One all-reduce and one host sync, once per mesh and process; none in a compile trace.
+    Checking every call would cost a collective per layer (1.45 ms measured on gloo, 2 CPU ranks)."""
+    if mesh in _meshes_with_agreed_seeds or torch.compiler.is_compiling():
+        return
+    import torch.distributed as dist
 
-    everyone = dtensor_class().from_local(seed.reshape(1), mesh, [Shard(0)] * mesh.ndim, run_check=False)
-    return everyone.full_tensor()[0]                                             # (mesh.size(),) -> 0-d
+    bounds = torch.stack([seed, -seed]).to(torch.int64)                          # (max, -min) after MAX
+    for dim in range(mesh.ndim):
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    if bounds[0] != -bounds[1]:
+        raise RuntimeError("lora_kernels: dropout under tensor parallelism needs every rank seeded alike: the "
+                           f"ranks of mesh {mesh} drew different dropout seeds from torch's generator, so their "
+                           "masks would disagree. Call torch.manual_seed with one seed on every rank")
+    _meshes_with_agreed_seeds.add(mesh)
 
 
 def _seed_of_block(seed: Tensor, x: Tensor, seed_bound: int) -> Tensor:
