@@ -44,6 +44,7 @@ from ..metadata import AdapterBatch
 
 _meshes_with_agreed_seeds: set = set()   # meshes whose ranks were checked to draw the same dropout seeds
 
+
 def lora_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                      scale: float, dropout_p: float, seed: Tensor | None,
                      seed_bound: int) -> tuple[tuple, Callable[[Tensor], Tensor]]:
@@ -52,16 +53,11 @@ def lora_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Ten
     [0, seed_bound) or None: this rank's is seed + the index of its block of x, modulo seed_bound."""
     mesh, styles = _styles("lora_linear", weight, {"x": x, "bias": bias, "lora_a": lora_a, "lora_b": lora_b},
                            rows_may_shard=True)
-    x = _laid_out("x", x, mesh, [s.x for s in styles])
-    bias = _laid_out("bias", bias, mesh, [s.vector for s in styles])
-    lora_a = _laid_out("lora_a", lora_a, mesh, [s.lora_a for s in styles])
-    lora_b = _laid_out("lora_b", lora_b, mesh, [s.lora_b for s in styles])
+    x, bias, lora_a, lora_b = _laid_out_layer(mesh, styles, x, bias, lora_a, lora_b)
     if seed is not None:
         _check_seeds_agree(seed, mesh)
         seed = _seed_of_block(seed, x, seed_bound)
-    local = (_local(x, [s.x_grad for s in styles]), _local(weight, [s.weight_grad for s in styles]),
-             _local_bias(bias, styles), _local(lora_a, [s.lora_a_grad for s in styles]),
-             _local(lora_b, [s.lora_b_grad for s in styles]), scale, dropout_p, seed)
+    local = (*_local_layer(styles, x, weight, bias, lora_a, lora_b), scale, dropout_p, seed)
     return local, _labeller(mesh, styles, (x.shape[0], weight.shape[0]))
 
 
@@ -70,14 +66,9 @@ def multi_lora_linear_args(x: Tensor, weight: Tensor, bias: Tensor | None, lora_
     """((x, weight, bias, lora_a, lora_b, scales, *batch.tensors()) as this rank's local tensors, the
     function labelling its y): lora_a (L, R, K), lora_b (L, N, R); scales and the batch replicated."""
     mesh, styles = _styles("multi_lora_linear", weight,
-                           {"x": x, "bias": bias, "lora_a": lora_a, "lora_b": lora_b, "scales": scales})
-    x = _laid_out("x", x, mesh, [s.x for s in styles])
-    bias = _laid_out("bias", bias, mesh, [s.vector for s in styles])
-    lora_a = _laid_out("lora_a", lora_a, mesh, [s.stacked_a for s in styles])
-    lora_b = _laid_out("lora_b", lora_b, mesh, [s.stacked_b for s in styles])
-    local = (_local(x, [s.x_grad for s in styles]), _local(weight, [s.weight_grad for s in styles]),
-             _local_bias(bias, styles), _local(lora_a, [s.lora_a_grad for s in styles]),
-             _local(lora_b, [s.lora_b_grad for s in styles]), replicated_local(scales, "scales"),
+                           {"x": x, "bias": bias, "lora_a": lora_a, "lora_b": lora_b, "scales": scales}, stacked=True)
+    x, bias, lora_a, lora_b = _laid_out_layer(mesh, styles, x, bias, lora_a, lora_b)
+    local = (*_local_layer(styles, x, weight, bias, lora_a, lora_b), replicated_local(scales, "scales"),
              *batch.tensors())
     return local, _labeller(mesh, styles, (x.shape[0], weight.shape[0]))
 
@@ -97,10 +88,8 @@ def add_multi_lora_args(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, 
         if style is None:
             raise ValueError(f"add_multi_lora_: out has placement {placement} on mesh dim {dim}: supported are "
                              "Replicate, Shard(-1) (colwise) and Partial(sum) (rowwise, before the all-reduce)")
-        styles.append(_Style(style))
-    x = _laid_out("x", x, mesh, [s.x for s in styles])
-    lora_a = _laid_out("lora_a", lora_a, mesh, [s.stacked_a for s in styles])
-    lora_b = _laid_out("lora_b", lora_b, mesh, [s.stacked_b for s in styles])
+        styles.append(_Style(style, stacked=True))
+    x, _, lora_a, lora_b = _laid_out_layer(mesh, styles, x, None, lora_a, lora_b)
     return (out.to_local(), x.to_local(), lora_a.to_local(), lora_b.to_local(), replicated_local(scales, "scales"),
             *batch.tensors())
 
@@ -108,9 +97,10 @@ def add_multi_lora_args(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, 
 # ---- layouts ------------------------------------------------------------------------------------
 
 class _Style:
-    """One mesh dim's placements of each input, and of the gradients the local op computes."""
+    """One mesh dim's placements of each input, and of the gradients the local op computes.
+    stacked: the multi-adapter stacks lora_a (L, R, K), lora_b (L, N, R), one dim more than (r, K), (N, r)."""
 
-    def __init__(self, style: str):
+    def __init__(self, style: str, stacked: bool = False):
         from torch.distributed.tensor import Partial, Replicate, Shard
 
         r, partial, colwise, rowwise, rows = Replicate(), Partial(), style == "colwise", style == "rowwise", style == "rows"
@@ -118,10 +108,8 @@ class _Style:
         self.x = Shard(1) if rowwise else Shard(0) if rows else r                 # (M, K)
         self.weight = Shard(0) if colwise else Shard(1) if rowwise else r        # (N, K)
         self.vector = Shard(0) if colwise else r                                 # bias (N,)
-        self.lora_a = Shard(1) if rowwise else r                                 # (r, K)
-        self.lora_b = Shard(0) if colwise else r                                 # (N, r)
-        self.stacked_a = Shard(2) if rowwise else r                              # (L, R, K)
-        self.stacked_b = Shard(1) if colwise else r                              # (L, N, R)
+        self.lora_a = Shard(1 + stacked) if rowwise else r                       # on K
+        self.lora_b = Shard(0 + stacked) if colwise else r                       # on N
         self.y = Shard(1) if colwise else partial if rowwise else Shard(0) if rows else r   # (M, N)
         # what the local op's gradients are: a partial sum where the local op sums over a split dim
         # (N colwise for dX and dA, the rows for the weights), else the input's own placement
@@ -131,7 +119,7 @@ class _Style:
         self.lora_b_grad = partial if rowwise or rows else None
 
 
-def _styles(op: str, weight: Tensor, others: dict, rows_may_shard: bool = False) -> tuple:
+def _styles(op: str, weight: Tensor, others: dict, rows_may_shard: bool = False, stacked: bool = False) -> tuple:
     """(mesh, one _Style per mesh dim) from weight's placements; the other DTensors must share its mesh."""
     dtensor = dtensor_class()
     if not isinstance(weight, dtensor):
@@ -148,11 +136,11 @@ def _styles(op: str, weight: Tensor, others: dict, rows_may_shard: bool = False)
     for dim, placement in enumerate(weight.placements):
         if placement.is_replicate():
             rows = rows_may_shard and isinstance(x, dtensor) and x.placements[dim].is_shard(0)
-            styles.append(_Style("rows" if rows else "replicate"))
+            styles.append(_Style("rows" if rows else "replicate", stacked))
         elif placement.is_shard(0):
-            styles.append(_Style("colwise"))
+            styles.append(_Style("colwise", stacked))
         elif placement.is_shard(1):
-            styles.append(_Style("rowwise"))
+            styles.append(_Style("rowwise", stacked))
         else:
             raise ValueError(f"{op}: weight has placement {placement} on mesh dim {dim}: supported are Replicate, "
                              "Shard(0) (colwise: sharded on out_features N) and Shard(1) (rowwise: on in_features K)")
@@ -169,6 +157,22 @@ def _laid_out(name: str, t: Tensor | None, mesh, placements: list) -> Tensor | N
                          f"DTensor (e.g. DTensor.from_local(local, mesh, placements) or distribute_tensor); expected "
                          f"placements {tuple(placements)}")
     return t if tuple(t.placements) == tuple(placements) else t.redistribute(mesh, placements)
+
+
+def _laid_out_layer(mesh, styles: list, x: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor) -> tuple:
+    """(x, bias, lora_a, lora_b) laid out for `styles` (the weight stays as it is)."""
+    return (_laid_out("x", x, mesh, [s.x for s in styles]), _laid_out("bias", bias, mesh, [s.vector for s in styles]),
+            _laid_out("lora_a", lora_a, mesh, [s.lora_a for s in styles]),
+            _laid_out("lora_b", lora_b, mesh, [s.lora_b for s in styles]))
+
+
+def _local_layer(styles: list, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
+                 lora_b: Tensor) -> tuple:
+    """(x, weight, bias, lora_a, lora_b) as this rank's local tensors, their gradients labelled as the
+    local op computes them."""
+    return (_local(x, [s.x_grad for s in styles]), _local(weight, [s.weight_grad for s in styles]),
+            _local_bias(bias, styles), _local(lora_a, [s.lora_a_grad for s in styles]),
+            _local(lora_b, [s.lora_b_grad for s in styles]))
 
 
 def _local(t: Tensor | None, grad_placements: list) -> Tensor | None:
@@ -188,7 +192,7 @@ def _local_bias(bias: Tensor | None, styles: list) -> Tensor | None:
     from torch.distributed.tensor import Partial
 
     local = _local(bias, [Partial() if s.style in ("rowwise", "rows") else None for s in styles])
-    group = 1
+    group = 1   # a loop: math.prod over a generator here failed the compiled route (AOT replaying an alias on a DTensor)
     for dim, s in enumerate(styles):
         group *= bias.device_mesh.size(dim) if s.style == "rowwise" else 1
     return local if group == 1 else local / group
