@@ -1,10 +1,12 @@
 """lora-kernels: fused LoRA linear layers, y = x W0ᵀ + b + s · (x Aᵀ) Bᵀ, with one adapter or a
 different adapter per row (multi_lora_linear).
 
-Importing this package never imports triton and never touches a GPU.
+Importing this package never imports triton and never touches a GPU. It loads the C++ extension
+lora_kernels._C when it is built (extension_status() says whether it serves, and why not).
 """
 
 from ._backend import get_backend, set_backend, use_backend
+from ._extension import extension_status
 from .adapter_io import AdapterWeights, LayerAdapter, load_adapter, save_adapter
 from .merging import delta_weight, merge_cat, merge_linear, merge_svd
 from .metadata import AdapterBatch, set_check_adapter_ids
@@ -29,6 +31,7 @@ __all__ = [
     "MultiLoRALinear",
     "add_multi_lora_",
     "delta_weight",
+    "extension_status",
     "get_backend",
     "load_adapter",
     "lora_linear",

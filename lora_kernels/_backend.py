@@ -6,16 +6,29 @@ import contextlib
 import contextvars
 import functools
 import importlib.util
+import threading
 from typing import Iterator
 
 import torch
 
+from . import _extension
 from ._env import BACKENDS, backend_from_env, triton_interpreter_enabled
 
 # Precedence, highest first: use_backend (this thread / asyncio task), set_backend (the process),
 # LORA_KERNELS_BACKEND, "auto".
 _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("lora_kernels_backend", default=None)
 _override: str | None = None
+# use_backend("triton") blocks open in any thread or task: while there are some, or set_backend("triton")
+# holds, the C++ CPU kernels hand calls to Python, which reads the choice (the extension cannot read a
+# ContextVar); LORA_KERNELS_BACKEND the C++ side reads itself.
+_triton_blocks = 0
+_triton_blocks_lock = threading.Lock()
+
+
+def _tell_extension() -> None:
+    """Called holding _triton_blocks_lock (a stale answer written last would let C++ serve a triton block)."""
+    if _extension.module is not None:
+        _extension.module.set_python_backend_requested(_override == "triton" or _triton_blocks > 0)
 
 
 def _check_name(call: str, name: str) -> None:
@@ -35,7 +48,9 @@ def set_backend(name: str) -> None:
     control back to it. Process-global: for one thread or one asyncio task, use `use_backend`."""
     global _override
     _check_name("set_backend", name)
-    _override = None if name == "auto" else name
+    with _triton_blocks_lock:
+        _override = None if name == "auto" else name
+        _tell_extension()
 
 
 @contextlib.contextmanager
@@ -50,12 +65,21 @@ def use_backend(name: str) -> Iterator[None]:
     ...     lora_kernels.get_backend()
     'torch'
     """
+    global _triton_blocks
     _check_name("use_backend", name)
     token = _scoped.set(name)
+    if name == "triton":
+        with _triton_blocks_lock:
+            _triton_blocks += 1
+            _tell_extension()
     try:
         yield
     finally:
         _scoped.reset(token)
+        if name == "triton":
+            with _triton_blocks_lock:
+                _triton_blocks -= 1
+                _tell_extension()
 
 
 def get_backend() -> str:
@@ -98,3 +122,7 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
             raise NotImplementedError(f"backend 'triton' cannot serve {dtype} tensors on {device}: {reason}")
         return "triton"
     return "triton" if device.type == "cuda" and reason is None else "torch"
+
+
+if _extension.module is not None:   # the C++ autograd asks which backend serves a CPU call while _tell_extension says one may
+    _extension.module.set_python_kernel("resolve_backend", lambda x: resolve_backend(x.device, x.dtype))

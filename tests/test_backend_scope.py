@@ -22,9 +22,10 @@ def _inputs():
 
 
 @pytest.fixture
-def served_by(monkeypatch):
+def served_by(monkeypatch, python_kernels_serve_cpu):
     """A list that receives, for every lora_linear call the torch backend serves, the backend
-    requested at that moment in the calling thread (the op reads it when it runs)."""
+    requested at that moment in the calling thread (the op reads it when it runs; the C++ extension's
+    CPU kernels hand the calls to Python's, which read it)."""
     seen = []
     forward = fallback.lora_linear_forward
 

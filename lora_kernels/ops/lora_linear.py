@@ -21,12 +21,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import fallback
+from .. import _extension, fallback
 from .._backend import resolve_backend
 from ..tuning import current_forced_plan, forced_plan
 from .._dtensor import any_dtensor
 from . import _composite, _tensor_parallel
-from ._dispatch import implementation, route, rows, unflatten
+from ._dispatch import define_op, implementation, route, rows, unflatten
 from ._autograd import check_x_saved_for_second_derivative, eager_fast_path, op_backward
 from ._checks import (
     FLOAT_DTYPES,
@@ -75,13 +75,13 @@ def _backward_grads(
     return tuple(g if g is not None else grad_y.new_zeros(shape) for g, shape in zip(grads, shapes))
 
 
-# The registered ops: what torch.compile traces, opcheck checks and the profiler names.
-lora_linear_op = torch.library.custom_op("lora_kernels::lora_linear", _forward, mutates_args=())
-lora_linear_backward_op = torch.library.custom_op(
-    "lora_kernels::lora_linear_backward", _backward_grads, mutates_args=())
+# The registered ops: what torch.compile traces, opcheck checks and the profiler names (C++'s when the
+# extension is loaded, csrc/library.cpp, with the same schemas).
+lora_linear_op = define_op("lora_linear", _forward)
+lora_linear_backward_op = define_op("lora_linear_backward", _backward_grads)
 
 
-@lora_linear_op.register_fake
+@torch.library.register_fake("lora_kernels::lora_linear")
 def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((x.shape[0], lora_a.shape[0]), dtype=fallback.hidden_dtype(x.dtype)))
@@ -95,7 +95,7 @@ def _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b)
     return shape_x, shape_a, shape_b
 
 
-@lora_linear_backward_op.register_fake
+@torch.library.register_fake("lora_kernels::lora_linear_backward")
 def _(grad_y, x, weight, lora_a, lora_b, lora_hidden, scale, dropout_p, seed, need_x, need_a, need_b, backend):
     shapes = _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b)
     return tuple(grad_y.new_empty(shape) for shape in shapes)
@@ -133,7 +133,8 @@ def _backward(ctx, grad_y, _grad_hidden):
     with forced_plan(ctx.plan) if ctx.plan is not None else contextlib.nullcontext():
         grads = op_backward(
             ctx, grad_y, x, (x, weight, lora_a, lora_b),
-            lambda: _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed),
+            lambda: _differentiable_grads(grad_y, x, weight, lora_a, lora_b, lora_hidden, seed, ctx.scale,
+                                          ctx.dropout_p, ctx.backend, need_x, need_a, need_b),
             _backward_grads, lora_linear_backward_op,
             (grad_y, x, weight, lora_a, lora_b, lora_hidden, ctx.scale, ctx.dropout_p, seed,
              need_x, need_a, need_b, ctx.backend))
@@ -149,23 +150,26 @@ def _keep_mask(m: int, k: int, dropout_p: float, seed: Optional[Tensor], backend
         return implementation(backend).dropout_keep_mask(m, k, dropout_p, seed, device)
 
 
-def _differentiable_grads(ctx, grad_y, x, weight, lora_a, lora_b, lora_hidden, seed):
-    """(dX, dA, dB) as torch ops (create_graph=True): autograd differentiates them again."""
-    need_x, _, _, need_a, need_b = ctx.need
+def _differentiable_grads(grad_y, x, weight, lora_a, lora_b, lora_hidden, seed, scale, dropout_p, backend,
+                          need_x, need_a, need_b):
+    """(dX, dA, dB) as torch ops (create_graph=True): autograd differentiates them again. Also the C++
+    autograd's (csrc/autograd.cpp), which passes None for what it did not save."""
     check_x_saved_for_second_derivative("lora_linear", "dB = s·dYᵀ·dropout(x)Aᵀ", x, need_x, need_b)
     m, k = grad_y.shape[0], next(t.shape[1] for t in (x, weight, lora_a) if t is not None)
-    keep = _keep_mask(m, k, ctx.dropout_p, seed, ctx.backend, grad_y.device)
+    keep = _keep_mask(m, k, dropout_p, seed, backend, grad_y.device)
     hidden = None                                                               # T = dropout(x) Aᵀ (M, r)
     if need_b:
         if x is not None:   # lora_a is saved with dB
-            hidden = _composite.dropped(x, keep, ctx.dropout_p) @ lora_a.T
+            hidden = _composite.dropped(x, keep, dropout_p) @ lora_a.T
         else:               # x was not saved (dA not asked for): the fp32 T of forward, a constant
             hidden = lora_hidden.to(grad_y.dtype)
-    return _composite.lora_linear_grads(grad_y, x, weight, lora_a, lora_b, hidden, ctx.scale, ctx.dropout_p,
+    return _composite.lora_linear_grads(grad_y, x, weight, lora_a, lora_b, hidden, scale, dropout_p,
                                         keep, need_x, need_a, need_b)
 
 
-lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("lora_kernels::lora_linear", _backward, setup_context=_setup_context)
+if _extension.module is not None:
+    _extension.module.set_python_kernel("lora_linear_grads", _differentiable_grads)
 
 
 _LoRALinearFunction = eager_fast_path("_LoRALinearFunction", _forward, _setup_context, _backward)
@@ -271,5 +275,5 @@ def lora_linear(
         return _composite.lora_linear(*args[:-1], keep)
 
     grad_wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5])
-    y2d = route(lora_linear_op, _LoRALinearFunction, _forward, composite, args, grad_wanted)
+    y2d = route(lora_linear_op, _LoRALinearFunction, _forward, composite, args, grad_wanted, "lora_linear")
     return unflatten(y2d if labelled is None else labelled(y2d), x)

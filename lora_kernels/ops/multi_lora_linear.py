@@ -22,13 +22,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import fallback
+from .. import _extension, fallback
 from .._backend import resolve_backend
 from ..metadata import AdapterBatch, BatchTensors
 from .._dtensor import any_dtensor, replicated_local
 from . import _composite, _tensor_parallel
 from ._autograd import carries_tangent, check_x_saved_for_second_derivative, eager_fast_path, in_transform, op_backward
-from ._dispatch import implementation, route, rows, unflatten
+from ._dispatch import cpp_entry, define_op, implementation, route, rows, unflatten
 from ._checks import (
     check_same_dtype_and_device,
     check_scales,
@@ -81,12 +81,12 @@ def _backward_grads(
     return tuple(g if g is not None else grad_y.new_zeros(shape) for g, shape in zip(grads, shapes))
 
 
-multi_lora_linear_op = torch.library.custom_op("lora_kernels::multi_lora_linear", _forward, mutates_args=())
-multi_lora_linear_backward_op = torch.library.custom_op(
-    "lora_kernels::multi_lora_linear_backward", _backward_grads, mutates_args=())
+# C++'s ops when the extension is loaded (csrc/library.cpp), with the same schemas
+multi_lora_linear_op = define_op("multi_lora_linear", _forward)
+multi_lora_linear_backward_op = define_op("multi_lora_linear_backward", _backward_grads)
 
 
-@multi_lora_linear_op.register_fake
+@torch.library.register_fake("lora_kernels::multi_lora_linear")
 def _(x, weight, bias, lora_a, lora_b, scales, *batch_and_need_hidden):
     hidden_width = lora_a.shape[1] if batch_and_need_hidden[-1] else 0
     return (x.new_empty((x.shape[0], weight.shape[0])),
@@ -99,7 +99,7 @@ def _grad_shapes(grad_y, weight, lora_a, lora_b, need_x, need_a, need_b):
             tuple(lora_b.shape) if need_b else (0,))
 
 
-@multi_lora_linear_backward_op.register_fake
+@torch.library.register_fake("lora_kernels::multi_lora_linear_backward")
 def _(grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, *batch_and_flags):
     need_x, need_a, need_b, _backend = batch_and_flags[_BATCH_FIELDS:]
     shapes = _grad_shapes(grad_y, weight, lora_a, lora_b, need_x, need_a, need_b)
@@ -128,10 +128,8 @@ def _backward(ctx, grad_y, _grad_hidden):
     grad_y = rows(grad_y, grad_y.shape[-1])
 
     def differentiable():   # create_graph=True: torch ops
-        check_x_saved_for_second_derivative("multi_lora_linear", "dB[j] = s_j·dY_jᵀ·X_j A[j]ᵀ", x, need_x, need_b)
-        return _composite.multi_lora_linear_grads(
-            grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, batch.sorted_rows, batch.adapter_starts,
-            batch.ranks, need_x, need_a, need_b)
+        return _differentiable_grads(grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, batch.sorted_rows,
+                                     batch.adapter_starts, batch.ranks, need_x, need_a, need_b)
 
     grads = op_backward(
         ctx, grad_y, x, (x, weight, lora_a, lora_b), differentiable, _backward_grads, multi_lora_linear_backward_op,
@@ -139,7 +137,18 @@ def _backward(ctx, grad_y, _grad_hidden):
     return grads + (None,) * (2 + _BATCH_FIELDS)
 
 
-multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+def _differentiable_grads(grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows, adapter_starts,
+                          ranks, need_x, need_a, need_b):
+    """(dX, dA, dB) as torch ops (create_graph=True): autograd differentiates them again. Also the C++
+    autograd's (csrc/autograd.cpp)."""
+    check_x_saved_for_second_derivative("multi_lora_linear", "dB[j] = s_j·dY_jᵀ·X_j A[j]ᵀ", x, need_x, need_b)
+    return _composite.multi_lora_linear_grads(grad_y, x, weight, lora_a, lora_b, lora_hidden, scales, sorted_rows,
+                                              adapter_starts, ranks, need_x, need_a, need_b)
+
+
+torch.library.register_autograd("lora_kernels::multi_lora_linear", _backward, setup_context=_setup_context)
+if _extension.module is not None:
+    _extension.module.set_python_kernel("multi_lora_linear_grads", _differentiable_grads)
 
 
 _MultiLoRALinearFunction = eager_fast_path("_MultiLoRALinearFunction", _forward, _setup_context, _backward)
@@ -255,7 +264,7 @@ def multi_lora_linear(
     def composite() -> Tensor:
         return _composite.multi_lora_linear(*tensors, scales, batch.sorted_rows, batch.adapter_starts, batch.ranks)
 
-    y2d = route(multi_lora_linear_op, _MultiLoRALinearFunction, _forward, composite, args, grad_wanted)
+    y2d = route(multi_lora_linear_op, _MultiLoRALinearFunction, _forward, composite, args, grad_wanted, "multi_lora_linear")
     return unflatten(y2d if labelled is None else labelled(y2d), x)
 
 
@@ -272,7 +281,7 @@ def _add(out: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
     implementation(resolve_backend(x.device, x.dtype)).multi_lora_add_(out, x, lora_a, lora_b, scales, batch)
 
 
-add_multi_lora_op = torch.library.custom_op("lora_kernels::add_multi_lora_", _add, mutates_args=("out",))
+add_multi_lora_op = define_op("add_multi_lora_", _add, mutates_args=("out",))
 
 
 def add_multi_lora_(
@@ -324,8 +333,12 @@ def add_multi_lora_(
     args = (out2d, x2d, lora_a, lora_b, scales, *batch.tensors())
     if any_dtensor(out2d, x2d, lora_a, lora_b, scales):   # tensor parallelism: local shards
         args = _tensor_parallel.add_multi_lora_args(*args[:5], batch)
-    # routes: the registered op inside a compile trace or with the profiler on, else the direct call
-    # (inference only: no autograd route; forward-mode AD and torch.func were refused above)
-    fn = add_multi_lora_op if torch.compiler.is_compiling() or torch.autograd._profiler_enabled() else _add
+    # routes: the registered op inside a compile trace or with the profiler on, or on CPU with the C++
+    # extension (its kernel, through its binding), else the direct call (inference only: no autograd route;
+    # forward-mode AD and torch.func were refused above)
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        fn = add_multi_lora_op
+    else:
+        fn = cpp_entry("add_multi_lora_", args[1]) or _add
     fn(*args)
     return out
