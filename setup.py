@@ -58,6 +58,9 @@ def _extension_build():
             except Exception as error:   # compiler errors, a torch without headers, ...
                 if MODE == "1":
                     raise
+                if self.inplace:   # never leave an older build to be loaded beside newer Python
+                    for output in self.get_outputs():
+                        Path(output).unlink(missing_ok=True)
                 print(f"lora-kernels: C++ extension build failed ({error}); the pure-Python ops are used",
                       file=sys.stderr)
 

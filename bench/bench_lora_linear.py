@@ -2,11 +2,14 @@
 
     python bench/bench_lora_linear.py                  # default config (CPU: about a minute)
     python bench/bench_lora_linear.py --full           # Llama-3-8B + SmolLM2 sweep (for a GPU)
+    python bench/bench_lora_linear.py --overhead       # per-call overhead at 1-64 tokens, fp32 (issue 14)
     python bench/bench_lora_linear.py --device cpu --no-out --tokens 1,64 --ranks 16
 
 Providers, each a function of the same x, W0, b, A, B, s:
     base        F.linear(x, W0, b)                                   the floor: no LoRA at all
-    ours        lora_kernels.lora_linear
+    ours        lora_kernels.lora_linear (CPU: the C++ extension's op and autograd, when it is loaded)
+    ours_python the same call inside lora_kernels._extension.python_eager_calls(): the Python route
+                (autograd.Function, Python torch backend); the same path as ours without the extension
     peft        a real peft.tuners.lora.Linear (get_peft_model), eager forward
     lean_torch  y = F.linear(x, W0, b); y.addmm_(x @ Aᵀ, Bᵀ, alpha=s)  the strongest plain composition
 
@@ -18,6 +21,7 @@ reference (lora_kernels.lora_linear_reference) before it is timed; see README.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -36,9 +40,9 @@ if str(BENCH_DIR) not in sys.path:
 
 import harness  # noqa: E402
 import lora_kernels  # noqa: E402
-from lora_kernels import tuning  # noqa: E402
+from lora_kernels import _extension, tuning  # noqa: E402
 
-PROVIDERS = ("base", "ours", "peft", "lean_torch")
+PROVIDERS = ("base", "ours", "ours_python", "peft", "lean_torch")
 MODES = ("fwd", "fwd_bwd")
 # LoRA scale s = lora_alpha / r with lora_alpha = 2r, as PEFT computes it.
 ALPHA_OVER_R = 2.0
@@ -103,6 +107,12 @@ def default_groups(device: torch.device) -> list[Group]:
         Group(LLAMA_KV, (16,), (1, 16, 32, 128, 256)),
         Group(LLAMA_QO, (16,), (1, 16, 64)),
     ]
+
+
+def overhead_groups(device: torch.device) -> list[Group]:
+    """Issue 14's per-call overhead table: few tokens, where the Python around a call (about 10 µs per
+    forward, 50 µs per backward before csrc/) is a visible part of the time; run in fp32 (main())."""
+    return [Group(shape, (16,), (1, 4, 16, 64)) for shape in (SMOL_QO, LLAMA_QO)]
 
 
 def full_groups(device: torch.device) -> list[Group]:
@@ -175,6 +185,8 @@ class Provider:
     # grads (dX, *d params) -> [dX, dA, dB] in the reference's layout (e.g. from a transposed B)
     to_ref: Callable[[Sequence[Tensor]], list[Tensor]] = lambda grads: list(grads)
     modes: tuple[str, ...] = MODES          # the modes it exists for (bench_multi_lora_linear.py skips others)
+    # entered around every step (forward and backward) and check's forward: ours_python's route switch
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def provider_base(w: Weights, dropout_p: float) -> Provider:
@@ -184,6 +196,13 @@ def provider_base(w: Weights, dropout_p: float) -> Provider:
 def provider_ours(w: Weights, dropout_p: float) -> Provider:
     return Provider(lambda x: lora_kernels.lora_linear(x, w.weight, w.bias, w.lora_a, w.lora_b, w.scale,
                                                        dropout_p=dropout_p), [w.lora_a, w.lora_b])
+
+
+def provider_ours_python(w: Weights, dropout_p: float) -> Provider:
+    """ours through the Python route even with the C++ extension loaded: what a call cost before csrc/."""
+    ours = provider_ours(w, dropout_p)
+    ours.context = _extension.python_eager_calls
+    return ours
 
 
 def provider_lean_torch(w: Weights, dropout_p: float) -> Provider:
@@ -242,7 +261,8 @@ def provider_peft(w: Weights, dropout_p: float) -> Provider:
     return Provider(layer, [lora_a, lora_b], train=layer.train)
 
 
-MAKERS = {"base": provider_base, "ours": provider_ours, "peft": provider_peft, "lean_torch": provider_lean_torch}
+MAKERS = {"base": provider_base, "ours": provider_ours, "ours_python": provider_ours_python, "peft": provider_peft,
+          "lean_torch": provider_lean_torch}
 
 
 def step_fn(provider: Provider, mode: str, x: Tensor, grad_y: Tensor) -> Callable[[], object]:
@@ -254,14 +274,20 @@ def step_fn(provider: Provider, mode: str, x: Tensor, grad_y: Tensor) -> Callabl
         def step():
             with torch.no_grad():
                 return provider.forward(x)
+    else:
+        x = x.detach().requires_grad_(True)
+        targets = [x, *provider.params]
+
+        def step():
+            return torch.autograd.grad(provider.forward(x), targets, grad_y)
+    if provider.context is contextlib.nullcontext:  # entering one costs ~0.5 µs: not in the other providers' times
         return step
+    inner, context = step, provider.context
 
-    x = x.detach().requires_grad_(True)
-    targets = [x, *provider.params]
-
-    def step():
-        return torch.autograd.grad(provider.forward(x), targets, grad_y)
-    return step
+    def step_in_context():
+        with context():     # around the backward too: ours_python's autograd nodes run inside
+            return inner()
+    return step_in_context
 
 
 # ----------------------------------------------------------------------------- what ran
@@ -353,7 +379,7 @@ def check(name: str, provider: Provider, mode: str, ref: Reference) -> str | Non
     if mode == "fwd":
         outs = [out]
     else:                                   # fwd_bwd returns grads only: y from a separate forward
-        with torch.no_grad():
+        with torch.no_grad(), provider.context():
             provider.train(False)
             outs = [provider.forward(ref.x), *provider.to_ref(out)]
             provider.train(True)
@@ -387,12 +413,19 @@ def check_finite(provider: Provider, mode: str, x: Tensor, grad_y: Tensor) -> st
 
 TABLE_COLUMNS = [
     ("shape", "shape"), ("m", "M"), ("k", "K"), ("n", "N"), ("r", "r"), ("dropout_p", "p"), ("mode", "mode"),
-    ("base_ms", "base ms"), ("ours_ms", "ours ms"), ("peft_ms", "peft ms"), ("lean_torch_ms", "lean ms"),
+    ("base_ms", "base ms"), ("ours_ms", "ours ms"), ("ours_python_ms", "ours_python ms"), ("peft_ms", "peft ms"),
+    ("lean_torch_ms", "lean ms"), ("ours_minus_lean_us", "ours−lean µs"),
+    ("ours_python_minus_lean_us", "ours_py−lean µs"),
     ("overhead_pct", "ours/base-1 %"), ("speedup_vs_peft", "× vs peft"), ("speedup_vs_lean_torch", "× vs lean"),
     ("ours_tflops", "ours TFLOP/s"), ("ours_gbps", "ours GB/s"), ("ours_peak_pct", "ours % peak"),
     ("plan", "ours plan"),
 ]
 CUDA_COLUMNS = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("peft_peak_mib", "peft MiB")]
+
+
+def excess_us(ms: float | None, lean_ms: float | None) -> float | None:
+    """Per-call time over lean_torch in µs, (ms − lean ms) · 1000, or None when either is missing."""
+    return (ms - lean_ms) * 1000 if ms is not None and lean_ms is not None else None
 
 
 def timed_with(row: dict, providers: Sequence[str]) -> str | None:
@@ -475,6 +508,9 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                         row["overhead_pct"] = (ours / base - 1) * 100 if ours is not None and base else None
                         row["speedup_vs_peft"] = harness.ratio(row.get("peft_ms"), ours)
                         row["speedup_vs_lean_torch"] = row_lean = harness.ratio(row.get("lean_torch_ms"), ours)
+                        lean = row.get("lean_torch_ms")
+                        row["ours_minus_lean_us"] = excess_us(ours, lean)
+                        row["ours_python_minus_lean_us"] = excess_us(row.get("ours_python_ms"), lean)
                         row["flops"] = flops(mode, m, shape.k, shape.n, r)
                         row["bytes"] = min_bytes(mode, m, shape.k, shape.n, r, x.element_size())
                         achieved = harness.roofline(row["flops"], row["bytes"], ours, peak)
@@ -500,7 +536,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Llama-3-8B and SmolLM2 shapes, ranks 8/16/64/128, tokens 1..8192, dropout 0 and 0.1")
     harness.add_device_options(parser)
     harness.add_output_options(parser)
-    parser.add_argument("--name", help="result file stem (default: lora_linear, or lora_linear_full with --full)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="per-call overhead table: SmolLM2-135M and Llama-3-8B q/o, r 16, tokens 1/4/16/64, "
+                             "fp32 unless --dtype")
+    parser.add_argument("--name", help="result file stem (default: lora_linear, lora_linear_full with --full, "
+                                       "lora_linear_overhead with --overhead)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)}")
     parser.add_argument("--modes", default=",".join(MODES), help="fwd, fwd_bwd or both")
     parser.add_argument("--tokens", type=harness.int_list, help="override the token counts M, e.g. 1,64,1024")
@@ -508,6 +548,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dropouts", type=harness.float_list, help="override the dropout rates, e.g. 0,0.1")
     harness.add_timing_options(parser, graphs=True)
     args = parser.parse_args(argv)
+    if args.full and args.overhead:
+        parser.error("--full and --overhead are two configurations: pick one")
+    if args.overhead and not args.dtype:
+        args.dtype = "fp32"         # the issue's goals are stated in fp32, on a GPU too
     harness.check_options(parser, args, [("--providers", args.providers.split(","), PROVIDERS),
                                          ("--modes", args.modes.split(","), MODES)])
     return args
@@ -529,15 +573,19 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     providers = tuple(p for p in PROVIDERS if p in args.providers.split(","))
     modes = tuple(m for m in MODES if m in args.modes.split(","))
-    groups = full_groups(device) if args.full else default_groups(device)
+    groups = (full_groups(device) if args.full else overhead_groups(device) if args.overhead
+              else default_groups(device))
     groups = [Group(g.shape, args.ranks or g.ranks, args.tokens or g.tokens, args.dropouts or g.dropouts,
                     tuple(m for m in g.modes if m in modes)) for g in groups]
     groups = [g for g in groups if g.modes]
 
     stamp = harness.environment_stamp(device, dtype)
     stamp["lora_kernels_backend"] = lora_kernels_backend(device, dtype)
+    # which route ours takes on CPU: without the extension, ours_python is the same path as ours
+    stamp["lora_kernels_extension"] = lora_kernels.extension_status()
     harness.progress(f"lora_linear benchmark on {stamp['device_name']} ({dtype}, {stamp['torch_threads']} threads, "
-                     f"ours via {stamp['lora_kernels_backend']}); providers {', '.join(providers)}")
+                     f"ours via {stamp['lora_kernels_backend']}; {stamp['lora_kernels_extension']}); "
+                     f"providers {', '.join(providers)}")
 
     t0 = time.perf_counter()
     peak = harness.measure_peak_and_warm_up(device, dtype, stamp, args.min_run_time)
@@ -545,13 +593,18 @@ def main(argv=None) -> int:
     rows = run(groups, providers, device, dtype, args.min_run_time, peak, graph_max_tokens)
     wall = time.perf_counter() - t0
 
-    needs = {"base_ms": "base", "ours_ms": "ours", "peft_ms": "peft", "lean_torch_ms": "lean_torch",
+    needs = {"base_ms": "base", "ours_ms": "ours", "ours_python_ms": "ours_python", "peft_ms": "peft",
+             "lean_torch_ms": "lean_torch", "ours_minus_lean_us": "lean_torch",
+             "ours_python_minus_lean_us": "ours_python",
              "overhead_pct": "base", "speedup_vs_peft": "peft", "speedup_vs_lean_torch": "lean_torch"}
     columns = harness.visible_columns(rows, providers, TABLE_COLUMNS, CUDA_COLUMNS, needs, device)
     notes = [
         f"Times are medians in ms ({harness.timer_name(device)}; "
         "p20/p80 in the JSON). ours/base-1 % = LoRA overhead of ours over the base layer alone; "
-        "× vs peft / × vs lean = their time / ours (> 1: ours is faster).",
+        "× vs peft / × vs lean = their time / ours (> 1: ours is faster). ours−lean µs, ours_py−lean µs = "
+        "(ours or ours_python − lean_torch) · 1000: the per-call overhead over the plain torch composition. "
+        "ours_python = ours through the Python route (autograd.Function, Python kernels); "
+        f"ours: {stamp['lora_kernels_extension']}.",
         FLOPS_NOTE,
         PEAK_NOTE.format(how=peak.how, tflops=peak.tflops, gbps=peak.gbps),
         "fwd: torch.no_grad, PEFT in eval mode. fwd_bwd: dX, dA, dB (base: dX) against a fixed dY; W0, b frozen. "
@@ -568,7 +621,8 @@ def main(argv=None) -> int:
         print(note)
     print(f"\n{len(rows)} rows in {wall:.0f} s")
     if args.out:
-        name = args.name or ("lora_linear_full" if args.full else "lora_linear")
+        name = args.name or ("lora_linear_full" if args.full else "lora_linear_overhead" if args.overhead
+                             else "lora_linear")
         harness.stamp_run_end(stamp, wall)
         plot = harness.PlotSpec(providers, panel=("shape", "r", "dropout_p", "mode"),
                                 title=f"lora_linear on {stamp['device_name']}, {stamp['dtype']}")

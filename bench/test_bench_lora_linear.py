@@ -9,6 +9,7 @@ the float64 reference before it is timed, exactly as in bench_lora_linear.py.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lora_linear as bench  # noqa: E402  (puts the repo root on sys.path too)
+import lora_kernels  # noqa: E402
+from lora_kernels import _extension  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -55,6 +58,63 @@ def test_lora_linear(benchmark, weights, activations, name, mode):
     benchmark.group = f"lora_linear {mode} M={TOKENS} K={SHAPE.k} N={SHAPE.n} r={RANK} {DTYPE}"
     benchmark.extra_info.update(provider=name, mode=mode, m=TOKENS, k=SHAPE.k, n=SHAPE.n, r=RANK)
     benchmark(step)
+
+
+# ----------------------------------------------------------------------------- ours_python and --overhead
+
+
+def _route_seen(provider, mode, x, grad_y):
+    """Runs one step of provider; returns y's grad_fn class name (None in fwd) and whether the extension
+    served eager calls (_extension.eager_module()) in the forward and, in fwd_bwd, in the backward."""
+    seen, inner = {}, provider.forward
+
+    def forward(x):
+        seen["forward"] = _extension.eager_module() is not None
+        y = inner(x)
+        seen["grad_fn"] = type(y.grad_fn).__name__ if y.grad_fn is not None else None
+        if y.requires_grad:     # runs in the backward, before y's node
+            y.register_hook(lambda g: seen.__setitem__("backward", _extension.eager_module() is not None))
+        return y
+
+    provider.forward = forward
+    bench.step_fn(provider, mode, x, grad_y)()
+    return seen
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+def test_ours_python_takes_the_python_route_in_forward_and_backward(weights, activations, mode):
+    x, grad_y = activations
+    seen = _route_seen(bench.MAKERS["ours_python"](weights, 0.0), mode, x, grad_y)
+    assert seen["forward"] is False
+    if mode == "fwd_bwd":       # the Python autograd.Function's node, and the switch still on in the backward
+        assert (seen["grad_fn"], seen["backward"]) == ("_LoRALinearFunctionBackward", False)
+    # outside the provider's steps the switch is back: ours goes through C++ when the extension is loaded
+    assert (_extension.eager_module() is not None) == (_extension.module is not None)
+    if _extension.module is not None and DEVICE.type == "cpu" and mode == "fwd_bwd":
+        assert _route_seen(bench.MAKERS["ours"](weights, 0.0), mode, x, grad_y)["grad_fn"] == "CppFunction"
+
+
+def test_overhead_preset_writes_its_table_with_the_extension_status(tmp_path, monkeypatch, capsys):
+    """--overhead: fp32, its own groups (here shrunk to a tiny shape) and file stem; the stamp says which
+    route ours took; the µs columns are (provider − lean) · 1000."""
+    groups = bench.overhead_groups(torch.device("cpu"))
+    assert [(g.shape, g.ranks, g.tokens, g.modes) for g in groups] == [
+        (shape, (16,), (1, 4, 16, 64), ("fwd", "fwd_bwd")) for shape in (bench.SMOL_QO, bench.LLAMA_QO)]
+    assert bench.parse_args(["--overhead", "--device", "cpu"]).dtype == "fp32"
+    monkeypatch.setattr(bench, "overhead_groups", lambda device: [bench.Group(bench.Shape("tiny", 32, 24), (4,), (2,))])
+    argv = ["--overhead", "--device", "cpu", "--providers", "ours,ours_python,lean_torch", "--min-run-time", "0.01",
+            "--results-dir", str(tmp_path)]
+    assert bench.main(argv) == 0
+    assert "ours_py−lean µs" in capsys.readouterr().out
+    result = json.loads((tmp_path / "lora_linear_overhead-cpu.json").read_text())
+    assert result["environment"]["lora_kernels_extension"] == lora_kernels.extension_status()
+    assert result["environment"]["dtype"] == "float32"
+    assert [row["mode"] for row in result["rows"]] == ["fwd", "fwd_bwd"]
+    for row in result["rows"]:
+        assert row["errors"] is None, row["errors"]
+        for name in ("ours", "ours_python"):
+            key = "ours_minus_lean_us" if name == "ours" else "ours_python_minus_lean_us"
+            assert row[key] == pytest.approx((row[f"{name}_ms"] - row["lean_torch_ms"]) * 1000)
 
 
 # ----------------------------------------------------------------------------- what ran, per row

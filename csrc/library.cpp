@@ -13,7 +13,9 @@
 
 #include <atomic>
 #include <cctype>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <unordered_map>
 
 namespace py = pybind11;
@@ -62,6 +64,35 @@ bool is_set(const OptTensor& t) {
     return t.has_value() && t->defined();
 }
 
+// Only a direct call of a registered op can get here with these wrong (lora_linear checks dropout_p and
+// draws the seed): an error naming them, never a wrong answer or a read through a missing tensor.
+void check_dropout(double dropout_p, const OptTensor& seed, bool seed_read) {
+    TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+    if (dropout_p > 0.0 && seed_read) {
+        TORCH_CHECK_VALUE(is_set(seed) && seed->dim() == 0 && seed->scalar_type() == at::kLong, "dropout_p=",
+                          dropout_p, " needs seed, a 0-d int64 tensor; got ",
+                          is_set(seed) ? c10::str("shape ", seed->sizes(), ", dtype ", seed->scalar_type()) : "None");
+    }
+}
+
+void check_given(const OptTensor& t, const char* name, const char* needed_for) {
+    TORCH_CHECK_VALUE(is_set(t), name, " is None but ", needed_for, " needs it");
+}
+
+// The AdapterBatch's by-adapter view against the stacks: L + 1 starts, L scales and ranks, M sorted rows.
+void check_batch(const Tensor& lora_a, const Tensor& scales, const Tensor& sorted_rows, const Tensor& adapter_starts,
+                 const OptTensor& ranks, int64_t m) {
+    int64_t num_adapters = lora_a.size(0);
+    TORCH_CHECK_VALUE(adapter_starts.dim() == 1 && adapter_starts.numel() == num_adapters + 1, "adapter_starts (shape ",
+                      adapter_starts.sizes(), ") must hold L + 1 = ", num_adapters + 1, " entries");
+    TORCH_CHECK_VALUE(scales.dim() == 1 && scales.numel() == num_adapters, "scales (shape ", scales.sizes(),
+                      ") must hold L = ", num_adapters, " entries");
+    TORCH_CHECK_VALUE(!is_set(ranks) || (ranks->dim() == 1 && ranks->numel() == num_adapters), "ranks (shape ",
+                      is_set(ranks) ? ranks->sizes() : at::IntArrayRef{}, ") must hold L = ", num_adapters, " entries");
+    TORCH_CHECK_VALUE(sorted_rows.dim() == 1 && sorted_rows.numel() == m, "sorted_rows (shape ", sorted_rows.sizes(),
+                      ") must hold one entry per row, M = ", m);
+}
+
 // A gradient not asked for comes back as an empty (0,) tensor; one asked for but not computed (no rows) as zeros.
 Grads fill_grads(const Grads& grads, const Tensor& grad_y, at::IntArrayRef shape_x, at::IntArrayRef shape_a,
                  at::IntArrayRef shape_b, bool need_x, bool need_a, bool need_b) {
@@ -84,10 +115,7 @@ std::tuple<Tensor, Tensor> lora_linear_cpu(
         return call_python<std::tuple<Tensor, Tensor>>("lora_linear", x, weight, bias, lora_a, lora_b, scale,
                                                        dropout_p, seed);
     }
-    // only a direct call of the registered op can get here without a seed (lora_linear draws it)
-    TORCH_CHECK_VALUE(dropout_p <= 0.0 || (is_set(seed) && seed->dim() == 0 && seed->scalar_type() == at::kLong),
-                      "dropout_p=", dropout_p, " needs seed, a 0-d int64 tensor; got ",
-                      is_set(seed) ? seed->sizes() : at::IntArrayRef{}, is_set(seed) ? "" : "None");
+    check_dropout(dropout_p, seed, true);
     int64_t m = x.size(0), n = weight.size(0);
     if (m == 0 || n == 0) {
         return {x.new_empty({m, n}), x.new_zeros({m, lora_a.size(0)}, x.options().dtype(hidden_dtype(x.scalar_type())))};
@@ -102,6 +130,19 @@ Grads lora_linear_backward_cpu(
     if (backend != "torch") {   // the backend that served the forward serves the backward (its mask)
         return call_python<Grads>("lora_linear_backward", grad_y, x, weight, lora_a, lora_b, lora_hidden, scale,
                                   dropout_p, seed, need_x, need_a, need_b, std::string(backend));
+    }
+    check_dropout(dropout_p, seed, need_x || need_a);
+    if (need_x) {
+        for (auto [t, name] : {std::pair{&weight, "weight"}, {&lora_a, "lora_a"}, {&lora_b, "lora_b"}}) {
+            check_given(*t, name, "dX = dY·W0 + s·(dY·B)·A");
+        }
+    }
+    if (need_a) {
+        check_given(x, "x", "dA = s·(dY·B)ᵀ·dropout(x)");
+        check_given(lora_b, "lora_b", "dA = s·(dY·B)ᵀ·dropout(x)");
+    }
+    if (need_b) {
+        check_given(lora_hidden, "lora_hidden", "dB = s·dYᵀ·T");
     }
     Grads grads;
     if (grad_y.size(0) > 0) {
@@ -128,6 +169,7 @@ std::tuple<Tensor, Tensor> multi_lora_linear_cpu(
             need_hidden);
     }
     int64_t m = x.size(0), n = weight.size(0);
+    check_batch(lora_a, scales, sorted_rows, adapter_starts, ranks, m);
     if (m == 0 || n == 0) {
         return {x.new_empty({m, n}), x.new_zeros({m, need_hidden ? lora_a.size(1) : 0},
                                                  x.options().dtype(hidden_dtype(x.scalar_type())))};
@@ -147,6 +189,13 @@ Grads multi_lora_linear_backward_cpu(
                                   scales, sorted_rows, adapter_starts, segment_rows, segment_starts, segment_adapters,
                                   ranks, segment_tiles, adapter_tiles, active_adapters, row_tile, need_x, need_a,
                                   need_b, std::string(backend));
+    }
+    check_batch(lora_a, scales, sorted_rows, adapter_starts, ranks, grad_y.size(0));
+    if (need_a) {
+        check_given(x, "x", "dA[j] = s_j·(dY_j·B_j)ᵀ·X_j");
+    }
+    if (need_b) {
+        check_given(lora_hidden, "lora_hidden", "dB[j] = s_j·dY_jᵀ·T_j");
     }
     Grads grads;
     if (grad_y.size(0) > 0) {
@@ -168,10 +217,19 @@ void add_multi_lora_cpu(
                                 active_adapters, row_tile);
         return;
     }
+    check_batch(lora_a, scales, sorted_rows, adapter_starts, ranks, x.size(0));
     if (x.size(0) == 0 || out.size(1) == 0) {
         return;
     }
     multi_lora_add_(out, x, lora_a, lora_b, scales, sorted_rows, adapter_starts, ranks);
+}
+
+// The compositions return None for a gradient not asked for.
+using OptGrads = std::tuple<OptTensor, OptTensor, OptTensor>;
+
+Grads undefined_for_none(const OptGrads& grads) {
+    auto tensor = [](const OptTensor& t) { return t.has_value() ? *t : Tensor(); };
+    return {tensor(std::get<0>(grads)), tensor(std::get<1>(grads)), tensor(std::get<2>(grads))};
 }
 
 }  // namespace
@@ -184,16 +242,17 @@ Grads lora_linear_grads_in_python(
     const Tensor& grad_y, const OptTensor& x, const OptTensor& weight, const OptTensor& lora_a,
     const OptTensor& lora_b, const OptTensor& lora_hidden, const OptTensor& seed, double scale, double dropout_p,
     const std::string& backend, bool need_x, bool need_a, bool need_b) {
-    return call_python<Grads>("lora_linear_grads", grad_y, x, weight, lora_a, lora_b, lora_hidden, seed, scale,
-                              dropout_p, backend, need_x, need_a, need_b);
+    return undefined_for_none(call_python<OptGrads>("lora_linear_grads", grad_y, x, weight, lora_a, lora_b, lora_hidden,
+                                                    seed, scale, dropout_p, backend, need_x, need_a, need_b));
 }
 
 Grads multi_lora_linear_grads_in_python(
     const Tensor& grad_y, const OptTensor& x, const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b,
     const OptTensor& lora_hidden, const Tensor& scales, const Tensor& sorted_rows, const Tensor& adapter_starts,
     const OptTensor& ranks, bool need_x, bool need_a, bool need_b) {
-    return call_python<Grads>("multi_lora_linear_grads", grad_y, x, weight, lora_a, lora_b, lora_hidden, scales,
-                              sorted_rows, adapter_starts, ranks, need_x, need_a, need_b);
+    return undefined_for_none(call_python<OptGrads>("multi_lora_linear_grads", grad_y, x, weight, lora_a, lora_b,
+                                                    lora_hidden, scales, sorted_rows, adapter_starts, ranks, need_x,
+                                                    need_a, need_b));
 }
 
 }  // namespace lora_kernels
@@ -264,6 +323,65 @@ Tensor call_multi_lora_linear(
                                active_adapters, c10::SymInt(row_tile), need_hidden));
 }
 
+// lora_kernels.lora_linear's whole eager call on CPU, for the common case: y (..., N), or None when anything
+// is not (another backend may be requested; a shape, dtype, device, scale or dropout_p Python would reject
+// or name; a tensor subclass or DTensor): Python then takes the call, with its checks and messages. Same
+// steps as Python's: checks, x flattened to rows (copied when its last stride is not 1), the dropout seed
+// drawn from torch's CPU generator, the registered op, y back to x's leading dims.
+py::object lora_linear_eager(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle lora_a_obj,
+                             py::handle lora_b_obj, double scale, double dropout_p) {
+    for (py::handle t : {x_obj, weight_obj, lora_a_obj, lora_b_obj}) {   // anything but tensors: Python names it
+        if (!THPVariable_Check(t.ptr())) {
+            return py::none();
+        }
+    }
+    if (!bias_obj.is_none() && !THPVariable_Check(bias_obj.ptr())) {
+        return py::none();
+    }
+    const Tensor &x = THPVariable_Unpack(x_obj.ptr()), &weight = THPVariable_Unpack(weight_obj.ptr()),
+                 &lora_a = THPVariable_Unpack(lora_a_obj.ptr()), &lora_b = THPVariable_Unpack(lora_b_obj.ptr());
+    const OptTensor bias = bias_obj.is_none() ? OptTensor() : OptTensor(THPVariable_Unpack(bias_obj.ptr()));
+    constexpr double max_scale = std::numeric_limits<float>::max();   // ops/_checks.py: MAX_SCALE
+    constexpr double max_dropout_p = 1.0 - 0x1p-24;                    // MAX_DROPOUT_P
+    const bool has_bias = bias.has_value() && bias->defined();
+    const at::ScalarType dtype = x.scalar_type();
+    auto plain_cpu = [dtype](const Tensor& t, int64_t dim) {
+        return t.dim() == dim && t.is_cpu() && t.layout() == at::kStrided && t.scalar_type() == dtype &&
+               !t.unsafeGetTensorImpl()->is_python_dispatch();
+    };
+    if (lora_kernels::python_may_serve_cpu() || x.dim() == 0 || !plain_cpu(x, x.dim()) ||
+        !(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16) ||
+        !plain_cpu(weight, 2) || !plain_cpu(lora_a, 2) || !plain_cpu(lora_b, 2) ||
+        (has_bias && !plain_cpu(*bias, 1)) || !(std::abs(scale) <= max_scale) ||
+        !(dropout_p >= 0.0 && dropout_p <= max_dropout_p)) {
+        return py::none();
+    }
+    const int64_t n = weight.size(0), k = weight.size(1), rank = lora_a.size(0);
+    if (x.size(-1) != k || lora_a.size(1) != k || rank < 1 || lora_b.size(0) != n || lora_b.size(1) != rank ||
+        (has_bias && bias->size(0) != n)) {
+        return py::none();
+    }
+    Tensor y;
+    {
+        py::gil_scoped_release no_gil;
+        Tensor rows = x.dim() == 2 ? x : x.reshape({-1, k});                                       // (M, K)
+        if (rows.stride(-1) != 1) {
+            rows = rows.contiguous();
+        }
+        OptTensor seed;
+        if (dropout_p > 0.0) {   // ops/lora_linear.py: _dropout_seed
+            seed = at::randint(2147483647, {}, at::TensorOptions().dtype(at::kLong));
+        }
+        y = call_lora_linear(rows, weight, bias, lora_a, lora_b, scale, dropout_p, seed);          // (M, N)
+        if (x.dim() != 2) {
+            std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+            shape.push_back(n);
+            y = y.reshape(shape);
+        }
+    }
+    return py::cast(y);
+}
+
 void call_add_multi_lora_(
     const Tensor& out, const Tensor& x, const Tensor& lora_a, const Tensor& lora_b, const Tensor& scales,
     const Tensor& sorted_rows, const Tensor& adapter_starts, const Tensor& segment_rows, const Tensor& segment_starts,
@@ -291,6 +409,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     }, "Whether use_backend / set_backend may request a backend other than torch for CPU tensors");
     module.def("lora_linear", &call_lora_linear, py::call_guard<py::gil_scoped_release>(),
                "y of lora_kernels::lora_linear (its first output), through the dispatcher");
+    module.def("lora_linear_eager", &lora_linear_eager,
+               "lora_kernels.lora_linear's eager CPU call in the common case, or None: Python takes the call");
     module.def("multi_lora_linear", &call_multi_lora_linear, py::call_guard<py::gil_scoped_release>(),
                "y of lora_kernels::multi_lora_linear (its first output), through the dispatcher");
     module.def("add_multi_lora_", &call_add_multi_lora_, py::call_guard<py::gil_scoped_release>(),

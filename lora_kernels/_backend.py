@@ -75,11 +75,13 @@ def use_backend(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _scoped.reset(token)
-        if name == "triton":
-            with _triton_blocks_lock:
-                _triton_blocks -= 1
-                _tell_extension()
+        try:
+            _scoped.reset(token)   # raises if the block is left in another context (a generator closed there)
+        finally:
+            if name == "triton":
+                with _triton_blocks_lock:
+                    _triton_blocks -= 1
+                    _tell_extension()
 
 
 def get_backend() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 from types import ModuleType
 from typing import Iterator
 
@@ -29,7 +30,11 @@ def _load() -> tuple[ModuleType | None, str]:
                       "are present; LORA_KERNELS_BUILD_EXT=1 makes a failed build an error)")
     except (ImportError, OSError) as error:   # built against another torch: undefined symbols, say
         return None, f"failed to load ({error}); rebuild it against torch {torch.__version__}"
-    return module, f"loaded from {module.__file__} (built with torch {module.torch_version})"
+    built_for = module.torch_version
+    if built_for != torch.__version__.split("+")[0]:   # loaded, but a C++ ABI mismatch may crash it: say so
+        warnings.warn(f"lora_kernels._C was built with torch {built_for} but torch {torch.__version__} runs: "
+                      "rebuild it (pip install --no-build-isolation -e .)", RuntimeWarning, stacklevel=2)
+    return module, f"loaded from {module.__file__} (built with torch {built_for})"
 
 
 module, _detail = _load()

@@ -143,6 +143,11 @@ def host_groups(adapter_starts: torch.Tensor, ranks: torch.Tensor | None, scales
     """(rows per adapter, rank per adapter (clamped to [0, R], as the Triton kernels read it), scale per
     adapter, the adapters with rows and rank > 0), read on the host once."""
     starts = adapter_starts.tolist()
+    if len(starts) != scales.shape[0] + 1 or (ranks is not None and ranks.shape[0] != scales.shape[0]):
+        # only a direct call of a registered op can get here (AdapterBatch builds them alike)
+        raise ValueError(f"adapter_starts ({len(starts)} entries), scales ({scales.shape[0]}) and ranks "
+                         f"({'None' if ranks is None else ranks.shape[0]}) must describe the same L adapters: "
+                         "L + 1 starts, L scales and ranks")
     counts = [end - start for start, end in zip(starts[:-1], starts[1:])]
     host_ranks = [max_rank] * len(counts) if ranks is None else [min(max(r, 0), max_rank) for r in ranks.tolist()]
     active = [j for j, (count, rank) in enumerate(zip(counts, host_ranks)) if count and rank]

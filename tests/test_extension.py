@@ -310,3 +310,88 @@ def test_threads_share_the_ops():
         thread.join()
     for got, want in zip(results, expected):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _gradient_penalty(call, leaves, trainable):
+    """d/dθ |dL/dθ|² with L = |call(leaves)|², θ the leaves named in `trainable` (create_graph=True)."""
+    wanted = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(call(*leaves).square().sum(), wanted, create_graph=True)
+    return torch.autograd.grad(sum(g.square().sum() for g in grads), wanted)
+
+
+@pytest.mark.parametrize("trainable", [("lora_a", "lora_b"), ("x", "lora_a"), ("x", "weight"), ("lora_a",)])
+@pytest.mark.parametrize("op", ["single", "multi"])
+def test_second_derivatives_with_some_inputs_frozen(op, trainable):
+    """create_graph=True with only some inputs requiring grad (LoRA training: x frozen), against the float64
+    reference: the compositions return None for the gradients not asked for, "no gradient" to autograd."""
+    names = ("x", "weight", "bias", "lora_a", "lora_b")
+    if op == "single":
+        inputs = [t.double() for t in _single_inputs(torch.float32, m=4, k=6, n=5, r=3)]
+        ours = lambda *t: lora_kernels.lora_linear(*t, 0.5)                                 # noqa: E731
+        reference = lambda *t: lora_kernels.lora_linear_reference(*t, 0.5)                  # noqa: E731
+    else:
+        *tensors, scales = _multi_inputs(torch.float32, m=6, k=6, n=5)
+        inputs, ids = [t.double() for t in tensors], torch.tensor([0, -1, 1, 3, 0, 2])
+        ours = lambda *t: lora_kernels.multi_lora_linear(*t, scales, ids)                   # noqa: E731
+        reference = lambda *t: lora_kernels.multi_lora_linear_reference(*t, scales.double(), ids)   # noqa: E731
+
+    def leaves():
+        return [t.clone().requires_grad_(name in trainable) for t, name in zip(inputs, names)]
+
+    for got, want in zip(_gradient_penalty(ours, leaves(), trainable), _gradient_penalty(reference, leaves(), trainable)):
+        torch.testing.assert_close(got, want)
+
+
+def _direct_backward_args(**changes):
+    x, w, _, a, bb = _single_inputs(torch.float32, m=4, k=6, n=5, r=3)
+    args = dict(grad_y=torch.ones(4, 5), x=x, weight=w, lora_a=a, lora_b=bb, lora_hidden=torch.zeros(4, 3),
+                scale=0.5, dropout_p=0.0, seed=None, need_x=True, need_a=True, need_b=True, backend="torch")
+    args.update(changes)
+    return tuple(args.values())
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(dropout_p=0.5), "needs seed, a 0-d int64 tensor; got None"),
+    (dict(dropout_p=0.5, seed=torch.tensor(3, dtype=torch.int32)), "got shape \\[\\], dtype Int"),
+    (dict(x=None), "x is None but dA"),
+    (dict(lora_hidden=None), "lora_hidden is None but dB"),
+    (dict(lora_b=None), "lora_b is None but dX"),
+    (dict(dropout_p=1.0), "dropout_p must be in \\[0, 1\\)"),
+])
+@needs_extension
+def test_direct_backward_calls_missing_inputs_raise(changes, match):
+    """A direct call of the registered backward op without what a requested gradient reads: an error
+    naming it (C++ must never read through a missing tensor)."""
+    with pytest.raises(ValueError, match=match):
+        torch.ops.lora_kernels.lora_linear_backward(*_direct_backward_args(**changes))
+
+
+def test_direct_multi_calls_with_a_short_batch_raise():
+    """scales or ranks shorter than the stack, on a direct call of the registered op: an error, never a
+    read past their end (both definitions)."""
+    x, w, b, a, bb, scales = _multi_inputs(torch.float32)
+    batch = lora_kernels.AdapterBatch(torch.zeros(x.shape[0], dtype=torch.long), 4).tensors()
+    with pytest.raises(ValueError, match="scales"):
+        torch.ops.lora_kernels.multi_lora_linear(x, w, b, a, bb, scales[:1], *batch, False)
+    short_ranks = list(batch)
+    short_ranks[5] = torch.tensor([1, 2])            # BatchTensors.ranks
+    with pytest.raises(ValueError, match="ranks"):
+        torch.ops.lora_kernels.multi_lora_linear(x, w, b, a, bb, scales, *short_ranks, False)
+
+
+def test_a_triton_block_left_in_another_context_still_closes():
+    """A generator holding a use_backend("triton") block, closed in another context: the block counts as
+    closed (else the C++ kernels would hand every later CPU call to Python: correct, but slow)."""
+    import contextvars
+
+    def holder():
+        with lora_kernels.use_backend("triton"):
+            yield
+
+    generator = holder()
+    contextvars.copy_context().run(next, generator)
+    with pytest.raises(ValueError):   # ContextVar.reset from another context: Python's own error
+        generator.close()
+    from lora_kernels import _backend
+
+    assert _backend._triton_blocks == 0

@@ -41,9 +41,10 @@ def define_op(name: str, kernel: Callable, mutates_args: tuple[str, ...] = ()) -
 
 
 def cpp_entry(name: str, x: Tensor) -> Callable | None:
-    """The extension's binding of op `name` for a call on x (route 4), or None."""
+    """The extension's binding of op `name` for a call on x (route 4), or None. Not for a tensor subclass
+    overriding torch functions (__torch_function__): C++ would not show it the ops it runs."""
     module = _extension.eager_module()
-    if module is None or not x.is_cpu or get_backend() == "triton":
+    if module is None or not x.is_cpu or type(x) is not Tensor or get_backend() == "triton":
         return None
     return getattr(module, name)
 

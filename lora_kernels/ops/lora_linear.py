@@ -1,13 +1,17 @@
 """lora_linear: y = x W0ᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ.
 
-Layers: public function (validate, flatten, draw the dropout seed) -> torch.library custom ops
-``lora_kernels::lora_linear`` / ``lora_kernels::lora_linear_backward`` (fake impls for
-torch.compile, autograd registered between them) -> backend (_dispatch.implementation: the Triton
-launchers, which pick the fused or split strategy per shape (lora_kernels.tuning), or the torch backend).
+Layers: public function (validate, flatten, draw the dropout seed) -> registered ops
+``lora_kernels::lora_linear`` / ``lora_kernels::lora_linear_backward`` (C++'s with the extension:
+schemas, CPU kernels and CPU autograd in csrc/; else torch.library custom ops; fake impls for
+torch.compile and the other devices' kernels and autograd from here) -> backend
+(_dispatch.implementation: the Triton launchers, which pick the fused or split strategy per shape
+(lora_kernels.tuning), or the torch backend, whose CPU maths csrc/ runs in C++).
 Routes of a call (_dispatch.route): inside a torch.compile trace -> the registered op; forward-mode
 AD / torch.func -> the differentiable composition (_composite); with the profiler on -> the registered
-op; an input requiring grad -> the eager fast path (autograd.Function, no dispatcher); else the
-forward directly; DTensors (tensor parallelism, _tensor_parallel) take them with each rank's shards.
+op; CPU tensors with the extension (and triton not requested) -> the registered op through the
+extension's binding; an input requiring grad -> the eager fast path (autograd.Function, no
+dispatcher); else the forward directly; DTensors (tensor parallelism, _tensor_parallel) take them
+with each rank's shards.
 A backward recorded with create_graph=True computes its gradients with the composition's formulas,
 so second derivatives are exact on the eager and registered-op routes (torch.compile's AOT autograd
 refuses double backward itself).
@@ -27,7 +31,7 @@ from ..tuning import current_forced_plan, forced_plan
 from .._dtensor import any_dtensor
 from . import _composite, _tensor_parallel
 from ._dispatch import define_op, implementation, route, rows, unflatten
-from ._autograd import check_x_saved_for_second_derivative, eager_fast_path, op_backward
+from ._autograd import check_x_saved_for_second_derivative, eager_fast_path, in_transform, op_backward
 from ._checks import (
     FLOAT_DTYPES,
     check_dropout_p,
@@ -245,8 +249,10 @@ def lora_linear(
     scale: a python number or 0-d tensor, finite with |scale| <= float32's largest, else ValueError.
     NaN / ±inf in the tensors propagate as in the float64 reference (README, "Non-finite values").
     Routes: inside torch.compile, or with the profiler on, the registered ops lora_kernels::lora_linear
-    (and ::lora_linear_backward); under forward-mode AD / torch.func, plain torch ops; an input requiring
-    grad, the eager autograd.Function (no dispatcher); else the forward directly. DTensor inputs (tensor
+    (and ::lora_linear_backward); under forward-mode AD / torch.func, plain torch ops; CPU tensors with
+    the C++ extension loaded (lora_kernels.extension_status()), the registered op in C++ (kernels and
+    autograd); else, an input requiring grad, the eager autograd.Function (no dispatcher), or the
+    forward directly. DTensor inputs (tensor
     parallelism: README, "Distributed training") take these routes with each rank's shards. On the
     Triton backend each matmul carrying the LoRA term runs the strategy of lora_kernels.tuning (README,
     "Strategies").
@@ -257,6 +263,14 @@ def lora_linear(
     >>> torch.allclose(y, x @ w.T + 0.5 * (x @ a.T) @ b.T, atol=1e-5)
     True
     """
+    # The C++ extension takes a plain CPU call whole (checks, flattening, seed, op: csrc/library.cpp,
+    # lora_linear_eager) and gives None for anything else; that skips ~15 µs of Python per call.
+    cpp = _extension.eager_module()
+    if (cpp is not None and type(x) is Tensor and type(scale) is float and type(dropout_p) is float
+            and not torch.compiler.is_compiling() and not in_transform()):
+        y = cpp.lora_linear_eager(x, weight, bias, lora_a, lora_b, scale, dropout_p)
+        if y is not None:
+            return y
     validate_lora_linear(x, weight, bias, lora_a, lora_b)
     scale = check_scale(scale)
     dropout_p = check_dropout_p(dropout_p)

@@ -1,15 +1,17 @@
 """multi_lora_linear: y[i] = x[i] W0ᵀ + b + scales[j] · (x[i] A[j]ᵀ) B[j]ᵀ, j = adapter_ids[i] (-1: none).
 
-Layers: public function (validate, flatten, group rows by adapter) -> torch.library custom ops
-``lora_kernels::multi_lora_linear`` / ``lora_kernels::multi_lora_linear_backward`` (fake impls,
-autograd registered between them) -> backend (_dispatch.implementation: Triton launchers or the torch
+Layers: public function (validate, flatten, group rows by adapter) -> registered ops
+``lora_kernels::multi_lora_linear`` / ``lora_kernels::multi_lora_linear_backward`` (C++'s with the
+extension, csrc/: schemas, CPU kernels, CPU autograd; else torch.library custom ops; fake impls, the
+other devices' kernels and autograd from here) -> backend (_dispatch.implementation: Triton launchers or the torch
 backend, both given the AdapterBatch's tensors). The base layer is torch's own GEMM in both backends
 (the split strategy), so rows of no adapter equal F.linear's output bit for bit.
 Routes of a call (_dispatch.route), as in lora_linear: inside a torch.compile trace -> the registered
 op; forward-mode AD / torch.func -> the differentiable composition (_composite); with the profiler on
--> the registered op; an input requiring grad -> the eager fast path; else the forward directly;
-DTensors (tensor parallelism, _tensor_parallel) take them with each rank's shards.
-add_multi_lora_ (inference only): the registered op inside a trace or under the profiler, else direct.
+-> the registered op; CPU tensors with the extension -> the registered op through its binding; an
+input requiring grad -> the eager fast path; else the forward directly; DTensors (tensor parallelism, _tensor_parallel) take them with each rank's shards.
+add_multi_lora_ (inference only): the registered op inside a trace, under the profiler or on CPU with
+the extension, else direct.
 A backward recorded with create_graph=True computes its gradients with the composition's formulas,
 so second derivatives are exact on the eager and registered-op routes (torch.compile's AOT autograd
 refuses double backward itself).
@@ -233,8 +235,9 @@ def multi_lora_linear(
     back on a GPU. NaN / ±inf in the tensors propagate as in the float64 reference (README,
     "Non-finite values"). Routes: inside torch.compile, or with the profiler on, the registered ops
     lora_kernels::multi_lora_linear (and ::multi_lora_linear_backward); under forward-mode AD /
-    torch.func, plain torch ops (a Python loop over adapters); an input requiring grad, the eager
-    autograd.Function (no dispatcher); else the forward directly. DTensor inputs (tensor parallelism:
+    torch.func, plain torch ops (a Python loop over adapters); CPU tensors with the C++ extension
+    loaded, the registered op in C++; else, an input requiring grad, the eager autograd.Function (no
+    dispatcher), or the forward directly. DTensor inputs (tensor parallelism:
     README, "Distributed training") take these routes with each rank's shards; the AdapterBatch is the
     same on every rank.
 
