@@ -8,8 +8,13 @@
 // set_backend naming another backend somewhere) and the environment variable LORA_KERNELS_BACKEND.
 #include "lora_kernels.h"
 
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include <atomic>
 #include <cctype>
@@ -32,11 +37,14 @@ bool env_requests_another_backend() {
     if (raw == nullptr) {
         return false;
     }
-    std::string value;
-    for (const char* c = raw; *c != '\0'; ++c) {
-        if (!std::isspace(static_cast<unsigned char>(*c))) {
-            value.push_back(static_cast<char>(std::tolower(static_cast<unsigned char>(*c))));
-        }
+    std::string value(raw);   // as Python reads it: ends stripped, lower case
+    auto space = [](char c) { return std::isspace(static_cast<unsigned char>(c)) != 0; };
+    while (!value.empty() && space(value.back())) {
+        value.pop_back();
+    }
+    value.erase(value.begin(), std::find_if_not(value.begin(), value.end(), space));
+    for (char& c : value) {
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     }
     return !(value.empty() || value == "auto" || value == "torch");
 }
@@ -330,12 +338,12 @@ Tensor call_multi_lora_linear(
 // drawn from torch's CPU generator, the registered op, y back to x's leading dims.
 py::object lora_linear_eager(py::handle x_obj, py::handle weight_obj, py::handle bias_obj, py::handle lora_a_obj,
                              py::handle lora_b_obj, double scale, double dropout_p) {
-    for (py::handle t : {x_obj, weight_obj, lora_a_obj, lora_b_obj}) {   // anything but tensors: Python names it
-        if (!THPVariable_Check(t.ptr())) {
-            return py::none();
-        }
-    }
-    if (!bias_obj.is_none() && !THPVariable_Check(bias_obj.ptr())) {
+    // anything but tensors: Python names it; __torch_function__ overrides (subclasses, modes), dispatch modes
+    // and the JIT tracer: Python's calls show them the ops one by one
+    auto plain = [](py::handle t) { return THPVariable_CheckExact(t.ptr()); };   // torch.Tensor or Parameter
+    if (!plain(x_obj) || !plain(weight_obj) || !plain(lora_a_obj) || !plain(lora_b_obj) ||
+        !(bias_obj.is_none() || plain(bias_obj)) || at::impl::torch_function_mode_enabled() ||
+        c10::impl::TorchDispatchModeTLS::stack_len() > 0 || torch::jit::tracer::isTracing()) {
         return py::none();
     }
     const Tensor &x = THPVariable_Unpack(x_obj.ptr()), &weight = THPVariable_Unpack(weight_obj.ptr()),
@@ -346,8 +354,8 @@ py::object lora_linear_eager(py::handle x_obj, py::handle weight_obj, py::handle
     const bool has_bias = bias.has_value() && bias->defined();
     const at::ScalarType dtype = x.scalar_type();
     auto plain_cpu = [dtype](const Tensor& t, int64_t dim) {
-        return t.dim() == dim && t.is_cpu() && t.layout() == at::kStrided && t.scalar_type() == dtype &&
-               !t.unsafeGetTensorImpl()->is_python_dispatch();
+        return t.dim() == dim && t.is_cpu() && t.layout() == at::kStrided && !t.is_nested() &&
+               t.scalar_type() == dtype && !t.unsafeGetTensorImpl()->is_python_dispatch();
     };
     if (lora_kernels::python_may_serve_cpu() || x.dim() == 0 || !plain_cpu(x, x.dim()) ||
         !(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16) ||
@@ -357,7 +365,7 @@ py::object lora_linear_eager(py::handle x_obj, py::handle weight_obj, py::handle
         return py::none();
     }
     const int64_t n = weight.size(0), k = weight.size(1), rank = lora_a.size(0);
-    if (x.size(-1) != k || lora_a.size(1) != k || rank < 1 || lora_b.size(0) != n || lora_b.size(1) != rank ||
+    if (k == 0 || x.size(-1) != k || lora_a.size(1) != k || rank < 1 || lora_b.size(0) != n || lora_b.size(1) != rank ||
         (has_bias && bias->size(0) != n)) {
         return py::none();
     }

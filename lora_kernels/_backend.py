@@ -84,6 +84,10 @@ def use_backend(name: str) -> Iterator[None]:
                     _tell_extension()
 
 
+# The choice of this context's use_backend block, None outside any: one ContextVar read.
+scoped_choice = _scoped.get
+
+
 def get_backend() -> str:
     """The requested backend: use_backend's (this thread or task), else set_backend's, else
     LORA_KERNELS_BACKEND, else "auto"."""

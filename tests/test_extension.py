@@ -395,3 +395,47 @@ def test_a_triton_block_left_in_another_context_still_closes():
     from lora_kernels import _backend
 
     assert _backend._triton_blocks == 0
+
+
+def test_inputs_python_must_see_take_the_python_route(monkeypatch):
+    """Where Python's route shows the ops one by one or names an error, the C++ fast path declines: a
+    TorchFunctionMode sees the calls, a K = 0 x gives Python's ValueError, LORA_KERNELS_BACKEND with
+    inner spaces is Python's error, a torch.jit.trace replays another batch size."""
+    x, w, b, a, bb = _single_inputs(torch.float32, m=3, leading=(2,))
+
+    class Count(torch.overrides.TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        lora_kernels.lora_linear(x, w, b, a, bb, 0.5)
+    assert Count.calls > 0
+    with pytest.raises(ValueError, match="cannot be flattened"):
+        lora_kernels.lora_linear(torch.zeros(2, 3, 0), w[:, :0], b, a[:, :0], bb, 0.5)
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "tor ch")
+    with pytest.raises(ValueError, match="LORA_KERNELS_BACKEND"):
+        lora_kernels.lora_linear(x, w, b, a, bb, 0.5)
+    monkeypatch.delenv("LORA_KERNELS_BACKEND")
+    traced = torch.jit.trace(lambda t: lora_kernels.lora_linear(t, w, b, a, bb, 0.5), (x,), check_trace=False)
+    x_other = torch.randn(5, 4, x.shape[-1])
+    torch.testing.assert_close(traced(x_other), lora_kernels.lora_linear(x_other, w, b, a, bb, 0.5))
+
+
+@pytest.mark.skipif(triton_unavailable_reason(CPU, torch.float32) is not None,
+                    reason=str(triton_unavailable_reason(CPU, torch.float32)))
+def test_a_context_copied_from_a_triton_block_keeps_its_choice(monkeypatch):
+    """A context copied inside a use_backend("triton") block (an asyncio task outliving it) keeps the
+    choice after the block closed, as documented: its calls reach the Triton kernels."""
+    import contextvars
+
+    from lora_kernels.triton import backend as triton_backend
+
+    forward = _Counted(monkeypatch, triton_backend, "lora_linear_forward")
+    with lora_kernels.use_backend("triton"):
+        copied = contextvars.copy_context()
+    x, w, b, a, bb = _single_inputs(torch.float32, m=4, k=16, n=8, r=2)
+    copied.run(lora_kernels.lora_linear, x, w, b, a, bb, 0.5)
+    assert forward.calls == 1

@@ -40,11 +40,12 @@ def define_op(name: str, kernel: Callable, mutates_args: tuple[str, ...] = ()) -
     return getattr(torch.ops.lora_kernels, name).default
 
 
-def cpp_entry(name: str, x: Tensor) -> Callable | None:
-    """The extension's binding of op `name` for a call on x (route 4), or None. Not for a tensor subclass
-    overriding torch functions (__torch_function__): C++ would not show it the ops it runs."""
+def cpp_entry(name: str, args: tuple) -> Callable | None:
+    """The extension's binding of op `name` for a call on args (route 4; the first on CPU), or None. Not where
+    Python would show the ops one by one: __torch_function__ (tensor subclasses, modes), dispatch modes."""
     module = _extension.eager_module()
-    if module is None or not x.is_cpu or type(x) is not Tensor or get_backend() == "triton":
+    if (module is None or not args[0].is_cpu or get_backend() == "triton" or torch._C._has_torch_function(args)
+            or torch._C._len_torch_dispatch_stack() > 0):
         return None
     return getattr(module, name)
 
@@ -86,7 +87,7 @@ def route(registered_op: Callable, fast_path: type, forward: Callable, composite
         return composite()
     if torch.autograd._profiler_enabled():
         return registered_op(*args)[0]
-    cpp_call = cpp_entry(name, args[0])
+    cpp_call = cpp_entry(name, args)
     if cpp_call is not None:
         return cpp_call(*args)
     if grad_wanted:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension, fallback
-from .._backend import resolve_backend
+from .._backend import resolve_backend, scoped_choice
 from ..tuning import current_forced_plan, forced_plan
 from .._dtensor import any_dtensor
 from . import _composite, _tensor_parallel
@@ -264,10 +264,11 @@ def lora_linear(
     True
     """
     # The C++ extension takes a plain CPU call whole (checks, flattening, seed, op: csrc/library.cpp,
-    # lora_linear_eager) and gives None for anything else; that skips ~15 µs of Python per call.
+    # lora_linear_eager) and gives None for anything else; that skips ~15 µs of Python per call. C++ sees
+    # use_backend blocks open anywhere, not a context copied from one (an asyncio task outliving it).
     cpp = _extension.eager_module()
     if (cpp is not None and type(x) is Tensor and type(scale) is float and type(dropout_p) is float
-            and not torch.compiler.is_compiling() and not in_transform()):
+            and not torch.compiler.is_compiling() and not in_transform() and scoped_choice() != "triton"):
         y = cpp.lora_linear_eager(x, weight, bias, lora_a, lora_b, scale, dropout_p)
         if y is not None:
             return y

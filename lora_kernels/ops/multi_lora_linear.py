@@ -342,6 +342,6 @@ def add_multi_lora_(
     if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
         fn = add_multi_lora_op
     else:
-        fn = cpp_entry("add_multi_lora_", args[1]) or _add
+        fn = cpp_entry("add_multi_lora_", args) or _add
     fn(*args)
     return out
