@@ -31,21 +31,10 @@ Tensor rows(const Tensor& grad_y) {
     return grad_y.stride(-1) == 1 ? grad_y : grad_y.contiguous();
 }
 
-// Whether a backward reading these must be differentiable itself (fallback: ops/_autograd.py).
-bool records_second_derivative(std::initializer_list<Tensor> tensors) {
-    if (!at::GradMode::is_enabled()) {
-        return false;
-    }
-    for (const Tensor& t : tensors) {
-        if (t.defined() && t.requires_grad()) {
-            return true;
-        }
-    }
-    return false;
-}
-
-// Whether a call on these records an autograd node: grad mode on and an input requiring grad. Without
-// one the C++ Function's bookkeeping (its node, saved data) is skipped: ~1-2 µs of a decode-size call.
+// Whether autograd records a graph through these: grad mode on and one requiring grad. For a forward's
+// inputs: else the C++ Function's bookkeeping (its node, saved data) is skipped, ~1-2 µs of a decode-size
+// call. For what a backward reads: then it must be differentiable itself (create_graph=True; fallback:
+// ops/_autograd.py records_second_derivative).
 bool records_a_graph(std::initializer_list<Tensor> inputs) {
     if (!at::GradMode::is_enabled()) {
         return false;
@@ -82,11 +71,7 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                  const Tensor& lora_a, const Tensor& lora_b, double scale, double dropout_p,
                                  const OptTensor& seed) {
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_kernels::lora_linear", "")
-                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                               const Tensor&, const Tensor&, double, double,
-                                                               const OptTensor&)>();
+        static const auto& op = lora_linear_op();
         Needs need{x.requires_grad(), weight.requires_grad(), requires_grad(bias), lora_a.requires_grad(),
                    lora_b.requires_grad()};
         std::string backend = cpu_backend(x);   // read before the forward: the one that serves it
@@ -108,11 +93,7 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_kernels::lora_linear_backward", "")
-                             .typed<Grads(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                          const OptTensor&, const OptTensor&, double, double, const OptTensor&,
-                                          bool, bool, bool, c10::string_view)>();
+        static const auto& op = lora_linear_backward_op();
         variable_list saved = ctx->get_saved_variables();
         const Tensor &x = saved[0], &weight = saved[1], &lora_a = saved[2], &lora_b = saved[3],
                      &hidden = saved[4], &seed = saved[5];
@@ -121,7 +102,7 @@ struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction>
         std::string backend = ctx->saved_data["backend"].toStringRef();
         Tensor grad_y = rows(grad_outputs[0]);
         Tensor grad_x, grad_a, grad_b;
-        if (records_second_derivative({grad_y, x, weight, lora_a, lora_b})) {
+        if (records_a_graph({grad_y, x, weight, lora_a, lora_b})) {
             std::tie(grad_x, grad_a, grad_b) = lora_linear_grads_in_python(
                 grad_y, optional(x), optional(weight), optional(lora_a), optional(lora_b), optional(hidden),
                 optional(seed), scale, dropout_p, backend, need.x, need.a, need.b);
@@ -140,11 +121,7 @@ std::tuple<Tensor, Tensor> lora_linear_autograd(
     const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lora_a, const Tensor& lora_b,
     double scale, double dropout_p, const OptTensor& seed) {
     if (!records_a_graph({x, weight, or_undefined(bias), lora_a, lora_b})) {   // inference: the kernel alone
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_kernels::lora_linear", "")
-                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                               const Tensor&, const Tensor&, double, double,
-                                                               const OptTensor&)>();
+        static const auto& op = lora_linear_op();
         at::AutoDispatchBelowADInplaceOrView guard;
         return op.call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
     }
@@ -166,13 +143,7 @@ struct MultiLoRALinearFunction : public torch::autograd::Function<MultiLoRALinea
                                  const Tensor& segment_starts, const OptTensor& segment_adapters,
                                  const OptTensor& ranks, const Tensor& segment_tiles, const Tensor& adapter_tiles,
                                  const Tensor& active_adapters, c10::SymInt row_tile, bool need_hidden) {
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_kernels::multi_lora_linear", "")
-                             .typed<std::tuple<Tensor, Tensor>(
-                                 const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                 const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
-                                 c10::SymInt, bool)>();
+        static const auto& op = multi_lora_linear_op();
         Needs need{x.requires_grad(), weight.requires_grad(), requires_grad(bias), lora_a.requires_grad(),
                    lora_b.requires_grad()};
         std::string backend = cpu_backend(x);
@@ -196,20 +167,14 @@ struct MultiLoRALinearFunction : public torch::autograd::Function<MultiLoRALinea
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_kernels::multi_lora_linear_backward", "")
-                             .typed<Grads(const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                                          const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                                          const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                          const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
-                                          c10::SymInt, bool, bool, bool, c10::string_view)>();
+        static const auto& op = multi_lora_linear_backward_op();
         variable_list s = ctx->get_saved_variables();
         const Tensor &x = s[0], &weight = s[1], &lora_a = s[2], &lora_b = s[3], &hidden = s[4], &scales = s[5];
         Needs need = load_needs(ctx);
         std::string backend = ctx->saved_data["backend"].toStringRef();
         Tensor grad_y = rows(grad_outputs[0]);
         Tensor grad_x, grad_a, grad_b;
-        if (records_second_derivative({grad_y, x, weight, lora_a, lora_b})) {
+        if (records_a_graph({grad_y, x, weight, lora_a, lora_b})) {
             std::tie(grad_x, grad_a, grad_b) = multi_lora_linear_grads_in_python(
                 grad_y, optional(x), weight, lora_a, lora_b, optional(hidden), scales, s[6], s[7], optional(s[11]),
                 need.x, need.a, need.b);

@@ -8,14 +8,13 @@
 // set_backend naming another backend somewhere) and the environment variable LORA_KERNELS_BACKEND.
 #include "lora_kernels.h"
 
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/jit/frontend/tracer.h>
-#include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
-
 #include <atomic>
 #include <cctype>
 #include <cmath>
@@ -242,6 +241,30 @@ Grads undefined_for_none(const OptGrads& grads) {
 
 }  // namespace
 
+const c10::TypedOperatorHandle<LoRALinearFn>& lora_linear_op() {
+    static const auto handle =
+        c10::Dispatcher::singleton().findSchemaOrThrow("lora_kernels::lora_linear", "").typed<LoRALinearFn>();
+    return handle;
+}
+
+const c10::TypedOperatorHandle<LoRALinearBackwardFn>& lora_linear_backward_op() {
+    static const auto handle =
+        c10::Dispatcher::singleton().findSchemaOrThrow("lora_kernels::lora_linear_backward", "").typed<LoRALinearBackwardFn>();
+    return handle;
+}
+
+const c10::TypedOperatorHandle<MultiLoRALinearFn>& multi_lora_linear_op() {
+    static const auto handle =
+        c10::Dispatcher::singleton().findSchemaOrThrow("lora_kernels::multi_lora_linear", "").typed<MultiLoRALinearFn>();
+    return handle;
+}
+
+const c10::TypedOperatorHandle<MultiLoRALinearBackwardFn>& multi_lora_linear_backward_op() {
+    static const auto handle =
+        c10::Dispatcher::singleton().findSchemaOrThrow("lora_kernels::multi_lora_linear_backward", "").typed<MultiLoRALinearBackwardFn>();
+    return handle;
+}
+
 std::string cpu_backend(const Tensor& x) {
     return python_may_serve_cpu() ? call_python<std::string>("resolve_backend", x) : "torch";
 }
@@ -305,11 +328,7 @@ using lora_kernels::Tensor;
 
 Tensor call_lora_linear(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lora_a,
                         const Tensor& lora_b, double scale, double dropout_p, const OptTensor& seed) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lora_kernels::lora_linear", "")
-                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                           const Tensor&, const Tensor&, double, double,
-                                                           const OptTensor&)>();
+    static const auto& op = lora_kernels::lora_linear_op();
     return std::get<0>(op.call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed));
 }
 
@@ -319,13 +338,7 @@ Tensor call_multi_lora_linear(
     const Tensor& segment_starts, const OptTensor& segment_adapters, const OptTensor& ranks,
     const Tensor& segment_tiles, const Tensor& adapter_tiles, const Tensor& active_adapters, int64_t row_tile,
     bool need_hidden) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lora_kernels::multi_lora_linear", "")
-                         .typed<std::tuple<Tensor, Tensor>(
-                             const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
-                             c10::SymInt, bool)>();
+    static const auto& op = lora_kernels::multi_lora_linear_op();
     return std::get<0>(op.call(x, weight, bias, lora_a, lora_b, scales, sorted_rows, adapter_starts, segment_rows,
                                segment_starts, segment_adapters, ranks, segment_tiles, adapter_tiles,
                                active_adapters, c10::SymInt(row_tile), need_hidden));

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ScalarOps.h>
 
 #include <optional>
@@ -67,6 +68,31 @@ inline at::ScalarType hidden_dtype(at::ScalarType dtype) {
 
 // out = beta · out + scale · (left @ right) in place: fallback.add_scaled_product_.
 void add_scaled_product_(const Tensor& out, const Tensor& left, const Tensor& right, double scale, int64_t beta = 1);
+
+}  // namespace lora_kernels
+
+// ---- the registered ops' dispatcher handles (library.cpp: one lookup each) ------------------------------
+namespace lora_kernels {
+
+using ForwardOutputs = std::tuple<Tensor, Tensor>;   // (y, the rank intermediate T)
+using LoRALinearFn = ForwardOutputs(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
+                                    double, double, const OptTensor&);
+using LoRALinearBackwardFn = Grads(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                   const OptTensor&, const OptTensor&, double, double, const OptTensor&, bool, bool,
+                                   bool, c10::string_view);
+using MultiLoRALinearFn = ForwardOutputs(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                         const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, c10::SymInt, bool);
+using MultiLoRALinearBackwardFn = Grads(const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
+                                        const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                        const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                        const Tensor&, const Tensor&, c10::SymInt, bool, bool, bool,
+                                        c10::string_view);
+const c10::TypedOperatorHandle<LoRALinearFn>& lora_linear_op();
+const c10::TypedOperatorHandle<LoRALinearBackwardFn>& lora_linear_backward_op();
+const c10::TypedOperatorHandle<MultiLoRALinearFn>& multi_lora_linear_op();
+const c10::TypedOperatorHandle<MultiLoRALinearBackwardFn>& multi_lora_linear_backward_op();
 
 }  // namespace lora_kernels
 
