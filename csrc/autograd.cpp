@@ -15,11 +15,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 bool requires_grad(const OptTensor& t) {
-    return t.has_value() && t->defined() && t->requires_grad();
-}
-
-Tensor or_undefined(const OptTensor& t) {
-    return t.has_value() ? *t : Tensor();
+    return is_given(t) && t->requires_grad();
 }
 
 OptTensor optional(const Tensor& t) {
@@ -65,7 +61,6 @@ Needs load_needs(AutogradContext* ctx) {
     auto list = ctx->saved_data["need"].toBoolList();
     return {list[0], list[1], list[2], list[3], list[4]};
 }
-
 
 struct LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> {
     static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
@@ -128,13 +123,6 @@ std::tuple<Tensor, Tensor> lora_linear_autograd(
     variable_list out = LoRALinearFunction::apply(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
     return {out[0], out[1]};
 }
-
-// The AdapterBatch's tensors, in the schema's order.
-struct Batch {
-    Tensor sorted_rows, adapter_starts, segment_rows, segment_starts;
-    OptTensor segment_adapters, ranks;
-    Tensor segment_tiles, adapter_tiles, active_adapters;
-};
 
 struct MultiLoRALinearFunction : public torch::autograd::Function<MultiLoRALinearFunction> {
     static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,

@@ -67,23 +67,19 @@ Result call_python(const std::string& name, const Args&... args) {
     return found->second(args...).template cast<Result>();
 }
 
-bool is_set(const OptTensor& t) {
-    return t.has_value() && t->defined();
-}
-
 // Only a direct call of a registered op can get here with these wrong (lora_linear checks dropout_p and
 // draws the seed): an error naming them, never a wrong answer or a read through a missing tensor.
 void check_dropout(double dropout_p, const OptTensor& seed, bool seed_read) {
     TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
     if (dropout_p > 0.0 && seed_read) {
-        TORCH_CHECK_VALUE(is_set(seed) && seed->dim() == 0 && seed->scalar_type() == at::kLong, "dropout_p=",
+        TORCH_CHECK_VALUE(is_given(seed) && seed->dim() == 0 && seed->scalar_type() == at::kLong, "dropout_p=",
                           dropout_p, " needs seed, a 0-d int64 tensor; got ",
-                          is_set(seed) ? c10::str("shape ", seed->sizes(), ", dtype ", seed->scalar_type()) : "None");
+                          is_given(seed) ? c10::str("shape ", seed->sizes(), ", dtype ", seed->scalar_type()) : "None");
     }
 }
 
 void check_given(const OptTensor& t, const char* name, const char* needed_for) {
-    TORCH_CHECK_VALUE(is_set(t), name, " is None but ", needed_for, " needs it");
+    TORCH_CHECK_VALUE(is_given(t), name, " is None but ", needed_for, " needs it");
 }
 
 // The AdapterBatch's by-adapter view against the stacks: L + 1 starts, L scales and ranks, M sorted rows.
@@ -94,8 +90,9 @@ void check_batch(const Tensor& lora_a, const Tensor& scales, const Tensor& sorte
                       adapter_starts.sizes(), ") must hold L + 1 = ", num_adapters + 1, " entries");
     TORCH_CHECK_VALUE(scales.dim() == 1 && scales.numel() == num_adapters, "scales (shape ", scales.sizes(),
                       ") must hold L = ", num_adapters, " entries");
-    TORCH_CHECK_VALUE(!is_set(ranks) || (ranks->dim() == 1 && ranks->numel() == num_adapters), "ranks (shape ",
-                      is_set(ranks) ? ranks->sizes() : at::IntArrayRef{}, ") must hold L = ", num_adapters, " entries");
+    TORCH_CHECK_VALUE(!is_given(ranks) || (ranks->dim() == 1 && ranks->numel() == num_adapters), "ranks (shape ",
+                      is_given(ranks) ? ranks->sizes() : at::IntArrayRef{}, ") must hold L = ", num_adapters,
+                      " entries");
     TORCH_CHECK_VALUE(sorted_rows.dim() == 1 && sorted_rows.numel() == m, "sorted_rows (shape ", sorted_rows.sizes(),
                       ") must hold one entry per row, M = ", m);
 }
@@ -125,7 +122,8 @@ std::tuple<Tensor, Tensor> lora_linear_cpu(
     check_dropout(dropout_p, seed, true);
     int64_t m = x.size(0), n = weight.size(0);
     if (m == 0 || n == 0) {
-        return {x.new_empty({m, n}), x.new_zeros({m, lora_a.size(0)}, x.options().dtype(hidden_dtype(x.scalar_type())))};
+        return {x.new_empty({m, n}),
+                x.new_zeros({m, lora_a.size(0)}, x.options().dtype(hidden_dtype(x.scalar_type())))};
     }
     return lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
 }
@@ -235,33 +233,34 @@ void add_multi_lora_cpu(
 using OptGrads = std::tuple<OptTensor, OptTensor, OptTensor>;
 
 Grads undefined_for_none(const OptGrads& grads) {
-    auto tensor = [](const OptTensor& t) { return t.has_value() ? *t : Tensor(); };
-    return {tensor(std::get<0>(grads)), tensor(std::get<1>(grads)), tensor(std::get<2>(grads))};
+    return {or_undefined(std::get<0>(grads)), or_undefined(std::get<1>(grads)), or_undefined(std::get<2>(grads))};
 }
 
 }  // namespace
 
+// The typed dispatcher handle of lora_kernels::<name>; each op's function below keeps one.
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
 const c10::TypedOperatorHandle<LoRALinearFn>& lora_linear_op() {
-    static const auto handle =
-        c10::Dispatcher::singleton().findSchemaOrThrow("lora_kernels::lora_linear", "").typed<LoRALinearFn>();
+    static const auto handle = find_op<LoRALinearFn>("lora_kernels::lora_linear");
     return handle;
 }
 
 const c10::TypedOperatorHandle<LoRALinearBackwardFn>& lora_linear_backward_op() {
-    static const auto handle =
-        c10::Dispatcher::singleton().findSchemaOrThrow("lora_kernels::lora_linear_backward", "").typed<LoRALinearBackwardFn>();
+    static const auto handle = find_op<LoRALinearBackwardFn>("lora_kernels::lora_linear_backward");
     return handle;
 }
 
 const c10::TypedOperatorHandle<MultiLoRALinearFn>& multi_lora_linear_op() {
-    static const auto handle =
-        c10::Dispatcher::singleton().findSchemaOrThrow("lora_kernels::multi_lora_linear", "").typed<MultiLoRALinearFn>();
+    static const auto handle = find_op<MultiLoRALinearFn>("lora_kernels::multi_lora_linear");
     return handle;
 }
 
 const c10::TypedOperatorHandle<MultiLoRALinearBackwardFn>& multi_lora_linear_backward_op() {
-    static const auto handle =
-        c10::Dispatcher::singleton().findSchemaOrThrow("lora_kernels::multi_lora_linear_backward", "").typed<MultiLoRALinearBackwardFn>();
+    static const auto handle = find_op<MultiLoRALinearBackwardFn>("lora_kernels::multi_lora_linear_backward");
     return handle;
 }
 
@@ -364,7 +363,7 @@ py::object lora_linear_eager(py::handle x_obj, py::handle weight_obj, py::handle
     const OptTensor bias = bias_obj.is_none() ? OptTensor() : OptTensor(THPVariable_Unpack(bias_obj.ptr()));
     constexpr double max_scale = std::numeric_limits<float>::max();   // ops/_checks.py: MAX_SCALE
     constexpr double max_dropout_p = 1.0 - 0x1p-24;                    // MAX_DROPOUT_P
-    const bool has_bias = bias.has_value() && bias->defined();
+    const bool has_bias = lora_kernels::is_given(bias);
     const at::ScalarType dtype = x.scalar_type();
     auto plain_cpu = [dtype](const Tensor& t, int64_t dim) {
         return t.dim() == dim && t.is_cpu() && t.layout() == at::kStrided && !t.is_nested() &&
@@ -408,11 +407,10 @@ void call_add_multi_lora_(
     const Tensor& sorted_rows, const Tensor& adapter_starts, const Tensor& segment_rows, const Tensor& segment_starts,
     const OptTensor& segment_adapters, const OptTensor& ranks, const Tensor& segment_tiles,
     const Tensor& adapter_tiles, const Tensor& active_adapters, int64_t row_tile) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("lora_kernels::add_multi_lora_", "")
-                         .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                     const OptTensor&, const Tensor&, const Tensor&, const Tensor&, c10::SymInt)>();
+    static const auto op = lora_kernels::find_op<void(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+        const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
+        c10::SymInt)>("lora_kernels::add_multi_lora_");
     op.call(out, x, lora_a, lora_b, scales, sorted_rows, adapter_starts, segment_rows, segment_starts,
             segment_adapters, ranks, segment_tiles, adapter_tiles, active_adapters, c10::SymInt(row_tile));
 }

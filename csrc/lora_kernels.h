@@ -61,6 +61,16 @@ inline Tensor python_float(double value) {
     return at::native::wrapped_scalar_tensor(value);
 }
 
+// Whether an optional tensor argument holds a tensor (None and an undefined tensor do not).
+inline bool is_given(const OptTensor& t) {
+    return t.has_value() && t->defined();
+}
+
+// The tensor of an optional argument, undefined for None (what autograd and the tuples of Grads hold).
+inline Tensor or_undefined(const OptTensor& t) {
+    return t.has_value() ? *t : Tensor();
+}
+
 // fallback.hidden_dtype: the saved rank intermediate's dtype.
 inline at::ScalarType hidden_dtype(at::ScalarType dtype) {
     return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;

@@ -26,7 +26,8 @@ Tensor dropout_keep_mask(int64_t m, int64_t k, double dropout_p, const Tensor& s
 }
 
 static Tensor apply_keep_mask(const Tensor& x, const Tensor& keep, double dropout_p) {
-    return x.mul(keep).mul(python_float(1.0 / (1.0 - dropout_p)));   // x (M, K) dropped, kept entries scaled by 1 / (1 - p)
+    // x (M, K) dropped, the kept entries scaled by 1 / (1 - p)
+    return x.mul(keep).mul(python_float(1.0 / (1.0 - dropout_p)));
 }
 
 static Tensor dropped(const Tensor& x, double dropout_p, const OptTensor& seed) {
@@ -39,7 +40,7 @@ static Tensor dropped(const Tensor& x, double dropout_p, const OptTensor& seed) 
 std::tuple<Tensor, Tensor> lora_linear_forward(
     const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& lora_a, const Tensor& lora_b,
     double scale, double dropout_p, const OptTensor& seed) {
-    Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());  // (M, N)
+    Tensor y = is_given(bias) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());                    // (M, N)
     Tensor hidden = at::mm(dropped(x, dropout_p, seed), lora_a.t());                                         // (M, r)
     add_scaled_product_(y, hidden, lora_b.t(), scale);
     at::ScalarType saved = hidden_dtype(hidden.scalar_type());
@@ -56,7 +57,7 @@ Grads lora_linear_backward(
         Tensor grad_t = at::mm(grad_y, *lora_b).mul_(python_float(scale));                                  // (M, r)
         Tensor keep;   // one mask for dX and dA
         if (dropout_p != 0.0) {
-            int64_t k = x.has_value() && x->defined() ? x->size(1) : lora_a->size(1);
+            int64_t k = is_given(x) ? x->size(1) : lora_a->size(1);
             keep = dropout_keep_mask(grad_y.size(0), k, dropout_p, *seed);                       // (M, K)
         }
         if (need_x) {

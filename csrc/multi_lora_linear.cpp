@@ -18,8 +18,6 @@
 namespace lora_kernels {
 namespace {
 
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
-
 // A 1-D tensor's values on the host, as int64 (index tensors) or double (scales): tolist().
 template <typename T>
 std::vector<T> host_values(const Tensor& t) {
@@ -46,7 +44,7 @@ HostGroups host_groups(const Tensor& adapter_starts, const OptTensor& ranks, con
     HostGroups g;
     const std::vector<int64_t> starts = host_values<int64_t>(adapter_starts);
     const size_t num_adapters = starts.empty() ? 0 : starts.size() - 1;
-    std::vector<int64_t> given_ranks = given(ranks) ? host_values<int64_t>(*ranks)
+    std::vector<int64_t> given_ranks = is_given(ranks) ? host_values<int64_t>(*ranks)
                                                     : std::vector<int64_t>(num_adapters, max_rank);
     g.scales = host_values<double>(scales);
     g.offsets.push_back(0);
@@ -131,7 +129,7 @@ std::tuple<Tensor, Tensor> multi_lora_linear_forward(
     bool need_hidden) {
     const int64_t m = x.size(0), max_rank = lora_a.size(1);
     // Python's x @ weight.T is aten::mm for 2-D operands
-    const Tensor y = given(bias) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());   // (M, N)
+    const Tensor y = is_given(bias) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());   // (M, N)
     const Tensor hidden = x.new_zeros({m, need_hidden ? max_rank : 0},
                                       at::TensorOptions().dtype(hidden_dtype(x.scalar_type())));
     add_lora_rows(y, x, lora_a, lora_b, scales, sorted_rows, adapter_starts, ranks,

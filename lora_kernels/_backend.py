@@ -130,5 +130,6 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "triton" if device.type == "cuda" and reason is None else "torch"
 
 
-if _extension.module is not None:   # the C++ autograd asks which backend serves a CPU call while _tell_extension says one may
+# the C++ autograd asks which backend serves a CPU call while _tell_extension says another may
+if _extension.module is not None:
     _extension.module.set_python_kernel("resolve_backend", lambda x: resolve_backend(x.device, x.dtype))

@@ -3,13 +3,14 @@
 Layers: public function (validate, flatten, group rows by adapter) -> registered ops
 ``lora_kernels::multi_lora_linear`` / ``lora_kernels::multi_lora_linear_backward`` (C++'s with the
 extension, csrc/: schemas, CPU kernels, CPU autograd; else torch.library custom ops; fake impls, the
-other devices' kernels and autograd from here) -> backend (_dispatch.implementation: Triton launchers or the torch
-backend, both given the AdapterBatch's tensors). The base layer is torch's own GEMM in both backends
+other devices' kernels and autograd from here) -> backend (_dispatch.implementation: Triton launchers or
+the torch backend, both given the AdapterBatch's tensors). The base layer is torch's own GEMM in both backends
 (the split strategy), so rows of no adapter equal F.linear's output bit for bit.
 Routes of a call (_dispatch.route), as in lora_linear: inside a torch.compile trace -> the registered
 op; forward-mode AD / torch.func -> the differentiable composition (_composite); with the profiler on
 -> the registered op; CPU tensors with the extension -> the registered op through its binding; an
-input requiring grad -> the eager fast path; else the forward directly; DTensors (tensor parallelism, _tensor_parallel) take them with each rank's shards.
+input requiring grad -> the eager fast path; else the forward directly; DTensors (tensor parallelism,
+_tensor_parallel) take them with each rank's shards.
 add_multi_lora_ (inference only): the registered op inside a trace, under the profiler or on CPU with
 the extension, else direct.
 A backward recorded with create_graph=True computes its gradients with the composition's formulas,
