@@ -1,15 +1,20 @@
 """lora-kernels: fused LoRA linear layers, y = x W0ᵀ + b + s · (x Aᵀ) Bᵀ, with one adapter or a
 different adapter per row (multi_lora_linear).
 
+The top level holds the ops, the modules, AdapterBatch, backend control and PEFT patching. Beside it:
+lora_kernels.io (PEFT adapter files), lora_kernels.merging (merging adapters' factors),
+lora_kernels.reference (the float64 oracle), lora_kernels.metadata (AdapterBatch and its id check),
+lora_kernels.tuning (plan tables), lora_kernels.nn.tensor_parallel (tensor-parallel plans).
+
 Importing this package never imports triton and never touches a GPU. It loads the C++ extension
 lora_kernels._C when it is built (extension_status() says whether it serves, and why not).
 """
 
+from . import io, merging, reference  # noqa: F401  (namespaces: lora_kernels.io.read_adapter, ...)
 from ._backend import get_backend, set_backend, use_backend
+from ._deprecated import moved_attribute
 from ._extension import extension_status
-from .adapter_io import AdapterWeights, LayerAdapter, load_adapter, save_adapter
-from .merging import delta_weight, merge_cat, merge_linear, merge_svd
-from .metadata import AdapterBatch, set_check_adapter_ids
+from .metadata import AdapterBatch
 from .nn import (
     LoRALinear,
     MultiLoRALinear,
@@ -21,34 +26,45 @@ from .nn import (
 )
 from .ops.lora_linear import lora_linear
 from .ops.multi_lora_linear import add_multi_lora_, multi_lora_linear
-from .reference import lora_linear_reference, multi_lora_linear_reference
 
 __all__ = [
+    # ops
+    "lora_linear",
+    "multi_lora_linear",
+    "add_multi_lora_",
     "AdapterBatch",
-    "AdapterWeights",
-    "LayerAdapter",
+    # modules
     "LoRALinear",
     "MultiLoRALinear",
-    "add_multi_lora_",
-    "delta_weight",
-    "extension_status",
-    "get_backend",
-    "load_adapter",
-    "lora_linear",
-    "lora_linear_reference",
-    "merge_cat",
-    "merge_linear",
-    "merge_svd",
-    "multi_lora_linear",
-    "multi_lora_linear_reference",
-    "patch_peft",
-    "register_fused_peft",
-    "save_adapter",
-    "set_backend",
-    "set_check_adapter_ids",
-    "unpatch_peft",
     "use_adapters",
-    "use_backend",
     "wrap_multi_lora",
+    # backend control
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "extension_status",
+    # PEFT patching
+    "patch_peft",
+    "unpatch_peft",
+    "register_fused_peft",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# The top-level names of 0.1 that moved (README, "Public API"): they warn until 0.3.
+_MOVED = {
+    "AdapterWeights": "lora_kernels.io:AdapterWeights",
+    "LayerAdapter": "lora_kernels.io:LayerAdapter",
+    "load_adapter": "lora_kernels.io:read_adapter",
+    "save_adapter": "lora_kernels.io:write_adapter",
+    "delta_weight": "lora_kernels.merging:dense_delta",
+    "merge_cat": "lora_kernels.merging:merge_cat",
+    "merge_linear": "lora_kernels.merging:merge_linear",
+    "merge_svd": "lora_kernels.merging:merge_svd",
+    "set_check_adapter_ids": "lora_kernels.metadata:set_check_adapter_ids",
+    "lora_linear_reference": "lora_kernels.reference:lora_linear_reference",
+    "multi_lora_linear_reference": "lora_kernels.reference:multi_lora_linear_reference",
+}
+
+
+def __getattr__(name: str):
+    return moved_attribute(__name__, name, _MOVED)

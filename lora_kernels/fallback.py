@@ -12,13 +12,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._checks import hidden_dtype
+
 if TYPE_CHECKING:   # the type only: metadata sits above the backends
     from .metadata import BatchTensors
-
-
-def hidden_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved rank intermediate T: fp32 for 16-bit and fp32 inputs, fp64 for fp64."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def dropout_keep_mask(m: int, k: int, dropout_p: float, seed: torch.Tensor, device: torch.device) -> torch.Tensor:

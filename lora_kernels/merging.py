@@ -18,7 +18,7 @@ is a different operation: for equal ranks it averages A and B *separately*,
 
 None of the merges forms an (N, K) matrix: the SVD merge costs O((N + K) R² + R³). The arithmetic runs
 in float32 (float64 for float64 inputs), under ``torch.no_grad()``; results never require grad.
-``delta_weight`` forms ΔW and is meant for tests and small layers.
+``dense_delta`` forms ΔW and is meant for tests and small layers.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .ops._checks import FLOAT_DTYPES, describe
+from ._checks import FLOAT_DTYPES, describe
+from ._deprecated import moved_attribute
 
-__all__ = ["delta_weight", "merge_cat", "merge_linear", "merge_svd"]
+__all__ = ["dense_delta", "merge_cat", "merge_linear", "merge_svd"]
 
 Adapter = tuple[torch.Tensor, torch.Tensor, float]   # (lora_a (r, K), lora_b (N, r), scale)
 Merged = tuple[torch.Tensor, torch.Tensor, float]    # (lora_a (r_out, K), lora_b (N, r_out), 1.0)
@@ -197,17 +198,17 @@ def _merge_exact(adapters: list[tuple[torch.Tensor, torch.Tensor, float]], coeff
 # public
 # ---------------------------------------------------------------------------------------------
 
-def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def dense_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``ΔW = scale · B A``, shape (N, K), in lora_a's dtype (computed in float32, or float64).
 
     lora_a: (r, K)   lora_b: (N, r)   scale: python float (or 0-d tensor).
     Forms the full (N, K) matrix: for tests and small layers only; the merges never call it.
 
     >>> import torch
-    >>> from lora_kernels.merging import delta_weight
+    >>> from lora_kernels.merging import dense_delta
     >>> lora_a = torch.tensor([[1.0, 2.0, 3.0]])          # (r=1, K=3)
     >>> lora_b = torch.tensor([[1.0], [-1.0]])            # (N=2, r=1)
-    >>> delta_weight(lora_a, lora_b, 0.5)
+    >>> dense_delta(lora_a, lora_b, 0.5)
     tensor([[ 0.5000,  1.0000,  1.5000],
             [-0.5000, -1.0000, -1.5000]])
     """
@@ -238,7 +239,7 @@ def merge_linear(adapters: Sequence[Adapter], weights: Sequence[float]) -> Merge
     the same delta to a chosen rank.
 
     >>> import torch
-    >>> from lora_kernels.merging import delta_weight, merge_linear
+    >>> from lora_kernels.merging import dense_delta, merge_linear
     >>> g = torch.Generator().manual_seed(0)
     >>> randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
     >>> a1, b1 = randn(4, 16), randn(32, 4)                  # rank 4, K=16, N=32
@@ -246,8 +247,8 @@ def merge_linear(adapters: Sequence[Adapter], weights: Sequence[float]) -> Merge
     >>> lora_a, lora_b, scale = merge_linear([(a1, b1, 2.0), (a2, b2, 0.5)], [0.7, -0.3])
     >>> tuple(lora_a.shape), tuple(lora_b.shape), scale
     ((12, 16), (32, 12), 1.0)
-    >>> expected = 0.7 * delta_weight(a1, b1, 2.0) - 0.3 * delta_weight(a2, b2, 0.5)
-    >>> torch.allclose(delta_weight(lora_a, lora_b, scale), expected)
+    >>> expected = 0.7 * dense_delta(a1, b1, 2.0) - 0.3 * dense_delta(a2, b2, 0.5)
+    >>> torch.allclose(dense_delta(lora_a, lora_b, scale), expected)
     True
     """
     checked = _check_adapters(adapters)
@@ -263,7 +264,7 @@ def merge_cat(adapters: Sequence[Adapter]) -> Merged:
     Each scale is folded into its rows of lora_a; lora_b is an exact copy of the inputs.
 
     >>> import torch
-    >>> from lora_kernels.merging import delta_weight, merge_cat
+    >>> from lora_kernels.merging import dense_delta, merge_cat
     >>> g = torch.Generator().manual_seed(0)
     >>> randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
     >>> a1, b1 = randn(2, 5), randn(3, 2)                    # rank 2, K=5, N=3
@@ -273,7 +274,7 @@ def merge_cat(adapters: Sequence[Adapter]) -> Merged:
     ((3, 5), (3, 3), 1.0)
     >>> torch.equal(lora_a[:2], 4.0 * a1), torch.equal(lora_b[:, 2:], b2)
     (True, True)
-    >>> torch.allclose(delta_weight(lora_a, lora_b), delta_weight(a1, b1, 4.0) + delta_weight(a2, b2))
+    >>> torch.allclose(dense_delta(lora_a, lora_b), dense_delta(a1, b1, 4.0) + dense_delta(a2, b2))
     True
     """
     checked = _check_adapters(adapters)
@@ -300,16 +301,16 @@ def merge_svd(adapters: Sequence[Adapter], weights: Sequence[float], rank: int) 
       have σ ≈ 0 and so come out ≈ 0.
 
     >>> import torch
-    >>> from lora_kernels.merging import delta_weight, merge_svd
+    >>> from lora_kernels.merging import dense_delta, merge_svd
     >>> g = torch.Generator().manual_seed(0)
     >>> adapters = [(torch.randn(8, 64, generator=g, dtype=torch.float64),
     ...              torch.randn(48, 8, generator=g, dtype=torch.float64), 0.5) for _ in range(2)]
     >>> lora_a, lora_b, scale = merge_svd(adapters, [1.0, 1.0], rank=4)
     >>> tuple(lora_a.shape), tuple(lora_b.shape), scale
     ((4, 64), (48, 4), 1.0)
-    >>> full = delta_weight(*adapters[0]) + delta_weight(*adapters[1])   # (48, 64), for the check only
+    >>> full = dense_delta(*adapters[0]) + dense_delta(*adapters[1])   # (48, 64), for the check only
     >>> u, s, vh = torch.linalg.svd(full)
-    >>> torch.allclose(delta_weight(lora_a, lora_b), u[:, :4] @ torch.diag(s[:4]) @ vh[:4])
+    >>> torch.allclose(dense_delta(lora_a, lora_b), u[:, :4] @ torch.diag(s[:4]) @ vh[:4])
     True
     >>> torch.allclose(lora_b.norm(dim=0) ** 2, s[:4]) and torch.allclose(lora_a.norm(dim=1) ** 2, s[:4])
     True
@@ -329,3 +330,7 @@ def merge_svd(adapters: Sequence[Adapter], weights: Sequence[float], rank: int) 
         lora_b[:, :p] = u * root
         lora_a[:p] = root[:, None] * vh
     return lora_a.to(dtype), lora_b.to(dtype), 1.0
+
+
+def __getattr__(name: str):
+    return moved_attribute(__name__, name, {"delta_weight": "lora_kernels.merging:dense_delta"})

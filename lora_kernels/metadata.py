@@ -35,7 +35,7 @@ import torch
 
 from ._dtensor import replicated_local
 from ._env import check_ids_from_env
-from .ops._checks import describe
+from ._checks import describe
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 

@@ -5,7 +5,15 @@ Nothing here is tuned. Tests run these in float64 and compare every backend agai
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (the same expressions as
+    peft's LoraLayer.update_layer, so the floats are identical)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def lora_linear_reference(

@@ -1,6 +1,6 @@
 """Adapter files under failure and from untrusted sources (issue 10, items 7 and 10).
 
-save_adapter replaces adapter_model.safetensors + adapter_config.json as a pair: a failure at any step
+write_adapter replaces adapter_model.safetensors + adapter_config.json as a pair: a failure at any step
 (each write, fsync and rename in turn) leaves the old pair and no temporary files; a process stopped
 at any step leaves a directory where a plain reader (PEFT) never finds a config beside weights it was
 not saved with, and the next save completes cleanly. Pattern keys and target_modules from a config are
@@ -24,7 +24,7 @@ from torch import nn
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from lora_kernels.adapter_io import AdapterWeights, LayerAdapter, load_adapter, save_adapter  # noqa: E402
+from lora_kernels.io import AdapterWeights, LayerAdapter, read_adapter, write_adapter  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:peft")
 
@@ -63,7 +63,7 @@ def plain_reader_sees(directory: pathlib.Path, scratch: pathlib.Path) -> str:
         if (directory / name).exists():
             shutil.copyfile(directory / name, scratch / name)
     try:
-        return which(load_adapter(scratch))
+        return which(read_adapter(scratch))
     except (ValueError, FileNotFoundError) as e:
         return f"mixed ({e})"
 
@@ -77,7 +77,7 @@ def directory_with_old_pair(root: pathlib.Path) -> pathlib.Path:
     for name, text in USER_FILES.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
-    save_adapter(root, OLD)
+    write_adapter(root, OLD)
     return root
 
 
@@ -112,29 +112,29 @@ def test_a_failure_at_any_step_leaves_the_old_pair(tmp_path):
     directory = tmp_path / "adapter"
     directory_with_old_pair(directory)
     with calls_of(STEPS) as log:
-        save_adapter(directory, NEW)
+        write_adapter(directory, NEW)
     assert plain_reader_sees(directory, tmp_path / "scratch") == "new" and files_in(directory) == CLEAN
     assert "safetensors.torch.save_file" in log and "Path.write_text" in log, log
     for step in range(len(log)):
         directory_with_old_pair(directory)
         with calls_of(STEPS, fail_from=step, fail_until=step + 1), pytest.raises(OSError, match="injected"):
-            save_adapter(directory, NEW)
+            write_adapter(directory, NEW)
         where = f"after a failure in step {step} ({log[step]}) of {log}"
         assert plain_reader_sees(directory, tmp_path / "scratch") == "old", where
-        assert which(load_adapter(directory)) == "old", where
+        assert which(read_adapter(directory)) == "old", where
         assert files_in(directory) == CLEAN, where
-        save_adapter(directory, NEW)  # and the next save works
+        write_adapter(directory, NEW)  # and the next save works
         assert plain_reader_sees(directory, tmp_path / "scratch") == "new" and files_in(directory) == CLEAN, where
     for step in range(len(log)):  # and when every clean-up (rmtree) fails as well
         directory_with_old_pair(directory)
         with calls_of(STEPS, fail_from=step, fail_until=step + 1) as failed_log, \
                 pytest.MonkeyPatch.context() as mp, pytest.raises(OSError, match="injected"):
             mp.setattr(shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(OSError("injected: no rmtree")))
-            save_adapter(directory, NEW)
+            write_adapter(directory, NEW)
         where = f"after a failure in step {step} of {failed_log}, clean-up failing too"
         assert plain_reader_sees(directory, tmp_path / "scratch") == "old", where
-        assert which(load_adapter(directory)) == "old", where
-        save_adapter(directory, NEW)  # removes what the failed clean-up left
+        assert which(read_adapter(directory)) == "old", where
+        write_adapter(directory, NEW)  # removes what the failed clean-up left
         assert files_in(directory) == CLEAN, where
 
 
@@ -144,20 +144,20 @@ def test_a_stop_at_any_step_never_shows_a_mixed_pair_and_the_next_save_recovers(
     directory = tmp_path / "adapter"
     directory_with_old_pair(directory)
     with calls_of(FROZEN_BY_A_STOP) as log:
-        save_adapter(directory, NEW)
+        write_adapter(directory, NEW)
     for step in range(len(log)):
         directory_with_old_pair(directory)
         with calls_of(FROZEN_BY_A_STOP, fail_from=step), pytest.raises(OSError, match="injected"):
-            save_adapter(directory, NEW)
+            write_adapter(directory, NEW)
         where = f"after a stop at step {step} ({log[step]}) of {log}"
         assert plain_reader_sees(directory, tmp_path / "scratch") in ("old", "new", "no config"), where
-        seen = which(load_adapter(directory))  # the committed pair, if any
+        seen = which(read_adapter(directory))  # the committed pair, if any
         assert seen in ("old", "new"), where
         # the next save first completes the stopped one: even if it then fails, the pair is the one load saw
         with calls_of([(safetensors_torch, "save_file")], fail_from=0), pytest.raises(OSError, match="injected"):
-            save_adapter(directory, THIRD)
+            write_adapter(directory, THIRD)
         assert plain_reader_sees(directory, tmp_path / "scratch") == seen, where
-        save_adapter(directory, THIRD)
+        write_adapter(directory, THIRD)
         assert plain_reader_sees(directory, tmp_path / "scratch") == "third", where
         assert files_in(directory) == CLEAN, where
 
@@ -182,7 +182,7 @@ def test_save_over_a_peft_directory_keeps_its_files_and_peft_reads_it(tmp_path):
     peft.get_peft_model(Model(), config).save_pretrained(tmp_path)  # writes README.md too
     (tmp_path / "tokenizer.json").write_text("{}")
     before = {name: (tmp_path / name).read_bytes() for name in ("README.md", "tokenizer.json")}
-    save_adapter(tmp_path, NEW)
+    write_adapter(tmp_path, NEW)
     assert files_in(tmp_path) == {"README.md", "tokenizer.json", "adapter_config.json", "adapter_model.safetensors"}
     assert all((tmp_path / name).read_bytes() == data for name, data in before.items())
     layers = {n.removeprefix("base_model.model."): m for n, m in
@@ -217,7 +217,7 @@ def alarm(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def write_adapter(directory: pathlib.Path, names: list[str], rank: int, config: dict) -> pathlib.Path:
+def write_peft_files(directory: pathlib.Path, names: list[str], rank: int, config: dict) -> pathlib.Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name in names:
@@ -230,10 +230,10 @@ def write_adapter(directory: pathlib.Path, names: list[str], rank: int, config: 
 
 @pytest.mark.parametrize("key", BACKTRACKING_KEYS)
 def test_crafted_pattern_keys_are_matched_without_backtracking(tmp_path, key):
-    directory = write_adapter(tmp_path, [LONG_NAME, "model.aaaa"], 2, {
+    directory = write_peft_files(tmp_path, [LONG_NAME, "model.aaaa"], 2, {
         "r": 2, "lora_alpha": 4, "rank_pattern": {key: 2}, "alpha_pattern": {key: 6}})
     with alarm(10):
-        layers = load_adapter(directory).layers
+        layers = read_adapter(directory).layers
     matched = re.match(rf"(.*\.)?({key})$", "model.aaaa") is not None  # fast on the short name
     assert layers["model.aaaa"].scale == (3.0 if matched else 2.0)
     assert layers[LONG_NAME].scale == 2.0  # no key matches "aaa…a!"
@@ -246,8 +246,8 @@ def test_crafted_target_modules_and_layer_names_save_without_backtracking(tmp_pa
     adapter = AdapterWeights({"x." + "a" * 40 + "!": layer, "x.(a+)+": wide},
                              config={"target_modules": r"x\.(a|a)*", "r": 2, "lora_alpha": 2})
     with alarm(10):
-        save_adapter(tmp_path, adapter)
-    loaded = load_adapter(tmp_path).layers
+        write_adapter(tmp_path, adapter)
+    loaded = read_adapter(tmp_path).layers
     assert {n: la.rank for n, la in loaded.items()} == {"x." + "a" * 40 + "!": 2, "x.(a+)+": 4}
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == sorted(adapter.layers)
 
@@ -258,9 +258,9 @@ def test_a_repeated_empty_group_takes_no_time_to_build(tmp_path, key, same_as):
     """A group that matches only "" adds no automaton state, so MAX_STATES does not bound how often a
     count repeats it: building it must not loop the count's times (4e9 here; `re` compiles the key,
     and runs out of memory matching it)."""
-    directory = write_adapter(tmp_path, NAMES, 2, {"r": 2, "lora_alpha": 2, "alpha_pattern": {key: 6}})
+    directory = write_peft_files(tmp_path, NAMES, 2, {"r": 2, "lora_alpha": 2, "alpha_pattern": {key: 6}})
     with alarm(10):
-        layers = load_adapter(directory).layers
+        layers = read_adapter(directory).layers
     matched = [re.match(rf"(.*\.)?({same_as})$", n) is not None for n in NAMES]
     assert matched == [True, False] if same_as else matched == [False, False]
     assert [layers[n].scale for n in NAMES] == [3.0 if m else 1.0 for m in matched]
@@ -272,7 +272,7 @@ def test_crafted_key_and_long_layer_names_take_bounded_memory(tmp_path):
     character of the file's layer names (~170 MB for this 10k-character name)."""
     import tracemalloc
 
-    from lora_kernels.adapter_io import _peft_key_matcher
+    from lora_kernels.io import _peft_key_matcher
 
     matches = _peft_key_matcher(r"(a|b)*a.{400}x")
     rng = random.Random(0)
@@ -289,15 +289,15 @@ def test_crafted_key_and_long_layer_names_take_bounded_memory(tmp_path):
 def test_a_key_equal_to_the_module_path_applies_even_when_it_does_not_match_as_a_regex(tmp_path):
     # PEFT: rank_pattern.get(get_pattern_key(keys, path), r), and get_pattern_key returns the path itself
     # when no key matches; "x.q+" does not match "x.q+" as a regex ("+" repeats the "q")
-    directory = write_adapter(tmp_path, ["x.q+"], 3, {"r": 2, "lora_alpha": 6, "rank_pattern": {"x.q+": 3}})
-    assert load_adapter(directory).layers["x.q+"].rank == 3
+    directory = write_peft_files(tmp_path, ["x.q+"], 3, {"r": 2, "lora_alpha": 6, "rank_pattern": {"x.q+": 3}})
+    assert read_adapter(directory).layers["x.q+"].rank == 3
 
 
 @pytest.mark.parametrize("key", [r"(q)\1", "(?=q)q_proj", "(?i)Q_PROJ", r"\bq_proj+", "q_proj{", "a" * 1001])
 def test_pattern_keys_outside_the_safe_subset_are_refused(tmp_path, key):
-    directory = write_adapter(tmp_path, NAMES, 2, {"r": 2, "lora_alpha": 2, "rank_pattern": {key: 2}})
+    directory = write_peft_files(tmp_path, NAMES, 2, {"r": 2, "lora_alpha": 2, "rank_pattern": {key: 2}})
     with pytest.raises(ValueError, match=re.escape(f"rank_pattern key {key!r} is refused")):
-        load_adapter(directory)
+        read_adapter(directory)
 
 
 @pytest.mark.parametrize("field, config", [
@@ -307,11 +307,11 @@ def test_pattern_keys_outside_the_safe_subset_are_refused(tmp_path, key):
     ("r", {"use_rslora": True, "r": 10**400}),
 ])
 def test_huge_integers_are_a_value_error_naming_the_field(tmp_path, field, config):
-    directory = write_adapter(tmp_path, NAMES, 2, {"r": 2, "lora_alpha": 2, **config})
+    directory = write_peft_files(tmp_path, NAMES, 2, {"r": 2, "lora_alpha": 2, **config})
     with pytest.raises(ValueError, match=rf"{field}(\[.*\])?=-?1000"):
-        load_adapter(directory)
+        read_adapter(directory)
     with pytest.raises(ValueError, match="scale=1000"):
-        save_adapter(tmp_path / "out", AdapterWeights({"q": LayerAdapter(torch.ones(2, 8), torch.ones(6, 2), 10**400)}))
+        write_adapter(tmp_path / "out", AdapterWeights({"q": LayerAdapter(torch.ones(2, 8), torch.ones(6, 2), 10**400)}))
 
 
 def test_regex_keys_give_the_ranks_peft_gives(tmp_path):
@@ -333,7 +333,7 @@ def test_regex_keys_give_the_ranks_peft_gives(tmp_path):
     expected = {n.removeprefix("base_model.model."): m.r["default"] for n, m in model.named_modules()
                 if hasattr(m, "lora_A")}
     assert sorted(set(expected.values())) == [3, 5, 6]  # each key takes its own modules
-    assert {n: la.rank for n, la in load_adapter(tmp_path).layers.items()} == expected
+    assert {n: la.rank for n, la in read_adapter(tmp_path).layers.items()} == expected
 
 
 def test_safe_regex_answers_as_re_does():

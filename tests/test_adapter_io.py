@@ -1,10 +1,9 @@
-"""load_adapter / save_adapter against PEFT's real on-disk format: adapters saved by PEFT load with the
+"""read_adapter / write_adapter against PEFT's real on-disk format: adapters saved by PEFT load with the
 weights and scales PEFT uses, adapters we save load in PeftModel.from_pretrained with the same outputs,
 and inconsistent or unsupported files fail loudly (and are never unpickled). Offline, CPU, small."""
 
 from __future__ import annotations
 
-import doctest
 import json
 import math
 import subprocess
@@ -17,8 +16,7 @@ from torch import nn
 pytest.importorskip("safetensors")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from lora_kernels import adapter_io  # noqa: E402
-from lora_kernels.adapter_io import AdapterWeights, LayerAdapter, load_adapter, save_adapter  # noqa: E402
+from lora_kernels.io import AdapterWeights, LayerAdapter, read_adapter, write_adapter  # noqa: E402
 
 # PEFT warns about things we provoke on purpose (missing keys, lora_bias "invalid shape", embeddings).
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:peft")
@@ -142,7 +140,7 @@ def merged_forward(adapter: AdapterWeights, x, skip=()):
 
 
 # ---------------------------------------------------------------------------------------------------
-# PEFT -> load_adapter
+# PEFT -> read_adapter
 
 
 def test_peft_layout_is_what_we_expect(saved_by_peft):
@@ -157,7 +155,7 @@ def test_peft_layout_is_what_we_expect(saved_by_peft):
 
 def test_load_matches_peft_weights_and_scales(saved_by_peft, peft):
     model, path = saved_by_peft
-    adapter = load_adapter(path)
+    adapter = read_adapter(path)
     layers = peft_lora_layers(model, peft)
     assert set(adapter.layers) == set(layers) == set(PATHS)
     for name, layer in adapter.layers.items():
@@ -176,7 +174,7 @@ def test_load_matches_peft_weights_and_scales(saved_by_peft, peft):
 
 def test_patterns_give_per_module_ranks_and_scales(peft, tmp_path):
     make_peft_model(peft, **VARIANTS["patterns"]).save_pretrained(tmp_path)
-    layers = load_adapter(tmp_path).layers
+    layers = read_adapter(tmp_path).layers
     got = {name: (layer.rank, layer.scale) for name, layer in layers.items()}
     assert got == {
         "model.layers.0.self_attn.q_proj": (4, 8 / 4),
@@ -190,7 +188,7 @@ def test_patterns_give_per_module_ranks_and_scales(peft, tmp_path):
 
 def test_rslora_scale(peft, tmp_path):
     make_peft_model(peft, **VARIANTS["rslora_patterns"]).save_pretrained(tmp_path)
-    layers = load_adapter(tmp_path).layers
+    layers = read_adapter(tmp_path).layers
     assert layers["model.layers.0.self_attn.q_proj"].scale == 8 / math.sqrt(3)
     assert layers["model.layers.1.self_attn.v_proj"].scale == 10 / math.sqrt(4)
     assert layers["model.layers.1.self_attn.o_proj"].scale == 8 / math.sqrt(4)
@@ -205,10 +203,10 @@ def test_pattern_order_as_peft_saves_it(peft, tmp_path):
     model.save_pretrained(tmp_path)
     on_disk = list(json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"])
     if on_disk == list(rank_pattern):  # a PEFT that keeps the order: loads as trained
-        assert load_adapter(tmp_path).layers["model.layers.1.self_attn.q_proj"].rank == 2
+        assert read_adapter(tmp_path).layers["model.layers.1.self_attn.q_proj"].rank == 2
     else:
         with pytest.raises(ValueError, match=r"rank 2.*rank_pattern\['model.layers.1.self_attn.q_proj'\]=3"):
-            load_adapter(tmp_path)
+            read_adapter(tmp_path)
         with pytest.raises(RuntimeError, match="size mismatch"):
             peft.PeftModel.from_pretrained(base_model(), tmp_path)
 
@@ -216,8 +214,8 @@ def test_pattern_order_as_peft_saves_it(peft, tmp_path):
 def test_file_path_dtype_and_keys_without_prefix(plain_dir):
     tensors, config, directory = plain_dir
     write(directory, tensors, config)
-    full = load_adapter(directory)
-    half = load_adapter(directory / "adapter_model.safetensors", device=torch.device("cpu"), dtype=torch.bfloat16)
+    full = read_adapter(directory)
+    half = read_adapter(directory / "adapter_model.safetensors", device=torch.device("cpu"), dtype=torch.bfloat16)
     assert set(half.layers) == set(full.layers)
     for name, layer in half.layers.items():
         assert layer.lora_a.dtype == layer.lora_b.dtype == torch.bfloat16
@@ -225,7 +223,7 @@ def test_file_path_dtype_and_keys_without_prefix(plain_dir):
     # transformers' own PEFT integration saves keys without the base_model.model. prefix
     bare = write(directory.parent / "bare", {k.removeprefix("base_model.model."): v for k, v in tensors.items()},
                  config)
-    assert {n: (la.lora_a, la.scale) for n, la in load_adapter(bare).layers.items()}.keys() == full.layers.keys()
+    assert {n: (la.lora_a, la.scale) for n, la in read_adapter(bare).layers.items()}.keys() == full.layers.keys()
 
 
 def test_safetensors_load_never_calls_torch_load(plain_dir, monkeypatch):
@@ -236,17 +234,17 @@ def test_safetensors_load_never_calls_torch_load(plain_dir, monkeypatch):
         raise AssertionError("torch.load called")
 
     monkeypatch.setattr(torch, "load", forbidden)
-    assert len(load_adapter(directory).layers) == len(PATHS)
+    assert len(read_adapter(directory).layers) == len(PATHS)
 
 
 # ---------------------------------------------------------------------------------------------------
-# save_adapter -> PEFT
+# write_adapter -> PEFT
 
 
 def test_save_adapter_loads_in_peft_with_same_output(saved_by_peft, peft, tmp_path):
     model, path = saved_by_peft
-    adapter = load_adapter(path)
-    save_adapter(tmp_path / "ours", adapter)
+    adapter = read_adapter(path)
+    write_adapter(tmp_path / "ours", adapter)
 
     x = torch.randn(5, D, generator=torch.Generator().manual_seed(2))
     reloaded = peft.PeftModel.from_pretrained(base_model(), tmp_path / "ours").eval()
@@ -264,7 +262,7 @@ def test_save_adapter_loads_in_peft_with_same_output(saved_by_peft, peft, tmp_pa
     assert ours["init_lora_weights"] is True
     assert load_file(tmp_path / "ours" / "adapter_model.safetensors").keys() == \
         load_file(path / "adapter_model.safetensors").keys()
-    again = load_adapter(tmp_path / "ours")
+    again = read_adapter(tmp_path / "ours")
     for name, layer in adapter.layers.items():
         assert torch.equal(again.layers[name].lora_a, layer.lora_a)
         assert torch.equal(again.layers[name].lora_b, layer.lora_b)
@@ -274,7 +272,7 @@ def test_save_adapter_loads_in_peft_with_same_output(saved_by_peft, peft, tmp_pa
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_save_from_scratch_loads_in_peft(peft, tmp_path, use_rslora):
     """Hand-built layers (mixed ranks, arbitrary scales, a bias on one layer only) and a near-empty
-    config: save_adapter writes r / lora_alpha / patterns / target_modules that PEFT turns back into
+    config: write_adapter writes r / lora_alpha / patterns / target_modules that PEFT turns back into
     exactly these layers."""
     g = torch.Generator().manual_seed(3)
     ranks = {"q_proj": 2, "v_proj": 4, "o_proj": 3}
@@ -287,7 +285,7 @@ def test_save_from_scratch_loads_in_peft(peft, tmp_path, use_rslora):
                                     scale=[0.37, 1.5, -0.25, 2.0, 0.37, 1.0][i])
     layers[PATHS[0]].lora_bias = torch.randn(H, generator=g)
     adapter = AdapterWeights(layers, config={"use_rslora": use_rslora} if use_rslora else {})
-    save_adapter(tmp_path, adapter)
+    write_adapter(tmp_path, adapter)
 
     reloaded = peft.PeftModel.from_pretrained(base_model(), tmp_path).eval()
     peft_layers = peft_lora_layers(reloaded, peft)
@@ -307,7 +305,7 @@ def test_save_from_scratch_loads_in_peft(peft, tmp_path, use_rslora):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_rslora"] is use_rslora
     assert config["target_modules"] == sorted(PATHS) and config["lora_bias"] is True
-    back = load_adapter(tmp_path)
+    back = read_adapter(tmp_path)
     for name, layer in layers.items():
         assert math.isclose(back.layers[name].scale, layer.scale, rel_tol=1e-12)
 
@@ -317,11 +315,11 @@ def test_edited_adapter_saves_a_matching_config(peft, tmp_path):
     layer (still matched by target_modules) starts at B = 0 in PEFT, adding nothing."""
     model = make_peft_model(peft)
     model.save_pretrained(tmp_path / "peft")
-    adapter = load_adapter(tmp_path / "peft")
+    adapter = read_adapter(tmp_path / "peft")
     adapter.layers["model.layers.0.self_attn.v_proj"].scale = 0.5
     dropped = "model.layers.1.self_attn.o_proj"
     del adapter.layers[dropped]
-    save_adapter(tmp_path / "ours", adapter)
+    write_adapter(tmp_path / "ours", adapter)
 
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(TARGETS)  # still covers every layer: kept
@@ -341,11 +339,11 @@ def test_save_keeps_pattern_order(peft, tmp_path):
                                  m.scaling["default"]) for name, m in peft_lora_layers(model, peft).items()}
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": set(TARGETS),
               "rank_pattern": {"q_proj": 2, "model.layers.1.self_attn.q_proj": 3}}
-    save_adapter(tmp_path, AdapterWeights(layers, config))
+    write_adapter(tmp_path, AdapterWeights(layers, config))
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert list(written["rank_pattern"]) == ["q_proj", "model.layers.1.self_attn.q_proj"]
     assert written["target_modules"] == sorted(TARGETS)
-    assert load_adapter(tmp_path).layers["model.layers.1.self_attn.q_proj"].rank == 2
+    assert read_adapter(tmp_path).layers["model.layers.1.self_attn.q_proj"].rank == 2
     reloaded = peft.PeftModel.from_pretrained(base_model(), tmp_path).eval()
     x = torch.randn(5, D, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -353,7 +351,7 @@ def test_save_keeps_pattern_order(peft, tmp_path):
 
 
 def test_overlapping_paths_get_anchored_pattern_keys(peft, tmp_path):
-    """A root-level module 'q' and 'a.q': the key 'q' would match both, so save_adapter anchors it."""
+    """A root-level module 'q' and 'a.q': the key 'q' would match both, so write_adapter anchors it."""
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
@@ -366,10 +364,10 @@ def test_overlapping_paths_get_anchored_pattern_keys(peft, tmp_path):
     g = torch.Generator().manual_seed(5)
     adapter = AdapterWeights({"q": LayerAdapter(torch.randn(2, D, generator=g), torch.randn(D, 2, generator=g), 1.0),
                               "a.q": LayerAdapter(torch.randn(4, D, generator=g), torch.randn(D, 4, generator=g), 3.0)})
-    save_adapter(tmp_path, adapter)
+    write_adapter(tmp_path, adapter)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"^q": 2}
-    assert {n: (la.rank, la.scale) for n, la in load_adapter(tmp_path).layers.items()} == {"q": (2, 1.0),
+    assert {n: (la.rank, la.scale) for n, la in read_adapter(tmp_path).layers.items()} == {"q": (2, 1.0),
                                                                                           "a.q": (4, 3.0)}
     layers = peft_lora_layers(peft.PeftModel.from_pretrained(Model(), tmp_path), peft)
     assert {n: (m.r["default"], m.scaling["default"]) for n, m in layers.items()} == {"q": (2, 1.0),
@@ -380,31 +378,31 @@ def test_save_accepts_views_and_non_contiguous(tmp_path):
     buffer = torch.randn(4, 8)
     a = buffer[:2]  # shares memory with b
     b = buffer[2:].T  # (8, 2), not contiguous
-    save_adapter(tmp_path, AdapterWeights({"layer": LayerAdapter(a, b, 1.0)}))
-    layer = load_adapter(tmp_path).layers["layer"]
+    write_adapter(tmp_path, AdapterWeights({"layer": LayerAdapter(a, b, 1.0)}))
+    layer = read_adapter(tmp_path).layers["layer"]
     assert torch.equal(layer.lora_a, a) and torch.equal(layer.lora_b, b)
 
 
 def test_save_errors(tmp_path):
     a, b = torch.randn(4, 16), torch.randn(24, 4)
     with pytest.raises(ValueError, match=r"lora_b has shape \(24, 3\); expected \(N, 4\)"):
-        save_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a, torch.randn(24, 3), 1.0)}))
+        write_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a, torch.randn(24, 3), 1.0)}))
     with pytest.raises(ValueError, match=r"lora_bias is \(16,\); expected a floating-point \(24,\)"):
-        save_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a, b, 1.0, lora_bias=torch.zeros(16))}))
+        write_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a, b, 1.0, lora_bias=torch.zeros(16))}))
     with pytest.raises(ValueError, match="without the 'base_model.model.' prefix"):
-        save_adapter(tmp_path, AdapterWeights({"base_model.model.q": LayerAdapter(a, b, 1.0)}))
+        write_adapter(tmp_path, AdapterWeights({"base_model.model.q": LayerAdapter(a, b, 1.0)}))
     with pytest.raises(ValueError, match="2-D"):
-        save_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a[0], b, 1.0)}))
+        write_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a[0], b, 1.0)}))
     with pytest.raises(ValueError, match="scale=nan"):
-        save_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a, b, float("nan"))}))
+        write_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a, b, float("nan"))}))
     with pytest.raises(ValueError, match="empty"):
-        save_adapter(tmp_path, AdapterWeights({}))
+        write_adapter(tmp_path, AdapterWeights({}))
     with pytest.raises(NotImplementedError, match="DoRA"):
-        save_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a, b, 1.0)}, config={"use_dora": True}))
+        write_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a, b, 1.0)}, config={"use_dora": True}))
     with pytest.raises(TypeError, match="AdapterWeights"):
-        save_adapter(tmp_path, {"q": LayerAdapter(a, b, 1.0)})
+        write_adapter(tmp_path, {"q": LayerAdapter(a, b, 1.0)})
     with pytest.raises(TypeError, match="cannot be written as JSON"):
-        save_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a, b, 1.0)}, config={"note": object()}))
+        write_adapter(tmp_path, AdapterWeights({"q": LayerAdapter(a, b, 1.0)}, config={"note": object()}))
     assert not (tmp_path / "adapter_model.safetensors").exists()
 
 
@@ -415,11 +413,11 @@ def test_save_errors(tmp_path):
 def test_missing_files(plain_dir, tmp_path):
     tensors, _, directory = plain_dir
     with pytest.raises(FileNotFoundError, match="no LoRA adapter"):
-        load_adapter(tmp_path / "nope")
+        read_adapter(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="neither adapter_model.safetensors nor adapter_model.bin"):
-        load_adapter(write(tmp_path / "empty"))
+        read_adapter(write(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="adapter_config.json not found"):
-        load_adapter(write(directory, tensors))
+        read_adapter(write(directory, tensors))
 
 
 @pytest.mark.parametrize("drop", ["lora_A.weight", "lora_B.weight"])
@@ -429,7 +427,7 @@ def test_unpaired_factor(plain_dir, drop):
     del tensors[key(path, drop)]
     keep = "lora_B.weight" if drop == "lora_A.weight" else "lora_A.weight"
     with pytest.raises(ValueError, match=rf"{key(path, keep)} has no matching {key(path, drop)}"):
-        load_adapter(write(directory, tensors, config))
+        read_adapter(write(directory, tensors, config))
 
 
 def test_shape_mismatch_between_a_and_b(plain_dir):
@@ -437,7 +435,7 @@ def test_shape_mismatch_between_a_and_b(plain_dir):
     tensors[key(PATHS[0], "lora_B.weight")] = torch.randn(H, 3)
     with pytest.raises(ValueError, match=r"q_proj.lora_B.weight has shape \(24, 3\); expected \(N, 4\) to match "
                                          r".*q_proj.lora_A.weight of shape \(4, 16\)"):
-        load_adapter(write(directory, tensors, config))
+        read_adapter(write(directory, tensors, config))
 
 
 @pytest.mark.parametrize("edit, where", [({"r": 8}, "r=8"),
@@ -446,7 +444,7 @@ def test_rank_disagrees_with_config(plain_dir, edit, where):
     tensors, config, directory = plain_dir
     match = rf"lora_A.weight has shape \(4, \d+\), rank 4; adapter_config.json gives {where}"
     with pytest.raises(ValueError, match=match):
-        load_adapter(write(directory, tensors, {**config, **edit}))
+        read_adapter(write(directory, tensors, {**config, **edit}))
 
 
 def test_malformed_tensors(plain_dir):
@@ -456,15 +454,15 @@ def test_malformed_tensors(plain_dir):
                             (torch.ones(4, 16, dtype=torch.int32), ValueError, "int32")]:
         edited = {**tensors, key(PATHS[0]): bad}
         with pytest.raises(err, match=match):
-            load_adapter(write(directory, edited, config))
+            read_adapter(write(directory, edited, config))
     with pytest.raises(ValueError, match="lora_B.bias is present but adapter_config.json has lora_bias=false"):
-        load_adapter(write(directory, {**tensors, key(PATHS[0], "lora_B.bias"): torch.zeros(H)}, config))
+        read_adapter(write(directory, {**tensors, key(PATHS[0], "lora_B.bias"): torch.zeros(H)}, config))
     with pytest.raises(ValueError, match="lora_bias=true but .*lora_B.bias is missing"):
-        load_adapter(write(directory, tensors, {**config, "lora_bias": True}))
+        read_adapter(write(directory, tensors, {**config, "lora_bias": True}))
     with pytest.raises(ValueError, match="adapter name between"):
-        load_adapter(write(directory, {k.replace("lora_A.", "lora_A.default."): v for k, v in tensors.items()}, config))
+        read_adapter(write(directory, {k.replace("lora_A.", "lora_A.default."): v for k, v in tensors.items()}, config))
     with pytest.raises(NotImplementedError, match="classifier.weight.*not a LoRA linear factor"):
-        load_adapter(write(directory, {**tensors, "base_model.model.classifier.weight": torch.zeros(2, 2)}, config))
+        read_adapter(write(directory, {**tensors, "base_model.model.classifier.weight": torch.zeros(2, 2)}, config))
 
 
 def test_bad_config(plain_dir):
@@ -472,12 +470,12 @@ def test_bad_config(plain_dir):
     write(directory, tensors)
     (directory / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        load_adapter(directory)
+        read_adapter(directory)
     without_type = {k: v for k, v in config.items() if k != "peft_type"}
     with pytest.raises(ValueError, match="no 'peft_type'"):
-        load_adapter(write(directory, config=without_type))
+        read_adapter(write(directory, config=without_type))
     with pytest.raises(ValueError, match="r=0"):
-        load_adapter(write(directory, config={**config, "r": 0}))
+        read_adapter(write(directory, config={**config, "r": 0}))
 
 
 def test_not_safetensors(plain_dir):
@@ -485,7 +483,7 @@ def test_not_safetensors(plain_dir):
     write(directory, config=config)
     (directory / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!")
     with pytest.raises(ValueError, match="not a valid safetensors file"):
-        load_adapter(directory)
+        read_adapter(directory)
 
 
 class Exploit:
@@ -504,12 +502,12 @@ def test_pickles_are_never_unpickled_unsafely(plain_dir, tmp_path):
     evil = write(tmp_path / "evil", config=config)
     torch.save({key(PATHS[0]): Exploit()}, evil / "adapter_model.bin")
     with pytest.raises(ValueError, match=r"pickle-based checkpoint .* not unpickled.*allow_legacy_bin=True"):
-        load_adapter(evil)
+        read_adapter(evil)
     with pytest.raises(ValueError, match=r"torch.load\(weights_only=True\) refused"):
-        load_adapter(evil, allow_legacy_bin=True)
+        read_adapter(evil, allow_legacy_bin=True)
     (evil / "adapter_model.bin").rename(evil / "adapter_model.safetensors")  # a pickle under the safe name
     with pytest.raises(ValueError, match=r"not a valid safetensors file .*looks like a torch.save pickle"):
-        load_adapter(evil)
+        read_adapter(evil)
     assert not Exploit.marker.exists()
 
 
@@ -518,7 +516,7 @@ def test_legacy_bin_only_with_weights_only(plain_dir, tmp_path, monkeypatch):
     legacy = write(tmp_path / "legacy", config=config)
     torch.save(tensors, legacy / "adapter_model.bin")
     with pytest.raises(ValueError, match="pickle-based checkpoint"):
-        load_adapter(legacy)
+        read_adapter(legacy)
 
     calls = []
     real_load = torch.load
@@ -528,9 +526,9 @@ def test_legacy_bin_only_with_weights_only(plain_dir, tmp_path, monkeypatch):
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    adapter = load_adapter(legacy, allow_legacy_bin=True)
+    adapter = read_adapter(legacy, allow_legacy_bin=True)
     assert calls == [True]
-    reference = load_adapter(write(directory, tensors, config))
+    reference = read_adapter(write(directory, tensors, config))
     for name, layer in reference.layers.items():
         assert torch.equal(adapter.layers[name].lora_a, layer.lora_a)
         assert torch.equal(adapter.layers[name].lora_b, layer.lora_b)
@@ -546,7 +544,7 @@ def test_legacy_bin_only_with_weights_only(plain_dir, tmp_path, monkeypatch):
 def test_unsupported_peft_adapters(peft, tmp_path, overrides, match):
     make_peft_model(peft, **overrides).save_pretrained(tmp_path)
     with pytest.raises(NotImplementedError, match=match):
-        load_adapter(tmp_path)
+        read_adapter(tmp_path)
 
 
 def test_unsupported_conv_adapter(peft, tmp_path):
@@ -554,7 +552,7 @@ def test_unsupported_conv_adapter(peft, tmp_path):
     model.add_module("conv", nn.Conv2d(3, 8, 3))
     peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["conv"])).save_pretrained(tmp_path)
     with pytest.raises(NotImplementedError, match=r"shape \(2, 3, 3, 3\): LoRA on a convolution"):
-        load_adapter(tmp_path)
+        read_adapter(tmp_path)
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -566,14 +564,14 @@ def test_unsupported_conv_adapter(peft, tmp_path):
 def test_unsupported_config(plain_dir, edit, match):
     tensors, config, directory = plain_dir
     with pytest.raises(NotImplementedError, match=match):
-        load_adapter(write(directory, tensors, {**config, **edit}))
+        read_adapter(write(directory, tensors, {**config, **edit}))
 
 
 def test_dora_magnitude_key_without_dora_config(plain_dir):
     tensors, config, directory = plain_dir
     tensors[f"base_model.model.{PATHS[0]}.lora_magnitude_vector"] = torch.ones(H)
     with pytest.raises(NotImplementedError, match="DoRA"):
-        load_adapter(write(directory, tensors, config))
+        read_adapter(write(directory, tensors, config))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -581,11 +579,6 @@ def test_dora_magnitude_key_without_dora_config(plain_dir):
 
 
 def test_import_needs_neither_safetensors_nor_peft():
-    code = ("import sys, lora_kernels, lora_kernels.adapter_io; "
+    code = ("import sys, lora_kernels, lora_kernels.io; "
             "assert 'safetensors' not in sys.modules and 'peft' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_docstring_example():
-    result = doctest.testmod(adapter_io, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

@@ -9,7 +9,7 @@ import lora_kernels
 
 MODULES = ["lora_kernels.metadata", "lora_kernels.ops.lora_linear", "lora_kernels.ops.multi_lora_linear",
            "lora_kernels.nn.lora_linear", "lora_kernels.nn.multi_lora_linear", "lora_kernels.nn.peft", "lora_kernels.merging",
-           "lora_kernels.adapter_io"]
+           "lora_kernels.io"]
 
 
 @pytest.mark.parametrize("name", MODULES)

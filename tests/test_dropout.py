@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import lora_kernels
-from lora_kernels import _extension, fallback, lora_linear, lora_linear_reference
+from lora_kernels import _extension, fallback, lora_linear
+from lora_kernels.reference import lora_linear_reference
 from lora_kernels.ops import lora_linear as ops_lora_linear
 
 from .helpers import DEVICE, skip_unless_backend_serves

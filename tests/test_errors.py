@@ -251,7 +251,7 @@ def test_set_backend_torch_routes_to_fallback(monkeypatch):
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         assert resolve_backend(CPU, dtype) == "torch"
     args = _inputs()
-    expected = lora_kernels.lora_linear_reference(*args.values(), 1.0)
+    expected = lora_kernels.reference.lora_linear_reference(*args.values(), 1.0)
     torch.testing.assert_close(_call(**args), expected)
 
 

@@ -328,12 +328,12 @@ def test_second_derivatives_with_some_inputs_frozen(op, trainable):
     if op == "single":
         inputs = [t.double() for t in _single_inputs(torch.float32, m=4, k=6, n=5, r=3)]
         ours = lambda *t: lora_kernels.lora_linear(*t, 0.5)                                 # noqa: E731
-        reference = lambda *t: lora_kernels.lora_linear_reference(*t, 0.5)                  # noqa: E731
+        reference = lambda *t: lora_kernels.reference.lora_linear_reference(*t, 0.5)                  # noqa: E731
     else:
         *tensors, scales = _multi_inputs(torch.float32, m=6, k=6, n=5)
         inputs, ids = [t.double() for t in tensors], torch.tensor([0, -1, 1, 3, 0, 2])
         ours = lambda *t: lora_kernels.multi_lora_linear(*t, scales, ids)                   # noqa: E731
-        reference = lambda *t: lora_kernels.multi_lora_linear_reference(*t, scales.double(), ids)   # noqa: E731
+        reference = lambda *t: lora_kernels.reference.multi_lora_linear_reference(*t, scales.double(), ids)   # noqa: E731
 
     def leaves():
         return [t.clone().requires_grad_(name in trainable) for t, name in zip(inputs, names)]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels import lora_linear_reference, multi_lora_linear_reference, tuning
+from lora_kernels import tuning
+from lora_kernels.reference import lora_linear_reference, multi_lora_linear_reference
 from lora_kernels.tuning import MatmulConfig, Plan
 
 from .helpers import DEVICE

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import lora_kernels
-from lora_kernels import AdapterBatch, lora_linear, multi_lora_linear, set_check_adapter_ids
+from lora_kernels import AdapterBatch, lora_linear, multi_lora_linear
+from lora_kernels.metadata import set_check_adapter_ids
 
 from .test_lora_linear import check_against_reference, make_params, make_x
 from .test_multi_lora_linear import check_against_reference as check_multi_against_reference

@@ -24,7 +24,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import lora_kernels
-from lora_kernels import AdapterBatch, fallback, set_check_adapter_ids
+from lora_kernels import AdapterBatch, fallback
+from lora_kernels.metadata import set_check_adapter_ids
 
 CPU = torch.device("cpu")
 # reading values back: a device-to-host copy the host waits for
@@ -116,7 +117,7 @@ def _mixed_forward_traffic(num_layers: int, monkeypatch) -> HostTraffic:
         return call
 
     monkeypatch.setattr(fallback, "multi_lora_linear_forward", paused(fallback.multi_lora_linear_forward))
-    # ops/_checks.check_scales reads scales only when they are on the CPU: skipped for CUDA scales
+    # lora_kernels/_checks.check_scales reads scales only when they are on the CPU: skipped for CUDA scales
     monkeypatch.setattr("lora_kernels.ops.multi_lora_linear.check_scales", lambda scales: None)
     with torch.no_grad(), traffic:
         model(x, adapter_names=["two", "one", "__base__", "two"])

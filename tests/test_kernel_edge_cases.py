@@ -94,7 +94,7 @@ def test_dropout_of_inf_is_nan_like_the_reference(strategy):
 
     def reference(cast):
         ref_leaves = [cast(t).detach().requires_grad_() for t in (x, a, b)]
-        out = lora_kernels.lora_linear_reference(ref_leaves[0], cast(w), cast(bias), ref_leaves[1], ref_leaves[2],
+        out = lora_kernels.reference.lora_linear_reference(ref_leaves[0], cast(w), cast(bias), ref_leaves[1], ref_leaves[2],
                                                  scale, dropout_mask=keep, dropout_p=p)
         return (out.detach(), *torch.autograd.grad(out, ref_leaves, cast(grad_y)))
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import lora_kernels
-from lora_kernels import lora_linear, lora_linear_reference
+from lora_kernels import lora_linear
+from lora_kernels.reference import lora_linear_reference
 
 from .helpers import DEVICE, skip_unless_backend_serves
 from .tolerance import assert_close, assert_same_maths

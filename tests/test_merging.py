@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from lora_kernels import merging
-from lora_kernels.merging import delta_weight, merge_cat, merge_linear, merge_svd
+from lora_kernels.merging import dense_delta, merge_cat, merge_linear, merge_svd
 
 SVD_C = 16
 U64 = torch.finfo(torch.float64).eps / 2
@@ -171,7 +171,7 @@ def test_inputs_untouched_and_outputs_detached():
     for lora_a, lora_b, _ in (merge_linear(adapters, [1.0, -2.0]), merge_cat(adapters),
                               merge_svd(adapters, [1.0, -2.0], 3)):
         assert not lora_a.requires_grad and not lora_b.requires_grad
-    assert not delta_weight(*adapters[0]).requires_grad
+    assert not dense_delta(*adapters[0]).requires_grad
     for (a, b, _), (a0, b0) in zip(adapters, before):
         assert torch.equal(a, a0) and torch.equal(b, b0)
 
@@ -188,7 +188,7 @@ def test_non_contiguous_inputs():
 
 def test_delta_weight():
     (a, b, s), = _adapters((3,), 5, 4, dtype=torch.bfloat16, seed=2)
-    out = delta_weight(a, b, s)
+    out = dense_delta(a, b, s)
     assert out.shape == (5, 4) and out.dtype == torch.bfloat16
     assert torch.equal(out, _delta64([(a, b, s)], [1.0]).float().to(torch.bfloat16))   # fp32 maths, one rounding
 
@@ -465,6 +465,6 @@ def test_bad_rank(rank, error, message):
 
 def test_delta_weight_bad_input():
     with pytest.raises(ValueError, match=rf"lora_b \(shape {_shape(6, 3)}.*must have r=2 columns"):
-        delta_weight(torch.ones(2, 8), torch.ones(6, 3))
+        dense_delta(torch.ones(2, 8), torch.ones(6, 3))
     with pytest.raises(TypeError, match="scale must be a python float"):
-        delta_weight(torch.ones(2, 8), torch.ones(6, 2), "1")
+        dense_delta(torch.ones(2, 8), torch.ones(6, 2), "1")

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import lora_kernels
 from lora_kernels import LoRALinear, MultiLoRALinear, use_adapters, wrap_multi_lora
 
 from .helpers import DEVICE, skip_unless_backend_serves

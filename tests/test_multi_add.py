@@ -56,9 +56,9 @@ def test_add_into_strided_output(backend, dtype, layout):
     none = ids < 0
     assert torch.equal(out[none], base[none])
     zero_w = torch.zeros(N, K, dtype=torch.float64, device=DEVICE)
-    lora64 = lora_kernels.multi_lora_linear_reference(
+    lora64 = lora_kernels.reference.multi_lora_linear_reference(
         x.double(), zero_w, None, a.double(), b.double(), scales.double(), ids, ranks)
-    lora_plain = lora_kernels.multi_lora_linear_reference(x, zero_w.to(dtype), None, a, b, scales, ids, ranks)
+    lora_plain = lora_kernels.reference.multi_lora_linear_reference(x, zero_w.to(dtype), None, a, b, scales, ids, ranks)
     assert_close(out, base.double() + lora64, base + lora_plain, f"add_multi_lora_ {layout}")
 
 

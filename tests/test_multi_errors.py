@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lora_kernels
-from lora_kernels import AdapterBatch, multi_lora_linear, multi_lora_linear_reference, set_check_adapter_ids
+from lora_kernels import AdapterBatch, multi_lora_linear
+from lora_kernels.reference import multi_lora_linear_reference
+from lora_kernels.metadata import set_check_adapter_ids
 
 from .helpers import DEVICE, skip_unless_backend_serves
 from .tolerance import assert_close

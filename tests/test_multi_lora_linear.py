@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import lora_kernels
-from lora_kernels import AdapterBatch, lora_linear, multi_lora_linear, multi_lora_linear_reference
+from lora_kernels import AdapterBatch, lora_linear, multi_lora_linear
+from lora_kernels.reference import multi_lora_linear_reference
 
 from .helpers import DEVICE, skip_unless_backend_serves
 from .test_lora_linear import make_x

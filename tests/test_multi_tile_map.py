@@ -21,7 +21,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_kernels
-from lora_kernels import AdapterBatch, multi_lora_linear, set_check_adapter_ids
+from lora_kernels import AdapterBatch, multi_lora_linear
+from lora_kernels.metadata import set_check_adapter_ids
 from lora_kernels.metadata import tile_map
 
 from .helpers import DEVICE, skip_unless_backend_serves

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.lora_linear import lora_linear
+from ..reference import lora_scaling
 
 
 @contextlib.contextmanager
@@ -30,12 +31,6 @@ def fused_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             yield tuple(None if t is None else t.to(dtype) for t in (x, weight, bias, *factors))
     else:
         yield (x, weight, bias, *(f.to(x.dtype) for f in factors))
-
-
-def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
-    """PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (the same expressions as
-    peft's LoraLayer.update_layer, so the floats are identical)."""
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 class LoRALinear(nn.Module):

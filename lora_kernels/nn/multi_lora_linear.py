@@ -18,7 +18,7 @@ from torch import nn
 
 from .._dtensor import any_dtensor
 from ..metadata import AdapterBatch
-from ..ops._checks import check_scale
+from .._checks import check_scale
 from ..ops.multi_lora_linear import multi_lora_linear
 from .lora_linear import fused_inputs
 

@@ -121,7 +121,7 @@ def register_fused_peft(config) -> None:
     config._register_custom_module({nn.Linear: fused_lora_linear_class()})
 
 
-def _layer_fallback_reason(layer) -> str | None:
+def unfusable_reason(layer) -> str | None:
     """Why a PEFT lora.Linear cannot take the fused path at all, or None."""
     if type(layer) not in (_lora_linear_class(), _FUSED_CLASSES.get(_lora_linear_class())):
         return f"{type(layer).__name__} is not peft's lora.Linear"
@@ -166,7 +166,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     peft_forward = _PEFT_FORWARD
     adapter_names = kwargs.get("adapter_names")
     if args or set(kwargs) - {"adapter_names"} or self.disable_adapters or self.merged \
-            or _layer_fallback_reason(self) is not None:
+            or unfusable_reason(self) is not None:
         return peft_forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
     if x.dtype != base.weight.dtype or x.device != base.weight.device \
@@ -352,7 +352,7 @@ def patch_peft(model: nn.Module) -> PatchResult:
             module.__class__ = _fused_lora_model_class(type(module))
         if not isinstance(module, LoraLayer):
             continue
-        reason = _layer_fallback_reason(module)
+        reason = unfusable_reason(module)
         if reason is not None:
             fallbacks[name] = reason
             continue

@@ -58,9 +58,9 @@ def _lora_tensors(layer: nn.Module) -> list[tuple[nn.Module, str, str]] | None:
         return [(base, "weight", "weight"), (base, "bias", "bias"),
                 (layer, "lora_a", "stack_a"), (layer, "lora_b", "stack_b")]
     if _is_peft_lora_layer(layer):
-        from .peft import _layer_fallback_reason
+        from .peft import unfusable_reason
 
-        reason = _layer_fallback_reason(layer)
+        reason = unfusable_reason(layer)
         if reason is not None:
             raise NotImplementedError(f"tensor parallelism of a PEFT LoRA layer: {reason} is not supported")
         base = layer.get_base_layer()

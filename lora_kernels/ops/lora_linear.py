@@ -25,14 +25,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _extension, fallback
+from .. import _extension
 from .._backend import resolve_backend, scoped_choice
 from ..tuning import current_forced_plan, forced_plan
 from .._dtensor import any_dtensor
 from . import _composite, _tensor_parallel
 from ._dispatch import define_op, implementation, route, rows, unflatten
 from ._autograd import check_x_saved_for_second_derivative, eager_fast_path, in_transform, op_backward
-from ._checks import (
+from .._checks import (
     FLOAT_DTYPES,
     check_dropout_p,
     check_same_dtype_and_device,
@@ -40,6 +40,7 @@ from ._checks import (
     check_shape,
     check_tensor,
     describe,
+    hidden_dtype,
 )
 
 SEED_BOUND = 2**31 - 1
@@ -58,7 +59,7 @@ def _forward(
         raise ValueError(f"dropout_p={dropout_p} needs seed, a 0-d int64 tensor; got "
                          f"{'None' if seed is None else describe(seed)}")
     if m == 0 or n == 0:
-        return x.new_empty((m, n)), x.new_zeros((m, r), dtype=fallback.hidden_dtype(x.dtype))
+        return x.new_empty((m, n)), x.new_zeros((m, r), dtype=hidden_dtype(x.dtype))
     return implementation(resolve_backend(x.device, x.dtype)).lora_linear_forward(
         x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
 
@@ -88,7 +89,7 @@ lora_linear_backward_op = define_op("lora_linear_backward", _backward_grads)
 @torch.library.register_fake("lora_kernels::lora_linear")
 def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
     return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=fallback.hidden_dtype(x.dtype)))
+            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=hidden_dtype(x.dtype)))
 
 
 def _grad_shapes(grad_y, x, weight, lora_b, lora_hidden, need_x, need_a, need_b):

@@ -25,20 +25,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _extension, fallback
+from .. import _extension
 from .._backend import resolve_backend
 from ..metadata import AdapterBatch, BatchTensors
 from .._dtensor import any_dtensor, replicated_local
 from . import _composite, _tensor_parallel
 from ._autograd import carries_tangent, check_x_saved_for_second_derivative, eager_fast_path, in_transform, op_backward
 from ._dispatch import cpp_entry, define_op, implementation, route, rows, unflatten
-from ._checks import (
+from .._checks import (
     check_same_dtype_and_device,
     check_scales,
     check_shape,
     check_tensor,
     describe,
     has_internal_overlap,
+    hidden_dtype,
 )
 
 
@@ -58,7 +59,7 @@ def _forward(
     m, n, max_rank = x.shape[0], weight.shape[0], lora_a.shape[1]
     if m == 0 or n == 0 or x.is_meta:   # meta tensors: shapes only (their ids have no values to group by)
         return (x.new_empty((m, n)),
-                x.new_zeros((m, max_rank if need_hidden else 0), dtype=fallback.hidden_dtype(x.dtype)))
+                x.new_zeros((m, max_rank if need_hidden else 0), dtype=hidden_dtype(x.dtype)))
     batch = BatchTensors(sorted_rows, adapter_starts, segment_rows, segment_starts, segment_adapters, ranks,
                          segment_tiles, adapter_tiles, active_adapters, row_tile)
     return implementation(resolve_backend(x.device, x.dtype)).multi_lora_linear_forward(
@@ -93,7 +94,7 @@ multi_lora_linear_backward_op = define_op("multi_lora_linear_backward", _backwar
 def _(x, weight, bias, lora_a, lora_b, scales, *batch_and_need_hidden):
     hidden_width = lora_a.shape[1] if batch_and_need_hidden[-1] else 0
     return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], hidden_width), dtype=fallback.hidden_dtype(x.dtype)))
+            x.new_empty((x.shape[0], hidden_width), dtype=hidden_dtype(x.dtype)))
 
 
 def _grad_shapes(grad_y, weight, lora_a, lora_b, need_x, need_a, need_b):
@@ -216,7 +217,7 @@ def _adapter_batch(adapter_ids, num_rows: int, num_adapters: int, max_rank: int,
 def _dense_scales(scales: Tensor, dtype: torch.dtype) -> Tensor:
     """(L,) in the rank intermediate's dtype (fp32; fp64 for fp64 x), contiguous: the kernels index it
     densely (a strided or expanded view would be misread)."""
-    return scales.to(fallback.hidden_dtype(dtype)).contiguous()
+    return scales.to(hidden_dtype(dtype)).contiguous()
 
 
 def multi_lora_linear(

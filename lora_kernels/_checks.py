@@ -1,4 +1,5 @@
-"""Input validation shared by the ops: every message names the tensor, what it is, and what was expected."""
+"""Input validation and dtype policy shared by every layer above the kernels (backends, metadata, ops,
+modules, adapter files, merging): every message names the tensor, what it is, and what was expected."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import torch
 # Masks compare fp32 uniforms with fp32(dropout_p): larger p round to 1.0 and drop everything.
 MAX_DROPOUT_P = 1.0 - 2.0**-24
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def hidden_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved rank intermediate T: fp32 for 16-bit and fp32 inputs, fp64 for fp64."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def describe(t: torch.Tensor) -> str:
