@@ -37,17 +37,20 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: 
         raise ValueError(f"{name} ({describe(t)}) must have shape {expected}: {meaning}")
 
 
-def check_same_dtype_and_device(reference_name: str, tensors: dict[str, torch.Tensor | None]) -> None:
+def check_same_dtype_and_device(reference_name: str, tensors: dict[str, torch.Tensor | None],
+                                what: str = "tensors") -> None:
+    """Every tensor given on the device and in the dtype of tensors[reference_name] (None: skipped);
+    `what` names the group in the message ("all tensors must be on one device")."""
     reference = tensors[reference_name]
     for name, t in tensors.items():
         if t is None:
             continue
         if t.device != reference.device:
             raise ValueError(f"{name} ({describe(t)}) is on {t.device} but {reference_name} is on "
-                             f"{reference.device}: all tensors must be on one device")
+                             f"{reference.device}: all {what} must be on one device")
         if t.dtype != reference.dtype:
             raise TypeError(f"{name} ({describe(t)}) has dtype {t.dtype} but {reference_name} has "
-                            f"{reference.dtype}: all tensors must share one dtype")
+                            f"{reference.dtype}: all {what} must share one dtype")
 
 
 def check_dropout_p(dropout_p) -> float:

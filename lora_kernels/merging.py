@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import FLOAT_DTYPES, describe
+from ._checks import FLOAT_DTYPES, check_same_dtype_and_device, describe
 from ._deprecated import moved_attribute
 
 __all__ = ["dense_delta", "merge_cat", "merge_linear", "merge_svd"]
@@ -73,12 +73,7 @@ def _check_factors(name: str, lora_a, lora_b) -> None:
     if lora_b.shape[1] != r:
         raise ValueError(f"{name}lora_b ({describe(lora_b)}) must have r={r} columns, the rows of "
                          f"{name}lora_a ({describe(lora_a)})")
-    if lora_b.device != lora_a.device:
-        raise ValueError(f"{name}lora_b ({describe(lora_b)}) is on {lora_b.device} but {name}lora_a is on "
-                         f"{lora_a.device}: all tensors must be on one device")
-    if lora_b.dtype != lora_a.dtype:
-        raise TypeError(f"{name}lora_b ({describe(lora_b)}) has dtype {lora_b.dtype} but {name}lora_a has "
-                        f"{lora_a.dtype}: all tensors must share one dtype")
+    check_same_dtype_and_device(f"{name}lora_a", {f"{name}lora_a": lora_a, f"{name}lora_b": lora_b})
 
 
 def _check_matches_first(i: int, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -90,12 +85,7 @@ def _check_matches_first(i: int, lora_a: torch.Tensor, lora_b: torch.Tensor,
     if lora_b.shape[0] != b0.shape[0]:
         raise ValueError(f"adapters[{i}].lora_b ({describe(lora_b)}) must have N={b0.shape[0]} rows like "
                          f"adapters[0].lora_b ({describe(b0)}): all adapters must belong to one layer")
-    if lora_a.device != a0.device:
-        raise ValueError(f"adapters[{i}].lora_a ({describe(lora_a)}) is on {lora_a.device} but adapters[0] is on "
-                         f"{a0.device}: all adapters must be on one device")
-    if lora_a.dtype != a0.dtype:
-        raise TypeError(f"adapters[{i}].lora_a ({describe(lora_a)}) has dtype {lora_a.dtype} but adapters[0] has "
-                        f"{a0.dtype}: all adapters must share one dtype")
+    check_same_dtype_and_device("adapters[0]", {"adapters[0]": a0, f"adapters[{i}].lora_a": lora_a}, what="adapters")
 
 
 def _check_adapters(adapters) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
