@@ -19,8 +19,8 @@ import lora_kernels
 from lora_kernels import AdapterBatch, lora_linear, multi_lora_linear, set_check_adapter_ids
 
 from .test_lora_linear import check_against_reference, make_params, make_x
-from .test_multi_lora_linear import check_against_reference as check_multi_against_reference
-from .test_multi_lora_linear import ids_for, make_stacks
+from .multi_lora_linear.test_forward_backward import check_against_reference as check_multi_against_reference
+from .multi_lora_linear.test_forward_backward import ids_for, make_stacks
 from .tolerance import assert_same_maths
 
 pytestmark = [

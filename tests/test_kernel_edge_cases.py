@@ -23,7 +23,7 @@ from lora_kernels.tuning import MatmulConfig, Plan
 
 from .helpers import DEVICE, skip_unless_backend_serves
 from .test_lora_linear import check_against_reference, make_params, make_x
-from .test_multi_lora_linear import make_stacks
+from .multi_lora_linear.test_forward_backward import make_stacks
 
 FP32 = torch.float32
 

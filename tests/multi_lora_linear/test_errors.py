@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import lora_kernels
 from lora_kernels import AdapterBatch, multi_lora_linear, multi_lora_linear_reference, set_check_adapter_ids
 
-from .helpers import DEVICE, skip_unless_backend_serves
-from .tolerance import assert_close
+from ..helpers import DEVICE, skip_unless_backend_serves
+from ..tolerance import assert_close
 
 M, K, N, L, R = 6, 8, 5, 3, 4
 

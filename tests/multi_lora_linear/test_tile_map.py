@@ -24,10 +24,10 @@ import lora_kernels
 from lora_kernels import AdapterBatch, multi_lora_linear, set_check_adapter_ids
 from lora_kernels.metadata import tile_map
 
-from .helpers import DEVICE, skip_unless_backend_serves
-from .test_lora_linear import make_x
-from .test_multi_lora_linear import check_against_reference, make_stacks
-from .tolerance import assert_same_maths
+from ..helpers import DEVICE, skip_unless_backend_serves
+from ..test_lora_linear import make_x
+from ..tolerance import assert_same_maths
+from .test_forward_backward import check_against_reference, make_stacks
 
 FP32, FP16 = torch.float32, torch.float16
 

@@ -16,8 +16,8 @@ import torch
 import lora_kernels
 from lora_kernels import AdapterBatch, multi_lora_linear_reference, set_check_adapter_ids
 
-from .helpers import DEVICE, skip_unless_backend_serves
-from .tolerance import assert_close
+from ..helpers import DEVICE, skip_unless_backend_serves
+from ..tolerance import assert_close
 
 M, K, N, L, R = 7, 8, 6, 3, 4
 IDS = [0, 1, 2, -1, 1, 0, 2]
