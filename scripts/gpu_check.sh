@@ -131,7 +131,7 @@ GPU_WORKERS=$(( WORKERS < 8 ? WORKERS : 8 ))     # fewer: a few gpu tests hold ~
 # forward and backward, dropout, the multi-adapter op, fp32/fp16/bf16.
 SANITIZER_FILES="tests/test_lora_linear.py tests/test_dropout.py
     tests/multi_lora_linear/test_forward_backward.py tests/multi_lora_linear/test_add.py"
-SANITIZER_K="triton and ((test_shapes and (M7_K17_N11_r12 or M300_K33_N20_r72)) or test_forward_and_backward_use_the_same_mask or (test_shapes_layouts_dtypes and (M7_K17 or M257 or M9_K4095 or M300_K33)) or test_segment_scan_over_several_steps or (test_add_into_strided_output and qkv_slice))"
+SANITIZER_K="triton and ((test_shapes and (M7_K17_N11_r12 or M300_K33_N20_r72)) or test_forward_and_backward_use_the_same_mask or (test_shapes_layouts_dtypes and (M7_K17 or M257 or M9_K4095 or M300_K33)) or test_many_segments or (test_add_into_strided_output and qkv_slice))"
 # The kernel tests run before the rest of the suite (alone in --quick). --quick's benchmarks are smaller (18
 # and 12 rows, the defaults 65 and 106) and named apart, so that they never pass for the default tables.
 KERNEL_TEST_FILES="tests/test_lora_linear.py tests/multi_lora_linear/test_forward_backward.py tests/test_dropout.py
