@@ -1,4 +1,4 @@
-"""The multi-adapter tile map and what the Triton kernels do with it (issue 12, item 4).
+"""The multi-adapter tile map and what the Triton kernels do with it.
 
 * metadata.tile_map against a Python model of the tiling (each segment cut into row_tile-row tiles in
   order, (-1, 0) past the last one, T = min(cdiv(M, row_tile) + S, M) entries), on its own and as
