@@ -8,5 +8,7 @@ test_malformed_metadata_and_unusual_tensors.py
 test_tile_map.py           the Triton kernels' tile map, K-splits, malformed metadata read as torch does
 test_compile.py            torch.compile, opcheck and the profiler
 
-The module (MultiLoRALinear) is tested in tests/test_modules.py; GPU-only checks in tests/test_gpu.py.
+The module (MultiLoRALinear) is tested in tests/test_modules.py. Concerns shared by both ops have their own
+files in tests/ and cover this op too: non-finite values, host syncs, second derivatives, the C++
+extension, tensor and data parallelism, kernel edge cases, GPU-only checks (test_gpu.py, test_gpu_hazards.py).
 """
