@@ -129,11 +129,13 @@ GPU_WORKERS=$(( WORKERS < 8 ? WORKERS : 8 ))     # fewer: a few gpu tests hold ~
 
 # The sanitizer's tests (CPU CI checks that this selects tests in each file): small shapes, odd sizes,
 # forward and backward, dropout, the multi-adapter op, fp32/fp16/bf16.
-SANITIZER_FILES="tests/test_lora_linear.py tests/test_dropout.py tests/test_multi_lora_linear.py tests/test_multi_add.py"
-SANITIZER_K="triton and ((test_shapes and (M7_K17_N11_r12 or M300_K33_N20_r72)) or test_forward_and_backward_use_the_same_mask or (test_shapes_layouts_dtypes and (M7_K17 or M257 or M9_K4095 or M300_K33)) or test_segment_scan_over_several_steps or (test_add_into_strided_output and qkv_slice))"
+SANITIZER_FILES="tests/test_lora_linear.py tests/test_dropout.py
+    tests/multi_lora_linear/test_forward_backward.py tests/multi_lora_linear/test_add.py"
+SANITIZER_K="triton and ((test_shapes and (M7_K17_N11_r12 or M300_K33_N20_r72)) or test_forward_and_backward_use_the_same_mask or (test_shapes_layouts_dtypes and (M7_K17 or M257 or M9_K4095 or M300_K33)) or test_many_segments or (test_add_into_strided_output and qkv_slice))"
 # The kernel tests run before the rest of the suite (alone in --quick). --quick's benchmarks are smaller (18
 # and 12 rows, the defaults 65 and 106) and named apart, so that they never pass for the default tables.
-KERNEL_TEST_FILES="tests/test_lora_linear.py tests/test_multi_lora_linear.py tests/test_dropout.py tests/test_multi_add.py"
+KERNEL_TEST_FILES="tests/test_lora_linear.py tests/multi_lora_linear/test_forward_backward.py tests/test_dropout.py
+    tests/multi_lora_linear/test_add.py"
 SINGLE_QUICK_ARGS="--tokens 1,1024 --ranks 16 --name lora_linear_quick"
 MULTI_QUICK_ARGS="--adapters 1,64 --decode-requests 64 --popularity distinct,zipf --ranks 16 --no-padding --name multi_lora_linear_quick"
 # The tuner's shapes (K x N) and token counts: the default single-adapter benchmark's on CUDA (--quick: its

@@ -1,5 +1,5 @@
 """Backend choice per thread and per asyncio task (use_backend), the process-global set_backend
-beside it, and both inside a torch.compile'd function (issue 10, item 12)."""
+beside it, and both inside a torch.compile'd function."""
 
 import asyncio
 import contextlib

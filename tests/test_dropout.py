@@ -150,7 +150,7 @@ def test_dropout_leaves_base_path_untouched(backend):
 # (kept entries, Σ keep · weight) of the (33, 70) keep-mask at p = 0.3: the same seed value must give
 # the same mask bit for bit, and the torch backend's mask is still torch's CPU generator's (values
 # computed while the seed was still an int argument). Triton's: since all four Philox outputs of a
-# call are used (test_triton_mask_is_its_philox_definition, issue 12).
+# call are used (test_triton_mask_is_its_philox_definition).
 MASK_FINGERPRINTS = {
     ("torch", 1234): (1657, 811987984), ("torch", 2**31 - 2): (1641, 806051277),
     ("triton", 1234): (1626, 798130698), ("triton", 2**31 - 2): (1589, 786892184),

@@ -164,6 +164,16 @@ def test_mixed_devices_x_elsewhere():
         _call(x=torch.randn(M, K, device="meta"))
 
 
+def test_meta_scale_is_a_clear_error():
+    x, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    a, b = torch.randn(R, K), torch.randn(N, R)
+    with pytest.raises(ValueError, match=r"scale \(shape \(\), dtype torch.float32, device meta\) is a meta tensor"):
+        lora_kernels.lora_linear(x, w, bias, a, b, torch.tensor(2.0, device="meta"))
+    with pytest.raises(ValueError, match=r"scale \(.*device meta\) is a meta tensor"):   # with meta inputs too
+        lora_kernels.lora_linear(x.to("meta"), w.to("meta"), bias.to("meta"), a.to("meta"), b.to("meta"),
+                                 torch.tensor(2.0, device="meta"))
+
+
 def test_non_tensor_x():
     with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got list"):
         _call(x=torch.randn(M, K).tolist())

@@ -72,8 +72,8 @@ MULTI_CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("case", MULTI_CASES, ids=lambda c: "M{}_K{}_N{}_L{}_r{}_{}".format(*c[:5], c[6]))
 def test_triton_multi_real_model_shapes(dtype, case):
-    from .test_multi_lora_linear import check_against_reference as check_multi
-    from .test_multi_lora_linear import ids_for, make_stacks
+    from .multi_lora_linear.test_forward_backward import check_against_reference as check_multi
+    from .multi_lora_linear.test_forward_backward import ids_for, make_stacks
 
     lora_kernels.set_backend("triton")
     m, k, n, num_adapters, r_max, ranks, dist = case

@@ -87,6 +87,8 @@ def test_sanitizer_selection_finds_tests_in_each_file():
     selected = [line for line in proc.stdout.splitlines() if "::" in line]
     for file in files:
         assert any(line.startswith(file + "::") for line in selected), f"no test of {file} selected: {selected}"
+    for name in re.findall(r"\btest_\w+", script_value("SANITIZER_K")):
+        assert any(f"::{name}[" in line for line in selected), f"SANITIZER_K names {name}: no such test selected"
     assert all("[triton-" in line for line in selected), "the sanitizer runs the Triton kernels only"
     assert 10 <= len(selected) <= 40, f"{len(selected)} tests: the step has a minute under memcheck"
     for file in script_value("KERNEL_TEST_FILES").split():

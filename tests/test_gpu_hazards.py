@@ -1,4 +1,4 @@
-"""CUDA only: hazards that only a GPU shows (issue 11, items 3-5). Skipped without a GPU; the CPU side of
+"""CUDA only: hazards that only a GPU shows. Skipped without a GPU; the CPU side of
 each is in tests/test_host_syncs.py (counted syncs, a fake torch.cuda) and tests/test_fp32_precision.py.
 
 * a layer on a second device (device_map="auto"): the kernels launch there, not on the current device;
@@ -19,9 +19,9 @@ import lora_kernels
 from lora_kernels import AdapterBatch, lora_linear, multi_lora_linear
 from lora_kernels.metadata import set_check_adapter_ids
 
+from .multi_lora_linear.test_forward_backward import check_against_reference as check_multi_against_reference
+from .multi_lora_linear.test_forward_backward import ids_for, make_stacks
 from .test_lora_linear import check_against_reference, make_params, make_x
-from .test_multi_lora_linear import check_against_reference as check_multi_against_reference
-from .test_multi_lora_linear import ids_for, make_stacks
 from .tolerance import assert_same_maths
 
 pytestmark = [

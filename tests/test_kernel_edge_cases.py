@@ -22,8 +22,8 @@ from lora_kernels import AdapterBatch, tuning
 from lora_kernels.tuning import MatmulConfig, Plan
 
 from .helpers import DEVICE, skip_unless_backend_serves
+from .multi_lora_linear.test_forward_backward import make_stacks
 from .test_lora_linear import check_against_reference, make_params, make_x
-from .test_multi_lora_linear import make_stacks
 
 FP32 = torch.float32
 

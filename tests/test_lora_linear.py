@@ -240,3 +240,20 @@ def test_bias_any_stride(backend, bias_layout):
     else:
         bias = torch.randn(1, generator=gen).to(DEVICE).expand(24)
     check_against_reference(x, w, bias, a, b, 0.5)
+
+
+def _meta(tensors):
+    return [t.detach().to("meta").requires_grad_(t.requires_grad) for t in tensors]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_all_meta_lora_linear_infers_shapes_and_gradients(dropout_p):
+    """With dropout too: the seed is drawn on x's device (meta), so the mask is a meta one, never read."""
+    M, K, N, R = 7, 8, 6, 4
+    x, w, bias = torch.randn(2, M, K), torch.randn(N, K), torch.randn(N)
+    a, b = torch.randn(R, K, requires_grad=True), torch.randn(N, R, requires_grad=True)
+    x, w, bias, a, b = _meta([x, w, bias, a, b])
+    y = lora_kernels.lora_linear(x, w, bias, a, b, 2.0, dropout_p=dropout_p)
+    assert y.is_meta and y.shape == (2, M, N) and y.dtype == torch.float32
+    grad_a, grad_b = torch.autograd.grad(y.sum(), [a, b])
+    assert grad_a.is_meta and grad_a.shape == (R, K) and grad_b.shape == (N, R)

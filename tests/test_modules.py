@@ -131,6 +131,25 @@ def test_fp32_adapter_with_bf16_activations():
     assert layer.lora_A.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
 
 
+def test_autocast_runs_in_the_autocast_dtype():
+    layer = trained(LoRALinear.from_linear(make_linear(), r=4, lora_alpha=8))
+    x = torch.randn(5, K, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert_same_maths(y.float(), layer(x), dtype=torch.bfloat16)
+
+
+def test_merged_then_disabled_gives_the_base_layer():
+    """disable_adapter on a merged layer: the base layer's output, not the adapted one."""
+    layer = trained(LoRALinear.from_linear(make_linear(), r=4, lora_alpha=8))
+    x = torch.randn(5, K, device=DEVICE)
+    base = layer.base_layer(x)
+    layer.merge()
+    layer.disable_adapter = True
+    assert_same_maths(layer(x), base)
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="nn.Linear"):
         LoRALinear(nn.Conv1d(2, 2, 1), r=2, lora_alpha=2)
@@ -238,19 +257,9 @@ def test_multi_errors():
         MultiLoRALinear(nn.Conv1d(2, 2, 1), 2, 2)
 
 
-def test_review_fixes_autocast_disabled_merge_and_scales():
-    """torch.autocast runs in autocast's dtype (it crashed); merged then disabled gives the base
-    layer (it gave the adapted output); .to(bf16) keeps MultiLoRALinear's scales fp32."""
-    layer = trained(LoRALinear.from_linear(make_linear(), r=4, lora_alpha=8))
-    x = torch.randn(5, K, device=DEVICE)
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        y = layer(x)
-    assert y.dtype == torch.bfloat16
-    assert_same_maths(y.float(), layer(x), dtype=torch.bfloat16)
-    base = layer.base_layer(x)
-    layer.merge()
-    layer.disable_adapter = True
-    assert_same_maths(layer(x), base)
+def test_multi_to_bf16_keeps_scales_fp32_and_runs_under_autocast():
+    """.to(bf16) casts MultiLoRALinear's stacks but keeps its scales fp32; under torch.autocast it runs
+    in autocast's dtype."""
     multi = MultiLoRALinear(make_linear(), num_slots=2, max_rank=4)
     multi.load_adapter(0, *adapters([4])[0][:2], scale=0.3)
     multi.to(torch.bfloat16)

@@ -93,7 +93,7 @@ def fused_calls(monkeypatch):
     return calls
 
 
-# --- item 2: save and load -------------------------------------------------------------------------
+# --- save and load --------------------------------------------------------------------------------
 
 def test_saved_patched_model_loads_as_plain_peft_without_lora_kernels(tmp_path):
     """torch.save and pickle of a patched model: the file names nothing of lora_kernels and loads in a
@@ -256,7 +256,7 @@ def test_data_parallel_replica_of_patched_layer_runs_on_its_own_modules():
     assert torch.equal(layer(x), before)                   # the original still runs on its own factors
 
 
-# --- item 11: adapters added after patch_peft ------------------------------------------------------
+# --- adapters added after patch_peft --------------------------------------------------------------
 
 def test_adapter_added_after_patch_on_new_modules_is_patched(monkeypatch):
     model, plain = peft_model(), peft_model()
@@ -302,7 +302,7 @@ def test_adapter_added_after_patch_that_cannot_fuse_is_reported():
         model.add_adapter("fine", lora_config(target_modules=["q_proj"]))   # nothing to report: silent
 
 
-# --- item 13: another library's wrapper around PEFT's forward ----------------------------------------
+# --- another library's wrapper around PEFT's forward ----------------------------------------
 
 def test_wrapper_around_peft_forward_installed_after_patch_does_not_loop(monkeypatch):
     """A tracing library replaces lora.Linear.forward after patch_peft with a wrapper that routes

@@ -242,29 +242,54 @@ class Halve(nn.Module):
         return x * 0.5
 
 
-def test_review_fixes_fall_back_where_peft_must_run():
-    """Hooks on the layers, autocast, unknown dropout modules in a mixed batch and gradient
-    checkpointing with a mixed training batch: PEFT's own forward (or a clear error), never a
-    different answer."""
+# Where the fused path cannot give PEFT's answer: PEFT's own forward (or a clear error), never a
+# different answer.
+
+MIXED_NAMES = ["default", "other", "__base__", "other"]
+
+
+def two_adapter_model():
+    """peft_model with dropout and a second adapter, "other", in eval mode (x: (4, K), MIXED_NAMES)."""
     model = peft_model(lora_dropout=0.1)
     model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"],
                                                init_lora_weights=False))
-    model.eval()
+    return model.eval()
+
+
+def test_forward_hook_on_a_base_layer_runs_peft_forward():
+    model = two_adapter_model()
     x = torch.randn(4, K)
-    names = ["default", "other", "__base__", "other"]
-    q = model.base_model.model.q_proj
-    q.lora_dropout["other"] = Halve()                                # a "dropout" module we do not know
-    handle = q.base_layer.register_forward_hook(lambda m, i, out: out * 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected_autocast = model(x)
-    expected, expected_mixed = model(x), model(x, adapter_names=names)
+    model.base_model.model.q_proj.base_layer.register_forward_hook(lambda m, i, out: out * 2)
+    expected, expected_mixed = model(x), model(x, adapter_names=MIXED_NAMES)
     lora_kernels.patch_peft(model)
     assert_same_maths(model(x), expected)
-    assert_same_maths(model(x, adapter_names=names), expected_mixed)
+    assert_same_maths(model(x, adapter_names=MIXED_NAMES), expected_mixed)
+
+
+def test_unknown_dropout_module_in_a_mixed_batch_runs_peft_forward():
+    model = two_adapter_model()
+    x = torch.randn(4, K)
+    model.base_model.model.q_proj.lora_dropout["other"] = Halve()    # a "dropout" module we do not know
+    expected_mixed = model(x, adapter_names=MIXED_NAMES)
+    lora_kernels.patch_peft(model)
+    assert_same_maths(model(x, adapter_names=MIXED_NAMES), expected_mixed)
+
+
+def test_autocast_runs_peft_forward():
+    model = two_adapter_model()
+    x = torch.randn(4, K)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_autocast = model(x)
+    lora_kernels.patch_peft(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(model(x), expected_autocast, rtol=0, atol=0)
-    handle.remove()
+
+
+def test_gradient_checkpointing_with_a_mixed_training_batch_raises():
+    model = two_adapter_model()
+    x = torch.randn(4, K)
+    lora_kernels.patch_peft(model)
     model.train()
     model.base_model.model.gradient_checkpointing = True
     with pytest.raises(ValueError, match="gradient checkpointing"):
-        model(x, adapter_names=names)
+        model(x, adapter_names=MIXED_NAMES)

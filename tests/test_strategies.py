@@ -1,4 +1,4 @@
-"""Both strategies of the single-adapter op on the Triton backend (issue 12): ``split`` (torch's GEMM,
+"""Both strategies of the single-adapter op on the Triton backend: ``split`` (torch's GEMM,
 then the shrink and an in-place expand) and ``fused`` (our GEMM with the LoRA term as its accumulator's
 initial value; split_k > 1: fp32 partials over K ranges that the expand kernel sums in a fixed order).
 Under tuning.forced_plan each one must agree with the float64 reference in the forward and every

@@ -1,4 +1,4 @@
-"""The multi-adapter tile map and what the Triton kernels do with it (issue 12, item 4).
+"""The multi-adapter tile map and what the Triton kernels do with it.
 
 * metadata.tile_map against a Python model of the tiling (each segment cut into row_tile-row tiles in
   order, (-1, 0) past the last one, T = min(cdiv(M, row_tile) + S, M) entries), on its own and as
@@ -25,10 +25,10 @@ from lora_kernels import AdapterBatch, multi_lora_linear
 from lora_kernels.metadata import set_check_adapter_ids
 from lora_kernels.metadata import tile_map
 
-from .helpers import DEVICE, skip_unless_backend_serves
-from .test_lora_linear import make_x
-from .test_multi_lora_linear import check_against_reference, make_stacks
-from .tolerance import assert_same_maths
+from ..helpers import DEVICE, skip_unless_backend_serves
+from ..test_lora_linear import make_x
+from ..tolerance import assert_same_maths
+from .test_forward_backward import check_against_reference, make_stacks
 
 FP32, FP16 = torch.float32, torch.float16
 

@@ -14,8 +14,8 @@ from lora_kernels import AdapterBatch, multi_lora_linear
 from lora_kernels.reference import multi_lora_linear_reference
 from lora_kernels.metadata import set_check_adapter_ids
 
-from .helpers import DEVICE, skip_unless_backend_serves
-from .tolerance import assert_close
+from ..helpers import DEVICE, skip_unless_backend_serves
+from ..tolerance import assert_close
 
 M, K, N, L, R = 6, 8, 5, 3, 4
 

@@ -18,9 +18,9 @@ import lora_kernels
 from lora_kernels import AdapterBatch, lora_linear, multi_lora_linear
 from lora_kernels.reference import multi_lora_linear_reference
 
-from .helpers import DEVICE, skip_unless_backend_serves
-from .test_lora_linear import make_x
-from .tolerance import assert_close, assert_same_maths
+from ..helpers import DEVICE, skip_unless_backend_serves
+from ..test_lora_linear import make_x
+from ..tolerance import assert_close, assert_same_maths
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPE_NAMES = {FP32: "fp32", FP16: "fp16", BF16: "bf16"}

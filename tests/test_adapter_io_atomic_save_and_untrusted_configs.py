@@ -1,4 +1,4 @@
-"""Adapter files under failure and from untrusted sources (issue 10, items 7 and 10).
+"""Adapter files under failure and from untrusted sources.
 
 write_adapter replaces adapter_model.safetensors + adapter_config.json as a pair: a failure at any step
 (each write, fsync and rename in turn) leaves the old pair and no temporary files; a process stopped
@@ -193,7 +193,7 @@ def test_save_over_a_peft_directory_keeps_its_files_and_peft_reads_it(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# item 10: configs from untrusted files
+# configs from untrusted files
 
 BACKTRACKING_KEYS = ["(a+)+", "(a|a)*", "(a|aa)+", "(a*)*b", "(.*a){20}"]
 LONG_NAME = "model." + "a" * 40 + "!"  # each key above backtracks ~2**40 times on it in `re`

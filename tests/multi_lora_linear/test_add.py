@@ -13,8 +13,8 @@ import torch
 import lora_kernels
 from lora_kernels.ops.multi_lora_linear import add_multi_lora_op
 
-from .helpers import DEVICE, skip_unless_backend_serves
-from .tolerance import assert_close
+from ..helpers import DEVICE, skip_unless_backend_serves
+from ..tolerance import assert_close
 
 K, N, L, R = 40, 24, 4, 12
 

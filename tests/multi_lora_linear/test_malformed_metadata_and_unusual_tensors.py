@@ -4,8 +4,9 @@
   stacks' r_max mean r_max, on both backends (the torch backend once sliced [:, :-1] for rank -1).
 * add_multi_lora_ into an `out` whose elements share memory (an expand()ed tensor): ValueError on both
   backends (Triton once wrote wrong values silently).
-* Meta tensors: a scale or ranks on the meta device give a clear error (they need values); all-meta
-  inputs infer shapes, for AdapterBatch, lora_linear, multi_lora_linear and add_multi_lora_.
+* Meta tensors: scales or ranks on the meta device give a clear error (they need values); all-meta
+  inputs infer shapes, for AdapterBatch, multi_lora_linear and add_multi_lora_ (lora_linear's: a meta
+  scale in tests/test_errors.py, all-meta inputs in tests/test_lora_linear.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from lora_kernels import AdapterBatch
 from lora_kernels.reference import multi_lora_linear_reference
 from lora_kernels.metadata import set_check_adapter_ids
 
-from .helpers import DEVICE, skip_unless_backend_serves
-from .tolerance import assert_close
+from ..helpers import DEVICE, skip_unless_backend_serves
+from ..tolerance import assert_close
 
 M, K, N, L, R = 7, 8, 6, 3, 4
 IDS = [0, 1, 2, -1, 1, 0, 2]
@@ -42,7 +43,7 @@ def _inputs(requires_grad: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 6: unchecked ranks are clamped into [0, r_max], the same way on both backends
+# unchecked ranks are clamped into [0, r_max], the same way on both backends
 # ---------------------------------------------------------------------------------------------
 
 def _check_against_clamped_reference(backend, make_batch, raw_ranks):
@@ -150,7 +151,7 @@ def test_unchecked_ranks_in_add_multi_lora_(backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 8: add_multi_lora_ refuses an `out` with internal overlap
+# add_multi_lora_ refuses an `out` with internal overlap
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", ["rows", "columns", "3d"])
@@ -186,20 +187,10 @@ def test_add_into_broadcast_but_not_overlapping_out_is_accepted(backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# item 9: meta tensors
+# meta tensors
 # ---------------------------------------------------------------------------------------------
 
 META = torch.device("meta")
-
-
-def test_meta_scale_is_a_clear_error():
-    x, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
-    a, b = torch.randn(R, K), torch.randn(N, R)
-    with pytest.raises(ValueError, match=r"scale \(shape \(\), dtype torch.float32, device meta\) is a meta tensor"):
-        lora_kernels.lora_linear(x, w, bias, a, b, torch.tensor(2.0, device=META))
-    with pytest.raises(ValueError, match=r"scale \(.*device meta\) is a meta tensor"):   # with meta inputs too
-        lora_kernels.lora_linear(x.to(META), w.to(META), bias.to(META), a.to(META), b.to(META),
-                                 torch.tensor(2.0, device=META))
 
 
 def test_meta_scales_with_real_inputs_is_a_clear_error():
@@ -238,18 +229,6 @@ def test_from_segments_on_meta():
 
 def _meta(tensors):
     return [t.detach().to(META).requires_grad_(t.requires_grad) for t in tensors]
-
-
-@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_all_meta_lora_linear_infers_shapes_and_gradients(dropout_p):
-    """With dropout too: the seed is drawn on x's device (meta), so the mask is a meta one, never read."""
-    x, w, bias = torch.randn(2, M, K), torch.randn(N, K), torch.randn(N)
-    a, b = torch.randn(R, K, requires_grad=True), torch.randn(N, R, requires_grad=True)
-    x, w, bias, a, b = _meta([x, w, bias, a, b])
-    y = lora_kernels.lora_linear(x, w, bias, a, b, 2.0, dropout_p=dropout_p)
-    assert y.is_meta and y.shape == (2, M, N) and y.dtype == torch.float32
-    grad_a, grad_b = torch.autograd.grad(y.sum(), [a, b])
-    assert grad_a.is_meta and grad_a.shape == (R, K) and grad_b.shape == (N, R)
 
 
 @pytest.mark.parametrize("ids_kind", ["tensor", "batch", "segments"])
