@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lora_linear as single  # noqa: E402  (puts the repo root on sys.path too)
 import harness  # noqa: E402
+import providers as lora  # noqa: E402
 
 
 def test_time_fn_cpu_counts_calls_and_orders_percentiles():
@@ -114,16 +115,16 @@ def test_visible_columns_keeps_non_provider_cuda_columns():
 def test_min_bytes_counts_each_tensor_once():
     m, k, n, r = 3, 5, 7, 2
     # fwd: x (m·k) + W0 (n·k) + b (n) + A (r·k) + B (n·r) + y (m·n)
-    assert single.min_bytes("fwd", m, k, n, r, 2) == 2 * (15 + 35 + 7 + 10 + 14 + 21)
+    assert lora.min_bytes("fwd", m, k, n, r, 2) == 2 * (15 + 35 + 7 + 10 + 14 + 21)
     # fwd_bwd adds dY (m·n), dX (m·k), dA (r·k), dB (n·r)
-    assert single.min_bytes("fwd_bwd", m, k, n, r, 4) == 4 * (15 + 35 + 7 + 10 + 14 + 21 + 21 + 15 + 10 + 14)
+    assert lora.min_bytes("fwd_bwd", m, k, n, r, 4) == 4 * (15 + 35 + 7 + 10 + 14 + 21 + 21 + 15 + 10 + 14)
 
 
 def test_timed_with_names_the_odd_provider():
     row = {"base_method": "cuda graph", "ours_method": "cuda graph", "peft_method": "cuda"}
-    assert single.timed_with(row, ("base", "ours", "peft")) == "cuda graph (peft: cuda)"
-    assert single.timed_with({"ours_method": "cpu"}, ("ours",)) == "cpu"
-    assert single.timed_with({}, ("ours",)) is None
+    assert harness.timed_with(row, ("base", "ours", "peft")) == "cuda graph (peft: cuda)"
+    assert harness.timed_with({"ours_method": "cpu"}, ("ours",)) == "cpu"
+    assert harness.timed_with({}, ("ours",)) is None
 
 
 def test_single_adapter_main_job_end_to_end(tmp_path, capsys):
