@@ -80,12 +80,6 @@ def full_groups(device: torch.device) -> list[Group]:
             for shape in (LLAMA_QO, LLAMA_KV, LLAMA_UP, LLAMA_DOWN, SMOL_QO, SMOL_UP)]
 
 
-def flops(mode: str, m: int, k: int, n: int, r: int) -> int:
-    if mode == "fwd":
-        return 2 * m * k * n + 2 * m * r * (k + n)
-    return 4 * m * k * n + 6 * m * r * (k + n)
-
-
 # ----------------------------------------------------------------------------- what ran
 
 
@@ -216,7 +210,7 @@ def finish_row(row: dict, providers: tuple[str, ...], errors: list[str], backend
     row["speedup_vs_lean_torch"] = harness.ratio(lean, ours)
     row["ours_minus_lean_us"] = excess_us(ours, lean)
     row["ours_python_minus_lean_us"] = excess_us(row.get("ours_python_ms"), lean)
-    lora.add_ours_roofline(row, flops(mode, m, shape.k, shape.n, r),
+    lora.add_ours_roofline(row, lora.flops(mode, m, shape.k, shape.n, m * r),
                            lora.min_bytes(mode, m, shape.k, shape.n, r, x.element_size()), peak)
     row["timed"] = harness.timed_with(row, providers)
     if "ours" in providers:
@@ -228,16 +222,17 @@ def finish_row(row: dict, providers: tuple[str, ...], errors: list[str], backend
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    harness.add_sweep_options(
-        parser, PROVIDERS, full_help="Llama-3-8B and SmolLM2 shapes, ranks 8/16/64/128, tokens 1..8192, dropout 0 "
-                                     "and 0.1",
-        name_help="lora_linear, lora_linear_full with --full, lora_linear_overhead with --overhead",
-        modes_help="fwd, fwd_bwd or both")
+    parser.add_argument("--full", action="store_true",
+                        help="Llama-3-8B and SmolLM2 shapes, ranks 8/16/64/128, tokens 1..8192, dropout 0 and 0.1")
+    harness.add_device_options(parser)
+    harness.add_output_options(parser)
     parser.add_argument("--overhead", action="store_true",
                         help="per-call overhead table: SmolLM2-135M and Llama-3-8B q/o, r 16, tokens 1/4/16/64, "
                              "fp32 unless --dtype")
-    harness.add_device_options(parser)
-    harness.add_output_options(parser)
+    parser.add_argument("--name", help="result file stem (default: lora_linear, lora_linear_full with --full, "
+                                       "lora_linear_overhead with --overhead)")
+    parser.add_argument("--providers", type=harness.str_list, default=PROVIDERS, help=f"subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--modes", type=harness.str_list, default=MODES, help="fwd, fwd_bwd or both")
     parser.add_argument("--tokens", type=harness.int_list, help="override the token counts M, e.g. 1,64,1024")
     parser.add_argument("--ranks", type=harness.int_list, help="override the ranks, e.g. 16,64")
     parser.add_argument("--dropouts", type=harness.float_list, help="override the dropout rates, e.g. 0,0.1")

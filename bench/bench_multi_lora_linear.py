@@ -193,13 +193,6 @@ def full_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> 
     return groups
 
 
-def flops(mode: str, m: int, k: int, n: int, rank_rows: int) -> int:
-    """rank_rows: the sum over the rows with an adapter of that adapter's true rank."""
-    if mode == "fwd":
-        return 2 * m * k * n + 2 * rank_rows * (k + n)
-    return 4 * m * k * n + 6 * rank_rows * (k + n)
-
-
 # ----------------------------------------------------------------------------- batches
 
 
@@ -405,7 +398,7 @@ def finish_row(row: dict, prep: Prepared, names: list[str], lean_variants: tuple
     for p in ("peft", "peft_layer", "lean_torch"):
         row[f"speedup_vs_{p}"] = harness.ratio(row.get(f"{p}_ms"), ours)
     # each used adapter's factors are read once: their summed true ranks play the single adapter's r
-    lora.add_ours_roofline(row, flops(mode, prep.m, case.shape.k, case.shape.n, prep.rank_rows),
+    lora.add_ours_roofline(row, lora.flops(mode, prep.m, case.shape.k, case.shape.n, prep.rank_rows),
                            lora.min_bytes(mode, prep.m, case.shape.k, case.shape.n, prep.used_ranks,
                                           prep.x.element_size()), peak)
     row["timed"] = harness.timed_with(row, names)
@@ -611,17 +604,20 @@ def rank_list(text: str) -> tuple[Ranks, ...]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    harness.add_sweep_options(
-        parser, PROVIDERS, full_help="Llama-3-8B q/o, k/v and SmolLM2 q/o; r 16/64/mixed; decode 1..256 requests, "
-                                     "ragged prefills of about 8192 rows; L 1..128; every popularity",
-        name_help="multi_lora_linear, or multi_lora_linear_full",
-        modes_help="fwd, fwd_bwd or both: a subset of each group's modes (the decode groups are fwd only)")
+    parser.add_argument("--full", action="store_true",
+                        help="Llama-3-8B q/o, k/v and SmolLM2 q/o; r 16/64/mixed; decode 1..256 requests, ragged "
+                             "prefills of about 8192 rows; L 1..128; every popularity")
     harness.add_device_options(parser)
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                         help="lora_kernels.set_backend for ours (auto: triton on cuda, torch on cpu)")
     harness.add_output_options(parser)
+    parser.add_argument("--name", help="result file stem (default: multi_lora_linear, or multi_lora_linear_full)")
+    parser.add_argument("--providers", type=harness.str_list, default=PROVIDERS,
+                        help=f"subset of {','.join(PROVIDERS)}")
     parser.add_argument("--lean-variants", type=harness.str_list, default=LEAN_VARIANTS,
                         help=f"which plain-torch compositions lean_torch picks from: {','.join(LEAN_VARIANTS)}")
+    parser.add_argument("--modes", type=harness.str_list, default=MODES,
+                        help="fwd, fwd_bwd or both: a subset of each group's modes (the decode groups are fwd only)")
     parser.add_argument("--shapes", type=shape_list,
                         help="layers K (square) or KxN, e.g. 576,4096x1024 (default: 1024 on cpu, 4096 on cuda; "
                              "--full: 4096,4096x1024,576)")

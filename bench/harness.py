@@ -18,7 +18,7 @@ Every bench script imports this module; it knows nothing about LoRA.
 
 and what the scripts' rows and command lines have in common: visible_columns, timed_with, ratio,
 safe_check, cpu_seconds; the options add_device_options, add_output_options, add_timing_options,
-add_sweep_options, checked by check_options and read by setup.
+checked by check_options and read by setup.
 
 Rows are flat dicts; a column is any key, in the order of first appearance. None prints as "-".
 """
@@ -717,15 +717,6 @@ def add_timing_options(parser: argparse.ArgumentParser,
         parser.add_argument("--graph-max-tokens", type=int, default=GRAPH_MAX_TOKENS,
                             help="CUDA: batches of at most this many tokens are timed as CUDA-graph replays "
                                  f"(default {GRAPH_MAX_TOKENS}; 0: every row eager)")
-
-
-def add_sweep_options(parser: argparse.ArgumentParser, providers: Sequence[str], full_help: str, name_help: str,
-                      modes_help: str) -> None:
-    """--full, --name (the result file stem), --providers and --modes (comma lists; check_options)."""
-    parser.add_argument("--full", action="store_true", help=full_help)
-    parser.add_argument("--name", help=f"result file stem (default: {name_help})")
-    parser.add_argument("--providers", type=str_list, default=tuple(providers), help=f"subset of {','.join(providers)}")
-    parser.add_argument("--modes", type=str_list, default=("fwd", "fwd_bwd"), help=modes_help)
 
 
 def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace,

@@ -86,6 +86,14 @@ LLAMA_UP = Shape("Llama-3-8B gate/up", 4096, 14336)
 LLAMA_DOWN = Shape("Llama-3-8B down", 14336, 4096)
 
 
+def flops(mode: str, m: int, k: int, n: int, rank_rows: int) -> int:
+    """FLOPs of one call. rank_rows: the sum over the rows with an adapter of that adapter's true rank
+    (one adapter: M·r). fwd_bwd: W0 is frozen, so no dW0 GEMM."""
+    if mode == "fwd":
+        return 2 * m * k * n + 2 * rank_rows * (k + n)
+    return 4 * m * k * n + 6 * rank_rows * (k + n)
+
+
 def min_bytes(mode: str, m: int, k: int, n: int, r: int, element_size: int) -> int:
     """The least memory traffic of one call, each tensor read or written once: fwd reads x, W0, b, A, B
     and writes y; fwd_bwd also reads dY and writes dX, dA, dB (y is still written)."""
