@@ -115,37 +115,34 @@ def prefill(requests: int, min_length: int, max_length: int) -> Workload:
 
 @dataclass(frozen=True)
 class Group:
-    """Every combination of ranks, adapter counts L, workloads and popularities on one shape, in each mode."""
+    """Every combination of ranks, adapter counts L, workloads and popularities on one shape, in each mode.
+    padding: the padding case, the group's ranks (padding_group) timed together in one unit."""
     shape: Shape
     ranks: tuple[Ranks, ...]
     adapters: tuple[int, ...]
     workloads: tuple[Workload, ...]
     popularities: tuple[str, ...] = ("distinct",)
     modes: tuple[str, ...] = MODES
+    padding: bool = False
 
 
-@dataclass(frozen=True)
-class PaddingGroup:
+def padding_group(shape: Shape, rank: int, padded: int, adapters: tuple[int, ...], workloads: tuple[Workload, ...],
+                  modes: tuple[str, ...] = MODES) -> Group:
     """The padding case: adapters of true rank `rank` in a stack padded to `padded` (AdapterBatch
-    ranks=...), against the same with every adapter at `padded`, and an unpadded stack of `rank`;
-    the three timed together, for every combination of L, workload and popularity."""
-    shape: Shape
-    rank: int
-    padded: int
-    adapters: tuple[int, ...]
-    workloads: tuple[Workload, ...]
-    popularities: tuple[str, ...] = ("distinct",)
-    modes: tuple[str, ...] = MODES
+    ranks=...), against an unpadded stack of `rank` and the same with every adapter at `padded`; the
+    three timed together, for every combination of L, workload and popularity."""
+    return Group(shape, (Ranks(rank), Ranks(padded, (rank,)), Ranks(padded)), adapters, workloads, modes=modes,
+                 padding=True)
 
 
-def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list:
+def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list[Group]:
     """CPU (about a minute, fp32, 2 cores): a 1024→1024 layer over L = 64 adapters: decode 16 and 64
     requests under every popularity (r 16), decode 64 and one small ragged prefill batch under distinct
     and zipf (r 16 and mixed; fwd_bwd: prefill at r 16), the padding case at decode 64 (fwd).
     CUDA: the issue's shape, Llama-3-8B q/o, r 16 and mixed, decode 1..256 requests and a ragged prefill
     of about 8192 rows (both modes), L 1..128, every popularity. The padding case runs on the last shape."""
     r16 = Ranks(16)
-    groups: list = []
+    groups: list[Group] = []
     if device.type == "cuda":
         shapes = shapes or (LLAMA_QO,)
         long_prefill = prefill(16, 256, 768)                     # about 8192 rows
@@ -158,7 +155,7 @@ def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) 
                 Group(shape, (r16, MIXED), (1, 8, 64, 128), (long_prefill,)),
                 Group(shape, (r16,), (64,), (long_prefill,), ("uniform", "zipf", "skewed")),
             ]
-        groups.append(PaddingGroup(shapes[-1], 8, 64, (8,), (decode(64), long_prefill)))
+        groups.append(padding_group(shapes[-1], 8, 64, (8,), (decode(64), long_prefill)))
         return groups
     shapes = shapes or (SQUARE_1024,)
     short_prefill = prefill(8, 8, 64)                            # 221 rows
@@ -169,18 +166,18 @@ def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) 
             Group(shape, (r16,), (64,), (short_prefill,), ("distinct", "zipf")),
             Group(shape, (MIXED,), (64,), (short_prefill,), ("distinct", "zipf"), ("fwd",)),
         ]
-    groups.append(PaddingGroup(shapes[-1], 8, 64, (8,), (decode(64),), modes=("fwd",)))
+    groups.append(padding_group(shapes[-1], 8, 64, (8,), (decode(64),), modes=("fwd",)))
     return groups
 
 
-def full_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list:
+def full_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list[Group]:
     """Llama-3-8B q/o and k/v, SmolLM2 q/o; r 16, 64 and mixed; decode 1..256 requests over L 1..128 and
     every popularity; ragged prefills of about 8192 rows as 16 long or 64 short requests."""
     r16, r64 = Ranks(16), Ranks(64)
     shapes = shapes or (LLAMA_QO, LLAMA_KV, SMOL_QO)
     prefills = (prefill(16, 256, 768), prefill(64, 64, 192))
     not_distinct = tuple(p for p in POPULARITIES if p != "distinct")
-    groups: list = []
+    groups: list[Group] = []
     for shape in shapes:
         groups += [
             Group(shape, (r16, r64, MIXED), (1, 8, 64, 128), tuple(decode(r) for r in (1, 4, 16, 64, 128, 256)),
@@ -189,7 +186,7 @@ def full_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> 
             Group(shape, (r16, MIXED), (1, 8, 64, 128), prefills),
             Group(shape, (r16,), (64,), prefills, not_distinct),
         ]
-    groups.append(PaddingGroup(shapes[0], 8, 64, (8, 64), (decode(64), decode(256), prefills[0])))
+    groups.append(padding_group(shapes[0], 8, 64, (8, 64), (decode(64), decode(256), prefills[0])))
     return groups
 
 
@@ -245,7 +242,7 @@ class Case:
     num_adapters: int
     workload: Workload
     popularity: str
-    padding: bool = False       # part of a PaddingGroup
+    padding: bool = False       # part of a padding group
 
     @property
     def stack_key(self) -> tuple:
@@ -257,19 +254,18 @@ class Case:
                 f"{self.popularity}")
 
 
-def expand(groups: list) -> list[tuple[list[Case], tuple[str, ...]]]:
+def expand(groups: list[Group]) -> list[tuple[list[Case], tuple[str, ...]]]:
     """Units of work: the cases of one unit are timed together, their providers interleaved (one case,
     or the three stacks of a padding comparison), in each of the unit's modes. Units on the same
     stacks run back to back (a stack and its PEFT model are built once), in order of first appearance."""
     units = []
     for g in groups:
-        rank_sets = ([(Ranks(g.rank), Ranks(g.padded, (g.rank,)), Ranks(g.padded))] if isinstance(g, PaddingGroup)
-                     else [(r,) for r in g.ranks])
+        rank_sets = [g.ranks] if g.padding else [(r,) for r in g.ranks]
         for ranks in rank_sets:
             for num_adapters in g.adapters:
                 for workload in g.workloads:
                     for popularity in g.popularities:
-                        cases = [Case(g.shape, r, num_adapters, workload, popularity, isinstance(g, PaddingGroup))
+                        cases = [Case(g.shape, r, num_adapters, workload, popularity, g.padding)
                                  for r in ranks]
                         units.append((tuple(cases), g.modes))
     modes_of: dict[tuple[Case, ...], set[str]] = {}
@@ -673,17 +669,16 @@ def configured_workloads(workloads: tuple[Workload, ...], args: argparse.Namespa
     return tuple(out)
 
 
-def configured_groups(args: argparse.Namespace, device: torch.device) -> list:
+def configured_groups(args: argparse.Namespace, device: torch.device) -> list[Group]:
     groups = full_groups(device, args.shapes) if args.full else default_groups(device, args.shapes)
     out = []
     for g in groups:
-        if isinstance(g, PaddingGroup) and not args.padding:
+        if g.padding and not args.padding:
             continue
         g = replace(g, adapters=args.adapters or g.adapters, workloads=configured_workloads(g.workloads, args),
                     popularities=args.popularity or g.popularities,
-                    modes=tuple(m for m in g.modes if m in args.modes))
-        if isinstance(g, Group) and args.ranks:
-            g = replace(g, ranks=args.ranks)
+                    modes=tuple(m for m in g.modes if m in args.modes),
+                    ranks=g.ranks if g.padding else args.ranks or g.ranks)     # the padding case keeps its stacks
         if g.modes and g.workloads:
             out.append(g)
     return out

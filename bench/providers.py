@@ -1,30 +1,14 @@
 """What the LoRA benchmarks time: layer shapes, inputs, the providers, and their check against float64.
 
-A provider is one implementation of a layer on fixed inputs (Provider: forward(x) -> y and the
-parameters fwd_bwd differentiates). Single adapter (SINGLE: maker(weights, dropout_p)):
-    base        F.linear(x, W0, b)                                   the floor: no LoRA at all
-    ours        lora_kernels.lora_linear (CPU: the C++ extension's op and autograd, when it is loaded)
-    ours_python the same call inside lora_kernels._extension.python_eager_calls(): the Python route
-                (autograd.Function, Python torch backend); the same path as ours without the extension
-    peft        a real peft.tuners.lora.Linear (get_peft_model), eager forward
-    lean_torch  y = F.linear(x, W0, b); y.addmm_(x @ Aᵀ, Bᵀ, alpha=s)  the strongest plain composition
-Many adapters (MULTI: maker(stack, ids, batch)), stacks A (L, r, K), B (L, N, r), scales (L,), ids (M,):
-    base        F.linear(x, W0, b)
-    ours        lora_kernels.multi_lora_linear with a prebuilt AdapterBatch (built once per batch)
-    shared      the same rows all on adapter 0 through lora_kernels.lora_linear: the floor of the
-                multi-adapter path (ours / shared = what mixing adapters costs)
-    peft        a real PEFT model (get_peft_model + add_adapter, L adapters on one nn.Linear) called
-                as model(x, adapter_names=[...]): PEFT's mixed adapter batch inference (fwd only)
-    peft_layer  the same model's LoRA layer called with adapter_names directly (PEFT's per-layer share)
-    lean_loop   rows grouped by adapter once per batch; per adapter index_select, two matmuls, index_add_
-    lean_gather per-row weights: bmm(x, A[ids]ᵀ) and bmm(·, B[ids]ᵀ)
-    lean_dense  every adapter on every row: x·[A_0..A_L]ᵀ, masked by a one-hot·scale, ·[B_0..B_L]ᵀ
-
-Modes: fwd (torch.no_grad, PEFT in eval mode) and fwd_bwd (x, A, B require grad, W0 and b frozen;
-torch.autograd.grad of y against a fixed random dY). check() compares one step of a provider with the
-float64 reference (Reference: lora_linear_reference; MultiReference: multi_lora_linear_reference)
-before it is timed; checked() builds and checks a row's providers. Importing this module puts this
-checkout on sys.path first, so the benchmarks time this checkout's lora_kernels.
+A provider is one implementation of a layer on fixed inputs (Provider: forward(x) -> y, and the parameters
+fwd_bwd differentiates). SINGLE, maker(weights, dropout_p): base, ours, ours_python, peft, lean_torch.
+MULTI, maker(stack, ids, batch): base, ours, shared, peft, peft_layer, lean_loop, lean_gather, lean_dense
+(bench/README.md says what each runs). Modes: fwd (torch.no_grad, PEFT in eval mode) and fwd_bwd (x, A, B
+require grad, W0 and b frozen; torch.autograd.grad of y against a fixed random dY). A row's providers are
+built (build), checked against the float64 reference before they are timed (verdict, checked: check with
+Reference = lora_linear_reference, MultiReference = multi_lora_linear_reference), timed together
+(time_rows) and summed up (add_ours_roofline, overhead_pct, row_done). Importing this module puts this
+checkout first on sys.path, so the benchmarks time this checkout's lora_kernels.
 """
 
 from __future__ import annotations
@@ -266,6 +250,7 @@ def step_fn(provider: Provider, mode: str, x: Tensor, grad_y: Tensor) -> Callabl
 
 
 def base(weight: Tensor, bias: Tensor) -> Provider:
+    """F.linear(x, W0, b): the floor, no LoRA at all."""
     return Provider(lambda x: F.linear(x, weight, bias), [])
 
 
@@ -312,6 +297,7 @@ def set_peft_adapter(layer, name: str, lora_a: Tensor, lora_b: Tensor, scale: fl
 
 
 def ours(w: Weights, dropout_p: float) -> Provider:
+    """lora_kernels.lora_linear (CPU: the C++ extension's op and autograd, when it is loaded)."""
     return Provider(lambda x: lora_kernels.lora_linear(x, w.weight, w.bias, w.lora_a, w.lora_b, w.scale,
                                                        dropout_p=dropout_p), [w.lora_a, w.lora_b])
 
@@ -324,6 +310,7 @@ def ours_python(w: Weights, dropout_p: float) -> Provider:
 
 
 def lean_torch(w: Weights, dropout_p: float) -> Provider:
+    """The strongest plain composition: y = F.linear(x, W0, b); y.addmm_(x @ Aᵀ, Bᵀ, alpha=s)."""
     def forward(x: Tensor) -> Tensor:
         y = F.linear(x, w.weight, w.bias)                                       # (M, N)
         x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
@@ -354,6 +341,7 @@ SINGLE = {"base": lambda w, dropout_p: base(w.weight, w.bias), "ours": ours, "ou
 
 
 def multi_ours(stack: Stack, ids: Tensor, batch) -> Provider:
+    """lora_kernels.multi_lora_linear with the AdapterBatch built beforehand, once per batch."""
     s = stack
     return Provider(lambda x: lora_kernels.multi_lora_linear(x, s.weight, s.bias, s.lora_a, s.lora_b, s.scales, batch),
                     [s.lora_a, s.lora_b])
@@ -423,11 +411,13 @@ def _adapter_names(ids: Tensor) -> list[str]:
 
 
 def multi_peft(stack: Stack, ids: Tensor, batch) -> Provider:
+    """PEFT's mixed adapter batch inference: model(x, adapter_names=[...]), one name per row (fwd only)."""
     model, names = peft_model(stack), _adapter_names(ids)
     return Provider(lambda x: model(x, adapter_names=names), [], modes=("fwd",))
 
 
 def multi_peft_layer(stack: Stack, ids: Tensor, batch) -> Provider:
+    """The model's LoRA layer called with adapter_names directly: PEFT's per-layer share of multi_peft."""
     layer, names = peft_model(stack).base_model.model.proj, _adapter_names(ids)
     return Provider(lambda x: layer(x, adapter_names=names), [], modes=("fwd",))
 
