@@ -23,8 +23,8 @@ import harness
 import providers as lora
 from providers import LLAMA_DOWN, LLAMA_KV, LLAMA_QO, LLAMA_UP, MODES, SMOL_QO, SMOL_UP, Shape
 
-import lora_kernels  # noqa: E402  (this checkout's: providers put it first on sys.path)
-from lora_kernels import tuning  # noqa: E402
+import lora_kernels  # this checkout's: importing providers put it first on sys.path
+from lora_kernels import tuning
 
 PROVIDERS = tuple(lora.SINGLE)      # base, ours, ours_python, peft, lean_torch
 FLOPS_NOTE = ("FLOPs (counted for TFLOP/s): fwd = 2·M·K·N + 2·M·r·(K+N); "
@@ -195,7 +195,8 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                     lora.time_rows({0: row}, steps, providers, device, min_run_time, cuda_graph=m <= graph_max_tokens)
                     rows.append(finish_row(row, providers, errors, backend, device, dtype, shape, x, peak))
                     speedup = row["speedup_vs_lean_torch"]
-                    lora.row_done(row, providers, providers, label, bar, f" (×{speedup:.2f} vs lean)" if speedup else "")
+                    lora.row_done(row, providers, providers, label, bar,
+                                  f" (×{speedup:.2f} vs lean)" if speedup else "")
             built.clear()       # free this rank's providers (PEFT's model) before the next weights
     return rows
 
@@ -231,7 +232,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "fp32 unless --dtype")
     parser.add_argument("--name", help="result file stem (default: lora_linear, lora_linear_full with --full, "
                                        "lora_linear_overhead with --overhead)")
-    parser.add_argument("--providers", type=harness.str_list, default=PROVIDERS, help=f"subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--providers", type=harness.str_list, default=PROVIDERS,
+                        help=f"subset of {','.join(PROVIDERS)}")
     parser.add_argument("--modes", type=harness.str_list, default=MODES, help="fwd, fwd_bwd or both")
     parser.add_argument("--tokens", type=harness.int_list, help="override the token counts M, e.g. 1,64,1024")
     parser.add_argument("--ranks", type=harness.int_list, help="override the ranks, e.g. 16,64")
@@ -287,7 +289,8 @@ def main(argv=None) -> int:
         notes.append(f"Rows of at most {graph_max_tokens} tokens are timed as replays of one call captured in a CUDA "
                      "graph (column timed: cuda graph), as a serving engine runs decode steps; a provider that cannot "
                      "be captured is timed eagerly (timed names it; <provider>_graph_error in the JSON says why).")
-    name = args.name or ("lora_linear_full" if args.full else "lora_linear_overhead" if args.overhead else "lora_linear")
+    name = args.name or ("lora_linear_full" if args.full else "lora_linear_overhead" if args.overhead
+                         else "lora_linear")
     plot = harness.PlotSpec(providers, panel=("shape", "r", "dropout_p", "mode"),
                             title=f"lora_linear on {stamp['device_name']}, {stamp['dtype']}")
     harness.report(rows, columns, notes, stamp, wall, args, name, plot)

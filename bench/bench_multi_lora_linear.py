@@ -40,7 +40,7 @@ import harness
 import providers as lora
 from providers import LLAMA_KV, LLAMA_QO, MIXED, MIXED_RANK_CYCLE, MODES, SMOL_QO, Ranks, Shape, Stack
 
-import lora_kernels  # noqa: E402  (this checkout's: providers put it first on sys.path)
+import lora_kernels  # this checkout's: importing providers put it first on sys.path
 
 PROVIDERS = ("base", "ours", "shared", "peft", "peft_layer", "lean_torch")
 LEAN_VARIANTS = ("loop", "gather", "dense")
@@ -358,7 +358,8 @@ def ready_providers(prep: Prepared, names: list[str], mode: str) -> tuple[dict[s
         if name not in prep.built:
             prep.built[name] = lora.build(name, lambda: make_provider(prep, name))
         provider = prep.built[name]
-        if isinstance(provider, lora.Unsupported) or (isinstance(provider, lora.Provider) and mode not in provider.modes):
+        if isinstance(provider, lora.Unsupported) or (isinstance(provider, lora.Provider)
+                                                      and mode not in provider.modes):
             continue
         checks[name] = (provider, lora.verdict(name, provider, mode, prep.shared_ref if name == "shared" else prep.ref))
     return lora.checked(checks, f"{prep.case.label} {mode}")

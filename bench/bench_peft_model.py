@@ -25,7 +25,7 @@ import torch
 import harness
 from providers import lora_kernels_backend
 
-import lora_kernels  # noqa: E402  (this checkout's: providers put it first on sys.path)
+import lora_kernels  # this checkout's: importing providers put it first on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -659,7 +659,7 @@ def add_ours_roofline(row: dict, flops: int, bytes_moved: int, peak: harness.Pea
     """flops, bytes and what ours achieved with them: ours_tflops, ours_gbps, ours_peak_pct."""
     row["flops"], row["bytes"] = flops, bytes_moved
     achieved = harness.roofline(flops, bytes_moved, row.get("ours_ms"), peak)
-    row["ours_tflops"], row["ours_gbps"], row["ours_peak_pct"] = achieved["tflops"], achieved["gbps"], achieved["peak_pct"]
+    row.update(ours_tflops=achieved["tflops"], ours_gbps=achieved["gbps"], ours_peak_pct=achieved["peak_pct"])
 
 
 def overhead_pct(row: dict) -> float | None:
