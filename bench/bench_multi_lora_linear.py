@@ -5,24 +5,14 @@
     python bench/bench_multi_lora_linear.py --device cpu --no-out --workloads decode --decode-requests 64 \\
         --adapters 1,64 --popularity distinct,zipf --modes fwd
 
-A batch is made of requests, each on one adapter of the stack (or none):
-    decode      R requests of one row each: M = R
-    prefill     R requests of ragged lengths, drawn uniformly in [lo, hi] (seeded); a request's rows are
-                contiguous, requests in order: M = the sum of the lengths
-and requests pick their adapter among the L of the stack by a popularity pattern (POPULARITY_HELP):
-identical, distinct, uniform, zipf, skewed, none25. Every row carries its request's adapter id.
-
-Providers base, ours, shared, peft, peft_layer and lean_torch (the fastest of the plain-torch compositions
-lean_loop, lean_gather, lean_dense; the column "lean" says which), from providers.MULTI, each a function
-of the same x, W0, b, adapter stacks A (L, r, K), B (L, N, r), scales (L,) and adapter ids (M,) (-1: no
-adapter). ours' AdapterBatch is built once per batch and reused by every layer: its build time is its
-own column, "batch ms".
-
-Modes: fwd (torch.no_grad) and fwd_bwd (x, A, B require grad, W0 and b frozen; torch.autograd.grad of
-y against a fixed random dY). PEFT rejects mixed adapter batches in training mode, so its fwd_bwd
-cells stay empty. Every provider is checked against lora_kernels.multi_lora_linear_reference in
-float64 before it is timed (shared: against the single-adapter reference, every row on adapter 0).
-See README.md for the columns and the derived tables.
+A batch is made of requests (Workload: decode, one row each; prefill, ragged lengths), each on one adapter
+of the stack (or none) picked by a popularity pattern (POPULARITY_HELP); every row carries its request's
+adapter id. Providers base, ours, shared, peft, peft_layer and lean_torch (the fastest of lean_loop,
+lean_gather, lean_dense: the column "lean" says which), providers.MULTI, on the same x, W0, b, stacks
+A (L, r, K), B (L, N, r), scales (L,) and ids (M,); ours' AdapterBatch is built once per batch (its own
+column, "batch ms"). Each is checked against lora_kernels.multi_lora_linear_reference in float64 before
+it is timed (shared: lora_linear_reference, every row on adapter 0); PEFT has no fwd_bwd (it rejects
+mixed adapter batches in training mode). See README.md for the columns and the derived tables.
 """
 
 from __future__ import annotations

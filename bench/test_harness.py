@@ -35,6 +35,22 @@ def test_time_fn_cuda_graph_is_ignored_on_cpu():
     assert timing.method == "cpu" and timing.graph_error is None
 
 
+def test_time_interleaved_reverses_the_order_every_other_round(monkeypatch):
+    calls = []
+
+    def fake_time_fn(fn, device, *, min_run_time, cuda_graph):
+        calls.append((fn(), min_run_time))
+        ms = 1.0 + len(calls)                  # rounds of one step: distinct medians
+        return harness.Timing(ms, ms - 0.5, ms + 0.5, 5, "cpu")
+
+    monkeypatch.setattr(harness, "time_fn", fake_time_fn)
+    timings = harness.time_interleaved({"a": lambda: "a", "b": lambda: "b"}, "cpu", 0.75, repeats=3)
+    assert calls == [(step, 0.25) for step in "abbaab"]      # A B, B A, A B: a third of the time each
+    assert timings["a"].rounds_ms == (2.0, 5.0, 6.0) and timings["a"].median_ms == 5.0
+    assert (timings["a"].p20_ms, timings["a"].p80_ms) == (1.5, 6.5)      # the lowest p20, the highest p80
+    assert timings["b"].rounds_ms == (3.0, 4.0, 7.0) and timings["b"].method == "cpu"
+
+
 def test_roofline_picks_the_binding_limit():
     peak = harness.Peak(tflops=100.0, gbps=1000.0, how="test")
     out = harness.roofline(50e9, 100e6, 1.0, peak)       # 50 TFLOP/s, 100 GB/s
