@@ -335,6 +335,7 @@ def prepare(case: Case, stacks: dict, providers: tuple[str, ...], device: torch.
 
 
 def make_provider(prep: Prepared, name: str) -> lora.Provider:
+    """providers.MULTI[name] on the case; ours fails with the AdapterBatch's error when it could not be built."""
     if name == "ours" and isinstance(prep.batch, Exception):
         raise prep.batch
     return lora.MULTI[name](prep.stack, prep.ids, prep.batch)
@@ -356,6 +357,7 @@ def ready_providers(prep: Prepared, names: list[str], mode: str) -> tuple[dict[s
 
 
 def case_row(prep: Prepared, mode: str) -> dict:
+    """A row's first columns: the case (shape, batch, ranks, adapters) and the mode."""
     case = prep.case
     row = {"shape": case.shape.name, "workload": case.workload.kind, "requests": case.workload.requests, "m": prep.m,
            "k": case.shape.k, "n": case.shape.n, "r": prep.stack.label, "num_adapters": case.num_adapters,
