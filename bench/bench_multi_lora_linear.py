@@ -5,85 +5,32 @@
     python bench/bench_multi_lora_linear.py --device cpu --no-out --workloads decode --decode-requests 64 \\
         --adapters 1,64 --popularity distinct,zipf --modes fwd
 
-A batch is made of requests, each on one adapter of the stack (or none):
-    decode      R requests of one row each: M = R
-    prefill     R requests of ragged lengths, drawn uniformly in [lo, hi] (seeded); a request's rows are
-                contiguous, requests in order: M = the sum of the lengths
-and requests pick their adapter among the L of the stack by a popularity pattern (POPULARITY_HELP):
-identical, distinct, uniform, zipf, skewed, none25. Every row carries its request's adapter id.
-
-Providers, each a function of the same x, W0, b, adapter stacks A (L, r, K), B (L, N, r), scales (L,)
-and adapter ids (M,) (-1: no adapter):
-    base        F.linear(x, W0, b)                                   the floor: no LoRA at all
-    ours        lora_kernels.multi_lora_linear with a prebuilt AdapterBatch (built once per batch,
-                reused by every layer: its build time is its own column, "batch ms")
-    shared      the same rows all on adapter 0 through the single-adapter op lora_kernels.lora_linear:
-                the floor of the multi-adapter path (ours / shared = what mixing adapters costs)
-    peft        a real PEFT model (get_peft_model + add_adapter, L adapters on one nn.Linear) called
-                as model(x, adapter_names=[...]): PEFT's mixed adapter batch inference (fwd only)
-    peft_layer  the same model's LoRA layer called with adapter_names directly: PEFT's per-layer share
-                of that path (what its forward hook injects into every LoRA layer)
-    lean_torch  the fastest of three plain-torch compositions (the column "lean" says which):
-                loop    rows sorted by adapter once per batch; per adapter index_select, two matmuls,
-                        index_add_ (a contiguous run of rows: slices, no gather)
-                gather  per-row weights: bmm(x, A[ids]ᵀ) and bmm(·, B[ids]ᵀ)
-                dense   every adapter on every row: x·[A_0..A_L]ᵀ, masked by a one-hot·scale, ·[B_0..B_L]ᵀ
-
-Modes: fwd (torch.no_grad) and fwd_bwd (x, A, B require grad, W0 and b frozen; torch.autograd.grad of
-y against a fixed random dY). PEFT rejects mixed adapter batches in training mode, so its fwd_bwd
-cells stay empty. Every provider is checked against lora_kernels.multi_lora_linear_reference in
-float64 before it is timed (shared: against the single-adapter reference, every row on adapter 0).
-See README.md for the columns and the derived tables.
+A batch is made of requests (Workload: decode, one row each; prefill, ragged lengths), each on one adapter
+of the stack (or none) picked by a popularity pattern (POPULARITY_HELP); every row carries its request's
+adapter id. Providers base, ours, shared, peft, peft_layer and lean_torch (the fastest of lean_loop,
+lean_gather, lean_dense: the column "lean" says which), providers.MULTI, on the same x, W0, b, stacks
+A (L, r, K), B (L, N, r), scales (L,) and ids (M,); ours' AdapterBatch is built once per batch (its own
+column, "batch ms"). Each is checked against lora_kernels.multi_lora_linear_reference in float64 before
+it is timed (shared: lora_linear_reference, every row on adapter 0); PEFT has no fwd_bwd (it rejects
+mixed adapter batches in training mode). See README.md for the columns and the derived tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import statistics
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent))      # benchmark this checkout's lora_kernels
-if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))
+from torch import Tensor
 
 import harness
+import providers as lora
+from providers import LLAMA_KV, LLAMA_QO, MIXED, MIXED_RANK_CYCLE, MODES, SMOL_QO, Ranks, Shape, Stack
 
-# From the single-adapter benchmark: the layer shapes and inputs, the providers' interface, the timed
-# step and the check against float64 (its tolerances: a wrong adapter, scale or padded rank read is
-# O(1) off as well, the LoRA term being drawn as large as the base term), and the PEFT set-up.
-from bench_lora_linear import (
-    LLAMA_KV,
-    LLAMA_QO,
-    MODES,
-    PEAK_NOTE,
-    SMOL_QO,
-    Provider,
-    Shape,
-    Weights,
-    check,
-    lora_kernels_backend,
-    make_activations,
-    min_bytes,
-    peft_base_module,
-    peft_lora_layer,
-    step_fn,
-    timed_with,
-)
-from bench_lora_linear import Reference as SingleAdapterReference
-
-import lora_kernels
+import lora_kernels  # this checkout's: importing providers put it first on sys.path
 
 PROVIDERS = ("base", "ours", "shared", "peft", "peft_layer", "lean_torch")
 LEAN_VARIANTS = ("loop", "gather", "dense")
@@ -104,15 +51,6 @@ POPULARITY_HELP = {
 # Seeds of the draws (torch CPU generators): the stack, the activations (make_activations' default), the
 # requests' adapters, the prefill lengths. Every run draws the same batches.
 STACK_SEED, ADAPTER_SEED, LENGTH_SEED = 0, 2, 3
-# Per-adapter LoRA scales s_j = lora_alpha_j / r_j, cycling: a provider that applies one adapter's
-# scale to another's rows fails the check.
-SCALE_CYCLE = (0.5, 1.0, 1.5, 2.0)
-# The mixed-rank stack: padded to 64, adapter j of true rank MIXED_RANK_CYCLE[j % 4].
-MIXED_RANK_CYCLE = (8, 16, 32, 64)
-# Entries of a padded stack past an adapter's true rank: large, so that reading them fails the check.
-PADDING_GARBAGE_STD = 10.0
-# The gather variant materialises A[ids] and B[ids] (M·r·(K+N) elements): skipped above this.
-GATHER_MAX_BYTES = 2 * 2**30
 # The issue's goals (stated for CUDA, bf16, K=N=4096, r=16, fwd): decode, 64 rows, LoRA overhead over
 # the base GEMM <= 15 % at L = 1, 8, 64 and 64 distinct adapters within 1.25x of one shared adapter;
 # prefill 8192 rows (here: a ragged prefill batch of at least 4096 rows): overhead <= 5 %.
@@ -135,29 +73,6 @@ KNOWN_SHAPES = {(s.k, s.n): s for s in (SMOL_QO, SQUARE_1024, LLAMA_QO, LLAMA_KV
 
 def layer_shape(k: int, n: int) -> Shape:
     return KNOWN_SHAPES.get((k, n), Shape(f"{k}→{n}", k, n))
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """An adapter stack's ranks: the stack is `padded` wide; adapter j has true rank cycle[j % len(cycle)]
-    (AdapterBatch ranks=...), or `padded` when the cycle is empty."""
-    padded: int
-    cycle: tuple[int, ...] = ()
-
-    @property
-    def label(self) -> str:
-        """The r column: "16"; "8 of 64" (every adapter of rank 8 in a stack of 64); "mixed"."""
-        if not self.cycle:
-            return str(self.padded)
-        if len(self.cycle) == 1:
-            return f"{self.cycle[0]} of {self.padded}"
-        return "mixed" if self.cycle == MIXED_RANK_CYCLE else f"{'/'.join(map(str, self.cycle))} of {self.padded}"
-
-    def true_ranks(self, num_adapters: int) -> list[int] | None:
-        return [self.cycle[j % len(self.cycle)] for j in range(num_adapters)] if self.cycle else None
-
-
-MIXED = Ranks(max(MIXED_RANK_CYCLE), MIXED_RANK_CYCLE)
 
 
 @dataclass(frozen=True)
@@ -190,37 +105,34 @@ def prefill(requests: int, min_length: int, max_length: int) -> Workload:
 
 @dataclass(frozen=True)
 class Group:
-    """Every combination of ranks, adapter counts L, workloads and popularities on one shape, in each mode."""
+    """Every combination of ranks, adapter counts L, workloads and popularities on one shape, in each mode.
+    padding: the padding case, the group's ranks (padding_group) timed together in one unit."""
     shape: Shape
     ranks: tuple[Ranks, ...]
     adapters: tuple[int, ...]
     workloads: tuple[Workload, ...]
     popularities: tuple[str, ...] = ("distinct",)
     modes: tuple[str, ...] = MODES
+    padding: bool = False
 
 
-@dataclass(frozen=True)
-class PaddingGroup:
+def padding_group(shape: Shape, rank: int, padded: int, adapters: tuple[int, ...], workloads: tuple[Workload, ...],
+                  modes: tuple[str, ...] = MODES) -> Group:
     """The padding case: adapters of true rank `rank` in a stack padded to `padded` (AdapterBatch
-    ranks=...), against the same with every adapter at `padded`, and an unpadded stack of `rank`;
-    the three timed together, for every combination of L, workload and popularity."""
-    shape: Shape
-    rank: int
-    padded: int
-    adapters: tuple[int, ...]
-    workloads: tuple[Workload, ...]
-    popularities: tuple[str, ...] = ("distinct",)
-    modes: tuple[str, ...] = MODES
+    ranks=...), against an unpadded stack of `rank` and the same with every adapter at `padded`; the
+    three timed together, for every combination of L, workload and popularity."""
+    return Group(shape, (Ranks(rank), Ranks(padded, (rank,)), Ranks(padded)), adapters, workloads, modes=modes,
+                 padding=True)
 
 
-def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list:
+def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list[Group]:
     """CPU (about a minute, fp32, 2 cores): a 1024→1024 layer over L = 64 adapters: decode 16 and 64
     requests under every popularity (r 16), decode 64 and one small ragged prefill batch under distinct
     and zipf (r 16 and mixed; fwd_bwd: prefill at r 16), the padding case at decode 64 (fwd).
     CUDA: the issue's shape, Llama-3-8B q/o, r 16 and mixed, decode 1..256 requests and a ragged prefill
     of about 8192 rows (both modes), L 1..128, every popularity. The padding case runs on the last shape."""
     r16 = Ranks(16)
-    groups: list = []
+    groups: list[Group] = []
     if device.type == "cuda":
         shapes = shapes or (LLAMA_QO,)
         long_prefill = prefill(16, 256, 768)                     # about 8192 rows
@@ -233,7 +145,7 @@ def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) 
                 Group(shape, (r16, MIXED), (1, 8, 64, 128), (long_prefill,)),
                 Group(shape, (r16,), (64,), (long_prefill,), ("uniform", "zipf", "skewed")),
             ]
-        groups.append(PaddingGroup(shapes[-1], 8, 64, (8,), (decode(64), long_prefill)))
+        groups.append(padding_group(shapes[-1], 8, 64, (8,), (decode(64), long_prefill)))
         return groups
     shapes = shapes or (SQUARE_1024,)
     short_prefill = prefill(8, 8, 64)                            # 221 rows
@@ -244,18 +156,18 @@ def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) 
             Group(shape, (r16,), (64,), (short_prefill,), ("distinct", "zipf")),
             Group(shape, (MIXED,), (64,), (short_prefill,), ("distinct", "zipf"), ("fwd",)),
         ]
-    groups.append(PaddingGroup(shapes[-1], 8, 64, (8,), (decode(64),), modes=("fwd",)))
+    groups.append(padding_group(shapes[-1], 8, 64, (8,), (decode(64),), modes=("fwd",)))
     return groups
 
 
-def full_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list:
+def full_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list[Group]:
     """Llama-3-8B q/o and k/v, SmolLM2 q/o; r 16, 64 and mixed; decode 1..256 requests over L 1..128 and
     every popularity; ragged prefills of about 8192 rows as 16 long or 64 short requests."""
     r16, r64 = Ranks(16), Ranks(64)
     shapes = shapes or (LLAMA_QO, LLAMA_KV, SMOL_QO)
     prefills = (prefill(16, 256, 768), prefill(64, 64, 192))
     not_distinct = tuple(p for p in POPULARITIES if p != "distinct")
-    groups: list = []
+    groups: list[Group] = []
     for shape in shapes:
         groups += [
             Group(shape, (r16, r64, MIXED), (1, 8, 64, 128), tuple(decode(r) for r in (1, 4, 16, 64, 128, 256)),
@@ -264,15 +176,8 @@ def full_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> 
             Group(shape, (r16, MIXED), (1, 8, 64, 128), prefills),
             Group(shape, (r16,), (64,), prefills, not_distinct),
         ]
-    groups.append(PaddingGroup(shapes[0], 8, 64, (8, 64), (decode(64), decode(256), prefills[0])))
+    groups.append(padding_group(shapes[0], 8, 64, (8, 64), (decode(64), decode(256), prefills[0])))
     return groups
-
-
-def flops(mode: str, m: int, k: int, n: int, rank_rows: int) -> int:
-    """rank_rows: the sum over the rows with an adapter of that adapter's true rank."""
-    if mode == "fwd":
-        return 2 * m * k * n + 2 * rank_rows * (k + n)
-    return 4 * m * k * n + 6 * rank_rows * (k + n)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -317,271 +222,6 @@ def make_adapter_ids(workload: Workload, popularity: str, num_adapters: int, dev
     return adapters.repeat_interleave(request_lengths(workload)).to(device)
 
 
-# ----------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Stack:
-    """One layer's weights: W0, b frozen; the adapter stacks A (L, R, K) and B (L, N, R) are leaves
-    that require grad. ranks: true ranks (L,) or None (all R); past a true rank the stacks hold
-    large garbage (only a provider that honours ranks passes the check)."""
-    shape: Shape
-    weight: Tensor          # (N, K)
-    bias: Tensor            # (N,)
-    lora_a: Tensor          # (L, R, K)
-    lora_b: Tensor          # (L, N, R)
-    scales: Tensor          # (L,) fp32
-    ranks: list[int] | None
-    label: str              # the r column (Ranks.label)
-    peft_model: object = None                  # built lazily, once per stack
-    lean_weights: tuple | None = None          # (A zero-padded (L, R, K), Bᵀ zero-padded (L, R, N)) leaves
-    shared_weights: Weights | None = None      # adapter 0 alone, for the shared provider
-
-    @property
-    def num_adapters(self) -> int:
-        return self.lora_a.shape[0]
-
-    @property
-    def max_rank(self) -> int:
-        return self.lora_a.shape[1]
-
-    def rank(self, j: int) -> int:
-        return self.max_rank if self.ranks is None else self.ranks[j]
-
-    def ranks_tensor(self) -> Tensor | None:
-        return None if self.ranks is None else torch.tensor(self.ranks, dtype=torch.int32, device=self.lora_a.device)
-
-
-def make_stack(shape: Shape, num_adapters: int, ranks: Ranks, dtype: torch.dtype, device: torch.device,
-               seed: int = STACK_SEED) -> Stack:
-    """nn.Linear-like W0 and A; B_j drawn so s_j·(x A_jᵀ) B_jᵀ is as large as x W0ᵀ at adapter j's true
-    rank (PEFT would start B at zero): a wrong adapter, scale or rank cannot hide under the base output."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*size, std):
-        return torch.randn(*size, generator=gen, device=device, dtype=torch.float32) * std
-
-    k, n, num, padded = shape.k, shape.n, num_adapters, ranks.padded
-    true_ranks = ranks.true_ranks(num)
-    rank = torch.tensor(true_ranks or [padded] * num, dtype=torch.float32, device=device)      # (L,)
-    weight = randn(n, k, std=k ** -0.5).to(dtype)
-    bias = randn(n, std=0.1).to(dtype)
-    scales = torch.tensor([SCALE_CYCLE[j % len(SCALE_CYCLE)] for j in range(num)], dtype=torch.float32, device=device)
-    lora_a = randn(num, padded, k, std=k ** -0.5)
-    lora_b = randn(num, n, padded, std=1.0) * (rank.rsqrt() / scales)[:, None, None]
-    if true_ranks is not None:
-        past = torch.arange(padded, device=device)[None, :] >= rank[:, None]                   # (L, R)
-        lora_a = torch.where(past[:, :, None], randn(num, padded, k, std=PADDING_GARBAGE_STD), lora_a)
-        lora_b = torch.where(past[:, None, :], randn(num, n, padded, std=PADDING_GARBAGE_STD), lora_b)
-    return Stack(shape, weight, bias, lora_a.to(dtype).requires_grad_(True), lora_b.to(dtype).requires_grad_(True),
-                 scales, true_ranks, ranks.label)
-
-
-# ----------------------------------------------------------------------------- providers
-# Provider (bench_lora_linear.py): to_ref maps grads to the reference's dA (L, R, K), dB (L, N, R).
-
-
-class Unsupported(Exception):
-    """The provider does not exist for this case (not a failure: its cell stays empty)."""
-
-
-def provider_base(stack: Stack, ids: Tensor, batch) -> Provider:
-    return Provider(lambda x: F.linear(x, stack.weight, stack.bias), [])
-
-
-def provider_ours(stack: Stack, ids: Tensor, batch) -> Provider:
-    s = stack
-    return Provider(lambda x: lora_kernels.multi_lora_linear(x, s.weight, s.bias, s.lora_a, s.lora_b, s.scales, batch),
-                    [s.lora_a, s.lora_b])
-
-
-def shared_weights(stack: Stack) -> Weights:
-    """Adapter 0 as a single adapter, in leaves of its own: A[0, :r0] (r0, K), B[0, :, :r0] (N, r0), s0."""
-    if stack.shared_weights is None:
-        r0 = stack.rank(0)
-        with torch.no_grad():
-            lora_a = stack.lora_a[0, :r0].clone(memory_format=torch.contiguous_format)
-            lora_b = stack.lora_b[0, :, :r0].clone(memory_format=torch.contiguous_format)
-        stack.shared_weights = Weights(weight=stack.weight, bias=stack.bias, lora_a=lora_a.requires_grad_(True),
-                                       lora_b=lora_b.requires_grad_(True), scale=float(stack.scales[0]))
-    return stack.shared_weights
-
-
-def provider_shared(stack: Stack, ids: Tensor, batch) -> Provider:
-    """Every row on adapter 0 through lora_kernels.lora_linear: the same rows and layer without mixing
-    adapters (the ids are ignored). Checked against shared_reference, not the batch's reference."""
-    w = shared_weights(stack)
-    return Provider(lambda x: lora_kernels.lora_linear(x, w.weight, w.bias, w.lora_a, w.lora_b, w.scale),
-                    [w.lora_a, w.lora_b])
-
-
-PEFT_TRAIN_MESSAGE: list[str] = []      # what PEFT says when asked for a mixed batch in training mode
-
-
-def peft_model(stack: Stack):
-    """get_peft_model on a module holding one nn.Linear(W0, b) with adapter "a0", add_adapter for
-    a1..a{L-1}; adapter j gets r_j = its true rank, lora_alpha = s_j·r_j, and copies of A[j, :r_j] and
-    B[j, :, :r_j] (same dtype: autocast_adapter_dtype=False keeps PEFT from upcasting them). Eval mode."""
-    if stack.peft_model is not None:
-        return stack.peft_model
-    from peft import LoraConfig, get_peft_model
-
-    model = None
-    for j in range(stack.num_adapters):
-        rank, scale = stack.rank(j), float(stack.scales[j])
-        config = LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=["proj"], lora_dropout=0.0)
-        if model is None:
-            model = get_peft_model(peft_base_module(stack.weight, stack.bias), config, adapter_name="a0",
-                                   autocast_adapter_dtype=False)
-        else:
-            model.add_adapter(f"a{j}", config, autocast_adapter_dtype=False)
-    layer = peft_lora_layer(model)
-    with torch.no_grad():
-        for j in range(stack.num_adapters):
-            rank, name = stack.rank(j), f"a{j}"
-            if not math.isclose(layer.scaling[name], float(stack.scales[j]), rel_tol=1e-6):
-                raise ValueError(f"PEFT scaling {layer.scaling[name]} != s_{j} = {float(stack.scales[j])}")
-            layer.lora_A[name].weight = nn.Parameter(stack.lora_a[j, :rank].detach().clone())
-            layer.lora_B[name].weight = nn.Parameter(stack.lora_b[j, :, :rank].detach().clone())
-    if not PEFT_TRAIN_MESSAGE:          # ask PEFT once whether it trains on mixed batches
-        model.train()
-        try:
-            model(stack.weight.new_zeros((1, stack.shape.k)), adapter_names=["a0"])
-            PEFT_TRAIN_MESSAGE.append("(accepted: PEFT did not refuse a mixed batch in training mode)")
-        except ValueError as e:
-            PEFT_TRAIN_MESSAGE.append(f"ValueError: {e}")
-    model.eval()
-    stack.peft_model = model
-    return model
-
-
-def _adapter_names(ids: Tensor) -> list[str]:
-    """One name per row of x: "a{j}", or "__base__" (PEFT's name for the base layer alone)."""
-    return ["__base__" if j < 0 else f"a{j}" for j in ids.tolist()]
-
-
-def provider_peft(stack: Stack, ids: Tensor, batch) -> Provider:
-    model, names = peft_model(stack), _adapter_names(ids)
-    return Provider(lambda x: model(x, adapter_names=names), [], modes=("fwd",))
-
-
-def provider_peft_layer(stack: Stack, ids: Tensor, batch) -> Provider:
-    layer, names = peft_model(stack).base_model.model.proj, _adapter_names(ids)
-    return Provider(lambda x: layer(x, adapter_names=names), [], modes=("fwd",))
-
-
-def lean_weights(stack: Stack) -> tuple[Tensor, Tensor]:
-    """The plain-torch providers' own copy of the stacks, in the layout they like, prepared once per
-    layer (load time, not timed): A (L, R, K) and Bᵀ (L, R, N), zero past each true rank."""
-    if stack.lean_weights is None:
-        with torch.no_grad():
-            a = stack.lora_a.detach().clone()
-            bt = stack.lora_b.detach().transpose(1, 2).contiguous()
-            if stack.ranks is not None:
-                for j, rank in enumerate(stack.ranks):
-                    a[j, rank:] = 0
-                    bt[j, rank:] = 0
-        stack.lean_weights = (a.requires_grad_(True), bt.requires_grad_(True))
-    return stack.lean_weights
-
-
-def _lean_to_ref(grads: Sequence[Tensor]) -> list[Tensor]:
-    grad_x, grad_a, grad_bt = grads
-    return [grad_x, grad_a, grad_bt.transpose(1, 2)]
-
-
-def provider_lean_loop(stack: Stack, ids: Tensor, batch) -> Provider:
-    """Rows grouped by adapter once per batch (one host read, not timed); per call, for each adapter
-    with rows: x rows -> (· A_jᵀ)·s_j -> (· B_jᵀ) -> index_add_ into y. A contiguous run of rows
-    (one shared adapter, a prefill request, caller-sorted batches) takes slices instead of
-    index_select / index_add_."""
-    a, bt = lean_weights(stack)
-    order = torch.argsort(torch.where(ids >= 0, ids, stack.num_adapters), stable=True)
-    counts = torch.bincount(ids[ids >= 0], minlength=stack.num_adapters).tolist()
-    groups, start, host_order = [], 0, order.tolist()
-    for j, count in enumerate(counts):
-        rows = host_order[start:start + count]
-        if count:
-            contiguous = rows == list(range(rows[0], rows[0] + count))
-            groups.append((j, stack.rank(j), float(stack.scales[j]),
-                           slice(rows[0], rows[0] + count) if contiguous else order[start:start + count]))
-        start += count
-
-    def forward(x: Tensor) -> Tensor:
-        y = torch.addmm(stack.bias, x, stack.weight.T)                        # (M, N)
-        for j, rank, scale, rows in groups:
-            if isinstance(rows, slice):
-                y[rows].addmm_(x[rows] @ a[j, :rank].T, bt[j, :rank], alpha=scale)
-            else:
-                t = x.index_select(0, rows) @ a[j, :rank].T                   # (m_j, r_j)
-                y.index_add_(0, rows, t @ bt[j, :rank], alpha=scale)          # (m_j, N)
-        return y
-
-    return Provider(forward, [a, bt], to_ref=_lean_to_ref)
-
-
-def provider_lean_gather(stack: Stack, ids: Tensor, batch) -> Provider:
-    """Per-row weights, no grouping: y += s_i·bmm(bmm(x_i, A[ids_i]ᵀ), B[ids_i]ᵀ); rows of no adapter
-    use adapter 0 with scale 0. Per batch (not timed): the clamped ids and per-row scales."""
-    a, bt = lean_weights(stack)
-    m, (n, k), r = ids.shape[0], stack.weight.shape, stack.max_rank
-    if m * r * (k + n) * a.element_size() > GATHER_MAX_BYTES:
-        raise Unsupported(f"A[ids], B[ids] would take > {GATHER_MAX_BYTES / 2**30:.0f} GiB")
-    safe_ids = ids.clamp(min=0)
-    row_scale = torch.where(ids >= 0, stack.scales[safe_ids], 0.0).to(a.dtype)[:, None, None]   # (M, 1, 1)
-
-    def forward(x: Tensor) -> Tensor:
-        y = torch.addmm(stack.bias, x, stack.weight.T)                        # (M, N)
-        t = torch.bmm(x.unsqueeze(1), a[safe_ids].transpose(1, 2))            # (M, 1, R)
-        return y.add_(torch.bmm(t * row_scale, bt[safe_ids]).squeeze(1))       # (M, N)
-
-    return Provider(forward, [a, bt], to_ref=_lean_to_ref)
-
-
-def provider_lean_dense(stack: Stack, ids: Tensor, batch) -> Provider:
-    """Every adapter on every row, then masked: T = x·[A_0; ..; A_L-1]ᵀ (M, L·R), T ⊙ (one-hot(ids)·s),
-    y += T·[B_0 .. B_L-1]ᵀ: two plain GEMMs, L times the LoRA FLOPs. Per batch (not timed): the mask."""
-    a, bt = lean_weights(stack)
-    num_adapters, r = stack.num_adapters, stack.max_rank
-    adapters = torch.arange(num_adapters, device=ids.device)
-    coef = ((ids[:, None] == adapters[None, :]) * stack.scales[None, :]).to(a.dtype)[:, :, None]   # (M, L, 1)
-
-    def forward(x: Tensor) -> Tensor:
-        m, k = x.shape
-        y = torch.addmm(stack.bias, x, stack.weight.T)                        # (M, N)
-        t = (x @ a.reshape(num_adapters * r, k).T).view(m, num_adapters, r) * coef
-        return y.addmm_(t.view(m, num_adapters * r), bt.reshape(num_adapters * r, -1))
-
-    return Provider(forward, [a, bt], to_ref=_lean_to_ref)
-
-
-MAKERS = {"base": provider_base, "ours": provider_ours, "shared": provider_shared, "peft": provider_peft,
-          "peft_layer": provider_peft_layer, "lean_loop": provider_lean_loop, "lean_gather": provider_lean_gather,
-          "lean_dense": provider_lean_dense}
-
-
-# ----------------------------------------------------------------------------- correctness
-
-
-class Reference(SingleAdapterReference):
-    """float64 outputs and gradients of lora_kernels.multi_lora_linear_reference for one
-    (stack, ids, x, dY), computed once per case (check compares with them)."""
-
-    def __init__(self, stack: Stack, ids: Tensor, x: Tensor, grad_y: Tensor):
-        super().__init__(stack, x, grad_y)
-        self.stack, self.ids = stack, ids
-
-    def lora_y64(self, x64: Tensor, a64: Tensor, b64: Tensor) -> Tensor:
-        s = self.stack
-        return lora_kernels.multi_lora_linear_reference(x64, s.weight.double(), s.bias.double(), a64, b64,
-                                                        s.scales.double(), self.ids, s.ranks_tensor())
-
-
-def shared_reference(stack: Stack, x: Tensor, grad_y: Tensor) -> SingleAdapterReference:
-    """The shared provider's float64 reference: lora_kernels.lora_linear_reference, every row on adapter 0."""
-    return SingleAdapterReference(shared_weights(stack), x, grad_y)
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -592,7 +232,7 @@ class Case:
     num_adapters: int
     workload: Workload
     popularity: str
-    padding: bool = False       # part of a PaddingGroup
+    padding: bool = False       # part of a padding group
 
     @property
     def stack_key(self) -> tuple:
@@ -604,19 +244,18 @@ class Case:
                 f"{self.popularity}")
 
 
-def expand(groups: list) -> list[tuple[list[Case], tuple[str, ...]]]:
+def expand(groups: list[Group]) -> list[tuple[list[Case], tuple[str, ...]]]:
     """Units of work: the cases of one unit are timed together, their providers interleaved (one case,
     or the three stacks of a padding comparison), in each of the unit's modes. Units on the same
     stacks run back to back (a stack and its PEFT model are built once), in order of first appearance."""
     units = []
     for g in groups:
-        rank_sets = ([(Ranks(g.rank), Ranks(g.padded, (g.rank,)), Ranks(g.padded))] if isinstance(g, PaddingGroup)
-                     else [(r,) for r in g.ranks])
+        rank_sets = [g.ranks] if g.padding else [(r,) for r in g.ranks]
         for ranks in rank_sets:
             for num_adapters in g.adapters:
                 for workload in g.workloads:
                     for popularity in g.popularities:
-                        cases = [Case(g.shape, r, num_adapters, workload, popularity, isinstance(g, PaddingGroup))
+                        cases = [Case(g.shape, r, num_adapters, workload, popularity, g.padding)
                                  for r in ranks]
                         units.append((tuple(cases), g.modes))
     modes_of: dict[tuple[Case, ...], set[str]] = {}
@@ -641,52 +280,10 @@ TABLE_COLUMNS = [
 ]
 CUDA_COLUMNS = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("shared_peak_mib", "shared MiB"),
                 ("peft_layer_peak_mib", "peft layer MiB"), ("lean_torch_peak_mib", "lean MiB")]
-
-
-def _cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds every process has used, CPU seconds this process has used) so far; None off Linux.
-    Their difference over a row is what other processes took while it was timed: on a CPU run,
-    anything well above 0 means the row's times are suspect."""
-    try:
-        hz = os.sysconf("SC_CLK_TCK")
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)     # minus idle and iowait
-        with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        return busy / hz, (int(own[11]) + int(own[12])) / hz                           # utime + stime
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
-@dataclass(frozen=True)
-class Timing:
-    median_ms: float        # median of the rounds' medians
-    p20_ms: float           # lowest p20 of any round
-    p80_ms: float           # highest p80 of any round
-    rounds_ms: list[float]  # each round's median, in round order
-    method: str             # harness.Timing.method of the last round ("cpu", "cuda", "cuda graph")
-    graph_error: str | None
-
-
-def time_interleaved(steps: dict, device: torch.device, min_run_time: float, repeats: int,
-                     cuda_graph: bool = False) -> dict:
-    """harness.time_fn on every step, `repeats` rounds interleaved (provider order reversed every other
-    round) with min_run_time / repeats each: slow drift of a shared machine (clock, neighbours) then
-    hits every provider of a row alike instead of whichever was timed during it, at the same total time.
-    cuda_graph: time replays of each step captured in a CUDA graph (harness.time_fn)."""
-    per_round = min_run_time / max(repeats, 1)
-    rounds: dict = {name: [] for name in steps}
-    order = list(steps)
-    for i in range(max(repeats, 1)):
-        for name in (order if i % 2 == 0 else order[::-1]):
-            rounds[name].append(harness.time_fn(steps[name], device, min_run_time=per_round, cuda_graph=cuda_graph))
-    out = {}
-    for name, timings in rounds.items():
-        medians = [t.median_ms for t in timings]
-        out[name] = Timing(statistics.median(medians), min(t.p20_ms for t in timings),
-                           max(t.p80_ms for t in timings), medians, timings[-1].method, timings[-1].graph_error)
-    return out
+# the provider a column needs (the others: ours)
+NEEDS = {"base_ms": "base", "shared_ms": "shared", "peft_ms": "peft", "peft_layer_ms": "peft_layer",
+         "lean_torch_ms": "lean_torch", "lean_variant": "lean_torch", "overhead_pct": "base",
+         "ours_over_shared": "shared", "speedup_vs_peft_layer": "peft_layer", "speedup_vs_lean_torch": "lean_torch"}
 
 
 @dataclass
@@ -697,8 +294,8 @@ class Prepared:
     ids: Tensor                     # (M,)
     x: Tensor                       # (M, K)
     grad_y: Tensor                  # (M, N)
-    ref: Reference
-    shared_ref: SingleAdapterReference
+    ref: lora.MultiReference
+    shared_ref: lora.Reference
     used: int                       # adapters with at least one row
     rank_rows: int                  # sum over the rows with an adapter of its true rank
     used_ranks: int                 # sum over the adapters with rows of their true ranks
@@ -714,15 +311,16 @@ class Prepared:
 def prepare(case: Case, stacks: dict, providers: tuple[str, ...], device: torch.device, dtype: torch.dtype,
             min_run_time: float) -> Prepared:
     if case.stack_key not in stacks:
-        stacks[case.stack_key] = make_stack(case.shape, case.num_adapters, case.ranks, dtype, device)
+        stacks[case.stack_key] = lora.make_stack(case.shape, case.num_adapters, case.ranks, dtype, device, STACK_SEED)
     stack = stacks[case.stack_key]
     ids = make_adapter_ids(case.workload, case.popularity, case.num_adapters, device)
-    x, grad_y = make_activations(ids.shape[0], case.shape.k, case.shape.n, dtype, device)
+    x, grad_y = lora.make_activations(ids.shape[0], case.shape.k, case.shape.n, dtype, device)
     true_ranks = torch.tensor([stack.rank(j) for j in range(case.num_adapters)])
     adapter_rows = ids[ids >= 0].cpu()
     used = torch.unique(adapter_rows)
-    prep = Prepared(case, stack, ids, x, grad_y, Reference(stack, ids, x, grad_y), shared_reference(stack, x, grad_y),
-                    int(used.numel()), int(true_ranks[adapter_rows].sum()), int(true_ranks[used].sum()))
+    prep = Prepared(case, stack, ids, x, grad_y, lora.MultiReference(stack, ids, x, grad_y),
+                    lora.shared_reference(stack, x, grad_y), int(used.numel()), int(true_ranks[adapter_rows].sum()),
+                    int(true_ranks[used].sum()))
     if "ours" in providers:
         try:
             ranks = stack.ranks_tensor()        # made once: "batch ms" times the AdapterBatch build alone
@@ -736,53 +334,44 @@ def prepare(case: Case, stacks: dict, providers: tuple[str, ...], device: torch.
     return prep
 
 
-def ready_providers(prep: Prepared, names: list[str], mode: str) -> tuple[dict[str, Provider], list[str]]:
+def make_provider(prep: Prepared, name: str) -> lora.Provider:
+    """providers.MULTI[name] on the case; ours fails with the AdapterBatch's error when it could not be built."""
+    if name == "ours" and isinstance(prep.batch, Exception):
+        raise prep.batch
+    return lora.MULTI[name](prep.stack, prep.ids, prep.batch)
+
+
+def ready_providers(prep: Prepared, names: list[str], mode: str) -> tuple[dict[str, lora.Provider], list[str]]:
     """Build (once per case) and check (per mode) every provider; returns the ones that passed and the
     errors of the others. A provider without this case or mode (Unsupported, PEFT's fwd_bwd) is neither."""
-    ready, errors = {}, []
+    checks = {}
     for name in names:
         if name not in prep.built:
-            try:
-                if name == "ours" and isinstance(prep.batch, Exception):
-                    raise prep.batch
-                prep.built[name] = MAKERS[name](prep.stack, prep.ids, prep.batch)
-            except Unsupported as e:
-                prep.built[name] = e
-            except Exception as e:  # noqa: BLE001 - report and go on with the other providers
-                prep.built[name] = f"{name} could not be built: {type(e).__name__}: {e}"
+            prep.built[name] = lora.build(name, lambda: make_provider(prep, name))
         provider = prep.built[name]
-        if isinstance(provider, Unsupported) or (isinstance(provider, Provider) and mode not in provider.modes):
+        if isinstance(provider, lora.Unsupported) or (isinstance(provider, lora.Provider)
+                                                      and mode not in provider.modes):
             continue
-        ref = prep.shared_ref if name == "shared" else prep.ref
-        error = (provider if isinstance(provider, str)
-                 else harness.safe_check(partial(check, name, provider, mode, ref)))
-        if error is None:
-            ready[name] = provider
-        else:
-            harness.progress(f"  !! {name} {prep.case.label} {mode}: {error}")
-            errors.append(f"{name}: {error}")
-    return ready, errors
+        checks[name] = (provider, lora.verdict(name, provider, mode, prep.shared_ref if name == "shared" else prep.ref))
+    return lora.checked(checks, f"{prep.case.label} {mode}")
 
 
-def make_row(prep: Prepared, mode: str, names: list[str], lean_variants: tuple[str, ...], timings: dict,
-             peaks: dict, errors: list[str], device: torch.device, peak: harness.Peak | None = None) -> dict:
-    case, stack = prep.case, prep.stack
+def case_row(prep: Prepared, mode: str) -> dict:
+    """A row's first columns: the case (shape, batch, ranks, adapters) and the mode."""
+    case = prep.case
     row = {"shape": case.shape.name, "workload": case.workload.kind, "requests": case.workload.requests, "m": prep.m,
-           "k": case.shape.k, "n": case.shape.n, "r": stack.label, "num_adapters": case.num_adapters,
+           "k": case.shape.k, "n": case.shape.n, "r": prep.stack.label, "num_adapters": case.num_adapters,
            "popularity": case.popularity, "used": prep.used, "mode": mode}
     if case.workload.kind == "prefill":
         row["min_length"], row["max_length"] = case.workload.min_length, case.workload.max_length
-    for name in names:
-        timing = timings.get(name)
-        row[f"{name}_ms"] = timing.median_ms if timing else None
-        if timing:
-            row[f"{name}_p20_ms"], row[f"{name}_p80_ms"] = timing.p20_ms, timing.p80_ms
-            row[f"{name}_rounds_ms"] = timing.rounds_ms
-            row[f"{name}_method"] = timing.method
-            if timing.graph_error:
-                row[f"{name}_graph_error"] = timing.graph_error
-        if name in peaks:
-            row[f"{name}_peak_mib"] = peaks[name]
+    return row
+
+
+def finish_row(row: dict, prep: Prepared, names: list[str], lean_variants: tuple[str, ...], errors: list[str],
+               device: torch.device, peak: harness.Peak | None = None) -> dict:
+    """The row's AdapterBatch build time, the winning lean variant, its derived numbers (ratios, roofline,
+    timing method, ours' plan) and its errors."""
+    case, mode = prep.case, row["mode"]
     if prep.batch_timing is not None:
         row["batch_ms"] = prep.batch_timing.median_ms
         row["batch_p20_ms"], row["batch_p80_ms"] = prep.batch_timing.p20_ms, prep.batch_timing.p80_ms
@@ -792,20 +381,18 @@ def make_row(prep: Prepared, mode: str, names: list[str], lean_variants: tuple[s
     row["lean_variant"] = best
     if device.type == "cuda" and best:
         row["lean_torch_peak_mib"] = row.get(f"lean_{best}_peak_mib")
-    ours, base = row.get("ours_ms"), row.get("base_ms")
-    row["overhead_pct"] = (ours / base - 1) * 100 if ours is not None and base else None
+    ours = row.get("ours_ms")
+    row["overhead_pct"] = lora.overhead_pct(row)
     row["ours_over_shared"] = harness.ratio(ours, row.get("shared_ms"))
-    row["speedup_vs_peft"] = harness.ratio(row.get("peft_ms"), ours)
-    row["speedup_vs_peft_layer"] = harness.ratio(row.get("peft_layer_ms"), ours)
-    row["speedup_vs_lean_torch"] = harness.ratio(row.get("lean_torch_ms"), ours)
-    row["flops"] = flops(mode, prep.m, case.shape.k, case.shape.n, prep.rank_rows)
+    for p in ("peft", "peft_layer", "lean_torch"):
+        row[f"speedup_vs_{p}"] = harness.ratio(row.get(f"{p}_ms"), ours)
     # each used adapter's factors are read once: their summed true ranks play the single adapter's r
-    row["bytes"] = min_bytes(mode, prep.m, case.shape.k, case.shape.n, prep.used_ranks, prep.x.element_size())
-    achieved = harness.roofline(row["flops"], row["bytes"], ours, peak)
-    row["ours_tflops"], row["ours_gbps"], row["ours_peak_pct"] = achieved["tflops"], achieved["gbps"], achieved["peak_pct"]
-    row["timed"] = timed_with(row, names)
+    lora.add_ours_roofline(row, lora.flops(mode, prep.m, case.shape.k, case.shape.n, prep.rank_rows),
+                           lora.min_bytes(mode, prep.m, case.shape.k, case.shape.n, prep.used_ranks,
+                                          prep.x.element_size()), peak)
+    row["timed"] = harness.timed_with(row, names)
     if "ours" in names:
-        row.update(ours_plan(lora_kernels_backend(device, prep.x.dtype), prep.batch))
+        row.update(ours_plan(lora.lora_kernels_backend(device, prep.x.dtype), prep.batch))
     row["padding_case"] = case.padding
     row["errors"] = "; ".join(errors) or None
     return row
@@ -837,31 +424,26 @@ def run(units: list[tuple[list[Case], tuple[str, ...]]], providers: tuple[str, .
             stacks.clear()      # units come grouped by stack: keep only the current ones (and their PEFT models)
         preps = [prepare(c, stacks, providers, device, dtype, min_run_time) for c in cases]
         for mode in modes:
-            t_unit, cpu_start = time.perf_counter(), _cpu_seconds()
+            t_unit, cpu_start = time.perf_counter(), harness.cpu_seconds()
             steps, errors = {}, []
             for i, prep in enumerate(preps):             # build and check everything first, then time it
                 ready, errs = ready_providers(prep, names, mode)
                 errors.append(errs)
-                steps.update({(i, name): step_fn(p, mode, prep.x, prep.grad_y) for name, p in ready.items()})
+                steps.update({(i, name): lora.step_fn(p, mode, prep.x, prep.grad_y) for name, p in ready.items()})
+            unit_rows = {i: case_row(prep, mode) for i, prep in enumerate(preps)}
             graph = device.type == "cuda" and max(prep.m for prep in preps) <= graph_max_tokens
-            timings = time_interleaved(steps, device, min_run_time, repeats, cuda_graph=graph)
-            cpu_end = _cpu_seconds()
+            lora.time_rows(unit_rows, steps, names, device, min_run_time, repeats, cuda_graph=graph, rounds=True)
+            cpu_end = harness.cpu_seconds()
             others = (None if cpu_start is None or cpu_end is None else round(max(
                 0.0, (cpu_end[0] - cpu_start[0]) - (cpu_end[1] - cpu_start[1])) / (time.perf_counter() - t_unit), 2))
             for i, prep in enumerate(preps):
-                mine = {name: t for (j, name), t in timings.items() if j == i}
-                peaks = ({name: harness.peak_memory_mib(steps[(i, name)], device) for name in mine}
-                         if device.type == "cuda" else {})
-                row = make_row(prep, mode, names, lean_variants, mine, peaks, errors[i], device, peak)
+                row = finish_row(unit_rows[i], prep, names, lean_variants, errors[i], device, peak)
                 row["others_cpu"] = others
-                if row.get("ours_ms") is None and "ours" in providers:
-                    harness.progress(f"  !! row aborted: ours failed ({prep.case.label} {mode})")
                 rows.append(row)
-                bar.step(f"{prep.case.label} M={prep.m} {mode}: "
-                         + " ".join(f"{n}={row[f'{n}_ms']:.3g}ms" if row.get(f"{n}_ms") is not None else f"{n}=-"
-                                    for n in names)
-                         + (f" batch={row['batch_ms']:.3g}ms" if row.get("batch_ms") is not None else "")
-                         + (f" (other processes used {others:.2f} CPUs meanwhile)" if (others or 0) > 0.2 else ""))
+                lora.row_done(row, names, providers, f"{prep.case.label} M={prep.m} {mode}", bar,
+                              (f" batch={row['batch_ms']:.3g}ms" if row.get("batch_ms") is not None else "")
+                              + (f" (other processes used {others:.2f} CPUs meanwhile)" if (others or 0) > 0.2 else ""),
+                              case=f"{prep.case.label} {mode}")
     return rows
 
 
@@ -1080,17 +662,16 @@ def configured_workloads(workloads: tuple[Workload, ...], args: argparse.Namespa
     return tuple(out)
 
 
-def configured_groups(args: argparse.Namespace, device: torch.device) -> list:
+def configured_groups(args: argparse.Namespace, device: torch.device) -> list[Group]:
     groups = full_groups(device, args.shapes) if args.full else default_groups(device, args.shapes)
     out = []
     for g in groups:
-        if isinstance(g, PaddingGroup) and not args.padding:
+        if g.padding and not args.padding:
             continue
         g = replace(g, adapters=args.adapters or g.adapters, workloads=configured_workloads(g.workloads, args),
                     popularities=args.popularity or g.popularities,
-                    modes=tuple(m for m in g.modes if m in args.modes))
-        if isinstance(g, Group) and args.ranks:
-            g = replace(g, ranks=args.ranks)
+                    modes=tuple(m for m in g.modes if m in args.modes),
+                    ranks=g.ranks if g.padding else args.ranks or g.ranks)     # the padding case keeps its stacks
         if g.modes and g.workloads:
             out.append(g)
     return out
@@ -1098,16 +679,14 @@ def configured_groups(args: argparse.Namespace, device: torch.device) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype = harness.device_and_dtype(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, dtype = harness.setup(args)
     lora_kernels.set_backend(args.backend)
     providers = tuple(p for p in PROVIDERS if p in args.providers)
     lean_variants = tuple(v for v in LEAN_VARIANTS if v in args.lean_variants)
     units = expand(configured_groups(args, device))
 
     stamp = harness.environment_stamp(device, dtype)
-    stamp["lora_kernels_backend"] = lora_kernels_backend(device, dtype)
+    stamp["lora_kernels_backend"] = lora.lora_kernels_backend(device, dtype)
     try:
         from lora_kernels.metadata import check_adapter_ids_enabled  # internal: is the id check in "batch ms"
         stamp["adapter_id_check"] = check_adapter_ids_enabled(device)
@@ -1125,13 +704,9 @@ def main(argv=None) -> int:
     rows = run(units, providers, lean_variants, device, dtype, args.min_run_time, repeats, peak, graph_max_tokens)
     wall = time.perf_counter() - t0
 
-    needs = {"base_ms": "base", "ours_ms": "ours", "shared_ms": "shared", "batch_ms": "ours", "peft_ms": "peft",
-             "peft_layer_ms": "peft_layer", "lean_torch_ms": "lean_torch", "lean_variant": "lean_torch",
-             "overhead_pct": "base", "ours_over_shared": "shared", "speedup_vs_peft_layer": "peft_layer",
-             "speedup_vs_lean_torch": "lean_torch"}
-    columns = harness.visible_columns(rows, providers, TABLE_COLUMNS, CUDA_COLUMNS, needs, device)
+    columns = harness.visible_columns(rows, providers, TABLE_COLUMNS, CUDA_COLUMNS, NEEDS, device)
     goals, popularity, padding = goals_table(rows), popularity_table(rows), padding_table(rows)
-    peft_train = PEFT_TRAIN_MESSAGE[0] if PEFT_TRAIN_MESSAGE else "(not asked: PEFT was not run)"
+    peft_train = lora.PEFT_TRAIN_MESSAGE[0] if lora.PEFT_TRAIN_MESSAGE else "(not asked: PEFT was not run)"
     notes = [
         (f"Times are medians in ms ({harness.timer_name(device)}; p20/p80 in the JSON)"
          + (f", median of {repeats} interleaved rounds per provider (each round's median in the JSON as "
@@ -1157,7 +732,7 @@ def main(argv=None) -> int:
         (f"PEFT has no fwd_bwd here: mixed adapter batches are inference-only. Asked in training mode, "
          f"model(x, adapter_names=...) says: {peft_train}"),
         FLOPS_NOTE,
-        PEAK_NOTE.format(how=peak.how, tflops=peak.tflops, gbps=peak.gbps),
+        lora.PEAK_NOTE.format(how=peak.how, tflops=peak.tflops, gbps=peak.gbps),
         ("other CPUs: CPU time other processes used while the row ran, in CPUs (from /proc/stat); on a CPU run, "
          f"rows well above 0 were timed on a shared machine and may be inflated. This run: "
          f"{sum(1 for r in rows if (r.get('others_cpu') or 0) > 0.2)} of {len(rows)} rows above 0.2."),
@@ -1181,24 +756,15 @@ def main(argv=None) -> int:
         notes.append("Padding: adapters of true rank r in a stack padded to R (AdapterBatch ranks=...) against an "
                      "unpadded stack of r (1.00 = padding costs nothing) and against all adapters at R.\n\n"
                      + harness.markdown_table(padding, PADDING_COLUMNS))
-    print()
-    harness.print_table(rows, columns)
-    for note in notes:
-        print()
-        print(note)
-    print(f"\n{len(rows)} rows in {wall:.0f} s")
-    if args.out:
-        name = args.name or ("multi_lora_linear_full" if args.full else "multi_lora_linear")
-        harness.stamp_run_end(stamp, wall)
-        plot = harness.PlotSpec(tuple(n for n in ("base", "ours", "shared", "peft_layer", "lean_torch") if n in providers),
-                                panel=("shape", "r", "num_adapters", "popularity", "mode"),
-                                title=f"multi_lora_linear on {stamp['device_name']}, {stamp['dtype']} "
-                                      "(decode and prefill batches; padding case left out)",
-                                keep=lambda row: not row["padding_case"])
-        paths = harness.write_results(name, rows, stamp, notes=notes, columns=columns, results_dir=args.results_dir,
-                                      extra={"goals": goals, "popularity": popularity, "padding": padding}, plot=plot)
-        print("wrote " + ", ".join(str(p) for p in paths))
-    return 1 if any(row.get("ours_ms") is None for row in rows if "ours" in providers) else 0
+    name = args.name or ("multi_lora_linear_full" if args.full else "multi_lora_linear")
+    plot = harness.PlotSpec(tuple(n for n in ("base", "ours", "shared", "peft_layer", "lean_torch") if n in providers),
+                            panel=("shape", "r", "num_adapters", "popularity", "mode"),
+                            title=f"multi_lora_linear on {stamp['device_name']}, {stamp['dtype']} "
+                                  "(decode and prefill batches; padding case left out)",
+                            keep=lambda row: not row["padding_case"])
+    harness.report(rows, columns, notes, stamp, wall, args, name, plot,
+                   extra={"goals": goals, "popularity": popularity, "padding": padding})
+    return lora.exit_status(rows, providers)
 
 
 if __name__ == "__main__":

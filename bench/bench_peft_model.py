@@ -19,16 +19,13 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
-from bench_lora_linear import lora_kernels_backend  # noqa: E402
+import harness
+from providers import lora_kernels_backend
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lora_kernels  # noqa: E402
+import lora_kernels  # this checkout's: importing providers put it first on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -124,9 +121,7 @@ def main(argv=None) -> int:
     harness.add_timing_options(parser)
     args = parser.parse_args(argv)
     harness.check_options(parser, args, [("--modes", args.modes, ("fwd", "train_step"))])
-    device, dtype = harness.device_and_dtype(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, dtype = harness.setup(args)
     start = time.perf_counter()
     stamp = harness.environment_stamp(device, dtype)
     stamp["lora_kernels_backend"] = lora_kernels_backend(device, dtype)

@@ -3,6 +3,7 @@
 Every bench script imports this module; it knows nothing about LoRA.
 
     time_fn(fn, device, cuda_graph=) -> Timing(median_ms, p20_ms, p80_ms, samples, method)
+    time_interleaved(steps, device, min_run_time, repeats) -> {key: Timing}: rounds, providers interleaved
     timer_name(device)               -> what time_fn measures with there, for a table's notes
     measure_peak(device, dtype)      -> Peak(tflops, gbps): what one large GEMM and one large copy reach
     measure_peak_and_warm_up(...)    -> the same, into the stamp, then a warm-up: a run's start
@@ -13,10 +14,11 @@ Every bench script imports this module; it knows nothing about LoRA.
     stamp_run_end(stamp, wall_s)     -> adds the run's wall time and the load average at its end
     write_results(name, rows, stamp) -> bench/results/<name>-<device kind>.json and .md (and .png: PlotSpec)
     print_table(rows)                -> the same Markdown table, on stdout
+    report(rows, columns, notes, ...) -> a sweep's end: the table and notes on stdout, then write_results
 
-and what the scripts' rows and command lines have in common: visible_columns, ratio, safe_check;
-the options add_device_options, add_output_options, add_timing_options, checked by check_options
-and read by device_and_dtype.
+and what the scripts' rows and command lines have in common: visible_columns, timed_with, ratio,
+safe_check, cpu_seconds; the options add_device_options, add_output_options, add_timing_options,
+checked by check_options and read by setup.
 
 Rows are flat dicts; a column is any key, in the order of first appearance. None prints as "-".
 """
@@ -28,6 +30,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -64,6 +67,7 @@ class Timing:
     samples: int        # CPU: blocks of blocked_autorange; CUDA: -1 (do_bench does not say)
     method: str = ""    # "cpu", "cuda" (eager launches), "cuda graph" (replays of one captured call)
     graph_error: str | None = None      # cuda_graph=True but fn could not be captured: why
+    rounds_ms: tuple[float, ...] = ()   # time_interleaved: each round's median, in round order
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -198,6 +202,27 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: 
             fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=[0.5, 0.2, 0.8])
         timing = Timing(median, p20, p80, -1)
     return Timing(timing.median_ms, timing.p20_ms, timing.p80_ms, timing.samples, method, graph_error)
+
+
+def time_interleaved(steps: dict[Any, Callable[[], Any]], device: torch.device | str, min_run_time: float,
+                     repeats: int = 1, cuda_graph: bool = False) -> dict[Any, Timing]:
+    """time_fn on every step, `repeats` rounds interleaved (provider order reversed every other round)
+    with min_run_time / repeats each: slow drift of a shared machine (clock, neighbours) then hits every
+    provider of a row alike instead of whichever was timed during it, at the same total time. Per step:
+    the median of the rounds' medians, the lowest p20 and the highest p80 of any round, the last round's
+    method and graph_error, and rounds_ms."""
+    per_round = min_run_time / max(repeats, 1)
+    rounds: dict[Any, list[Timing]] = {key: [] for key in steps}
+    order = list(steps)
+    for i in range(max(repeats, 1)):
+        for key in (order if i % 2 == 0 else order[::-1]):
+            rounds[key].append(time_fn(steps[key], device, min_run_time=per_round, cuda_graph=cuda_graph))
+    out = {}
+    for key, timings in rounds.items():
+        medians = tuple(t.median_ms for t in timings)
+        out[key] = Timing(statistics.median(medians), min(t.p20_ms for t in timings), max(t.p80_ms for t in timings),
+                          sum(t.samples for t in timings), timings[-1].method, timings[-1].graph_error, medians)
+    return out
 
 
 def timer_name(device: torch.device | str) -> str:
@@ -369,6 +394,22 @@ def _load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
+        return None
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds every process has used, CPU seconds this process has used) so far; None off Linux.
+    Their difference over a row is what other processes took while it was timed: on a CPU run,
+    anything well above 0 means the row's times are suspect."""
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)     # minus idle and iowait
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return busy / hz, (int(own[11]) + int(own[12])) / hz                           # utime + stime
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 
@@ -575,6 +616,24 @@ def write_results(
     return (json_path, md_path) + ((png_path,) if png_path is not None else ())
 
 
+def report(rows: Sequence[dict[str, Any]], columns: Columns, notes: Sequence[str], stamp: dict[str, Any],
+           wall_s: float, args: argparse.Namespace, name: str, plot: PlotSpec | None = None,
+           extra: dict[str, Any] | None = None) -> None:
+    """A sweep's end: the table and the notes on stdout, "<n> rows in <s> s", and with --out the result
+    files (write_results, the stamp completed by stamp_run_end) and the line "wrote <paths>"."""
+    print()
+    print_table(rows, columns)
+    for note in notes:
+        print()
+        print(note)
+    print(f"\n{len(rows)} rows in {wall_s:.0f} s")
+    if args.out:
+        stamp_run_end(stamp, wall_s)
+        paths = write_results(name, rows, stamp, notes=notes, columns=columns, results_dir=args.results_dir,
+                              extra=extra, plot=plot)
+        print("wrote " + ", ".join(str(p) for p in paths))
+
+
 # ----------------------------------------------------------------------------- rows and checks
 
 
@@ -590,6 +649,16 @@ def visible_columns(rows: Sequence[dict[str, Any]], providers: Sequence[str], ta
     if any(row.get("errors") for row in rows):
         columns.append(("errors", "errors"))
     return columns
+
+
+def timed_with(row: dict[str, Any], providers: Sequence[str]) -> str | None:
+    """The row's timing method in one word ("cuda graph", "cuda"), naming the providers that differ."""
+    methods = {p: row[f"{p}_method"] for p in providers if row.get(f"{p}_method")}
+    if not methods:
+        return None
+    common = max(set(methods.values()), key=list(methods.values()).count)
+    odd = [f"{p}: {m}" for p, m in methods.items() if m != common]
+    return common + (f" ({', '.join(odd)})" if odd else "")
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -662,8 +731,11 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
         parser.error("--device cuda: torch.cuda.is_available() is False")
 
 
-def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    """--device, and --dtype or the device's default: bf16 on cuda, fp32 on cpu."""
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """torch.set_num_threads(--threads) when given; then --device, and --dtype or the device's default:
+    bf16 on cuda, fp32 on cpu."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return device, dtype

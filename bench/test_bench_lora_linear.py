@@ -18,35 +18,36 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lora_linear as bench  # noqa: E402  (puts the repo root on sys.path too)
+import providers as lora  # noqa: E402
 import lora_kernels  # noqa: E402
 from lora_kernels import _extension  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-SHAPE, RANK, TOKENS = bench.SMOL_UP, 16, 256       # SmolLM2-135M gate/up: K=576, N=1536
+SHAPE, RANK, TOKENS = lora.SMOL_UP, 16, 256       # SmolLM2-135M gate/up: K=576, N=1536
 
 
 @pytest.fixture(scope="module")
 def weights():
-    return bench.make_weights(SHAPE, RANK, DTYPE, DEVICE)
+    return lora.make_weights(SHAPE, RANK, DTYPE, DEVICE)
 
 
 @pytest.fixture(scope="module")
 def activations():
-    return bench.make_activations(TOKENS, SHAPE.k, SHAPE.n, DTYPE, DEVICE)
+    return lora.make_activations(TOKENS, SHAPE.k, SHAPE.n, DTYPE, DEVICE)
 
 
-@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("mode", lora.MODES)
 @pytest.mark.parametrize("name", bench.PROVIDERS)
 def test_lora_linear(benchmark, weights, activations, name, mode):
     try:
-        provider = bench.MAKERS[name](weights, 0.0)
+        provider = lora.SINGLE[name](weights, 0.0)
     except ImportError as e:
         pytest.skip(f"{name}: {e}")
     x, grad_y = activations
-    error = bench.check(name, provider, mode, bench.Reference(weights, x, grad_y))
+    error = lora.check(name, provider, mode, lora.Reference(weights, x, grad_y))
     assert error is None, f"{name} {mode}: {error}"
-    step = bench.step_fn(provider, mode, x, grad_y)
+    step = lora.step_fn(provider, mode, x, grad_y)
     if DEVICE.type == "cuda":
         inner = step
 
@@ -77,21 +78,21 @@ def _route_seen(provider, mode, x, grad_y):
         return y
 
     provider.forward = forward
-    bench.step_fn(provider, mode, x, grad_y)()
+    lora.step_fn(provider, mode, x, grad_y)()
     return seen
 
 
-@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("mode", lora.MODES)
 def test_ours_python_takes_the_python_route_in_forward_and_backward(weights, activations, mode):
     x, grad_y = activations
-    seen = _route_seen(bench.MAKERS["ours_python"](weights, 0.0), mode, x, grad_y)
+    seen = _route_seen(lora.SINGLE["ours_python"](weights, 0.0), mode, x, grad_y)
     assert seen["forward"] is False
     if mode == "fwd_bwd":       # the Python autograd.Function's node, and the switch still on in the backward
         assert (seen["grad_fn"], seen["backward"]) == ("_LoRALinearFunctionBackward", False)
     # outside the provider's steps the switch is back: ours goes through C++ when the extension is loaded
     assert (_extension.eager_module() is not None) == (_extension.module is not None)
     if _extension.module is not None and DEVICE.type == "cpu" and mode == "fwd_bwd":
-        assert _route_seen(bench.MAKERS["ours"](weights, 0.0), mode, x, grad_y)["grad_fn"] == "CppFunction"
+        assert _route_seen(lora.SINGLE["ours"](weights, 0.0), mode, x, grad_y)["grad_fn"] == "CppFunction"
 
 
 def test_overhead_preset_writes_its_table_with_the_extension_status(tmp_path, monkeypatch, capsys):
@@ -99,9 +100,9 @@ def test_overhead_preset_writes_its_table_with_the_extension_status(tmp_path, mo
     route ours took; the µs columns are (provider − lean) · 1000."""
     groups = bench.overhead_groups(torch.device("cpu"))
     assert [(g.shape, g.ranks, g.tokens, g.modes) for g in groups] == [
-        (shape, (16,), (1, 4, 16, 64), ("fwd", "fwd_bwd")) for shape in (bench.SMOL_QO, bench.LLAMA_QO)]
+        (shape, (16,), (1, 4, 16, 64), ("fwd", "fwd_bwd")) for shape in (lora.SMOL_QO, lora.LLAMA_QO)]
     assert bench.parse_args(["--overhead", "--device", "cpu"]).dtype == "fp32"
-    monkeypatch.setattr(bench, "overhead_groups", lambda device: [bench.Group(bench.Shape("tiny", 32, 24), (4,), (2,))])
+    monkeypatch.setattr(bench, "overhead_groups", lambda device: [bench.Group(lora.Shape("tiny", 32, 24), (4,), (2,))])
     argv = ["--overhead", "--device", "cpu", "--providers", "ours,ours_python,lean_torch", "--min-run-time", "0.01",
             "--results-dir", str(tmp_path)]
     assert bench.main(argv) == 0
@@ -123,15 +124,15 @@ def test_overhead_preset_writes_its_table_with_the_extension_status(tmp_path, mo
 def test_default_configs_time_kv_at_mid_size_m():
     """Issue 12: k/v (4096 -> 1024) at 32 and 128 rows, where a GEMM without split-K leaves SMs idle."""
     for device in (torch.device("cpu"), torch.device("cuda")):      # the configurations are data: no device touched
-        kv = [g for g in bench.default_groups(device) if g.shape == bench.LLAMA_KV]
+        kv = [g for g in bench.default_groups(device) if g.shape == lora.LLAMA_KV]
         assert {32, 128} <= {m for g in kv for m in g.tokens if 16 in g.ranks and 0.0 in g.dropouts}, device
 
 
 def test_torch_backend_rows_say_torch():
-    plan = bench.ours_plan("torch", torch.device("cpu"), torch.float32, "fwd_bwd", 64, bench.LLAMA_KV, 16, 0.0)
+    plan = bench.ours_plan("torch", torch.device("cpu"), torch.float32, "fwd_bwd", 64, lora.LLAMA_KV, 16, 0.0)
     assert plan == {"strategy": "torch", "config": None, "dx_strategy": "torch", "dx_config": None, "plan": "torch"}
     assert "dx_strategy" not in bench.ours_plan("torch", torch.device("cpu"), torch.float32, "fwd", 64,
-                                                bench.LLAMA_KV, 16, 0.0)
+                                                lora.LLAMA_KV, 16, 0.0)
 
 
 def test_triton_rows_look_up_forward_and_dx_with_their_own_n_and_k(monkeypatch):
@@ -144,7 +145,7 @@ def test_triton_rows_look_up_forward_and_dx_with_their_own_n_and_k(monkeypatch):
         return bench.tuning.Plan("fused", fused) if op == "dx" else bench.tuning.SPLIT
 
     monkeypatch.setattr(bench.tuning, "plan_for", plan_for)
-    plan = bench.ours_plan("triton", torch.device("cuda"), torch.bfloat16, "fwd_bwd", 32, bench.LLAMA_KV, 16, 0.0)
+    plan = bench.ours_plan("triton", torch.device("cuda"), torch.bfloat16, "fwd_bwd", 32, lora.LLAMA_KV, 16, 0.0)
     assert calls == [("forward", 32, 1024, 4096, 16), ("dx", 32, 4096, 1024, 16)]
     assert plan["strategy"] == "split" and plan["config"] is None
     assert plan["dx_strategy"] == "fused" and plan["dx_config"] == {
@@ -158,10 +159,10 @@ def test_triton_rows_record_the_forced_plan_and_the_heuristic_tiles_of_a_fused_p
 
     cuda = torch.device("cuda")     # a forced plan is returned before any device table is read
     with bench.tuning.forced_plan("split"):
-        plan = bench.ours_plan("triton", cuda, torch.bfloat16, "fwd", 128, bench.LLAMA_QO, 16, 0.0)
+        plan = bench.ours_plan("triton", cuda, torch.bfloat16, "fwd", 128, lora.LLAMA_QO, 16, 0.0)
     assert plan == {"strategy": "split", "config": None, "plan": "split"}
     with bench.tuning.forced_plan("fused"):
-        plan = bench.ours_plan("triton", cuda, torch.bfloat16, "fwd_bwd", 4096, bench.LLAMA_QO, 16, 0.1)
+        plan = bench.ours_plan("triton", cuda, torch.bfloat16, "fwd_bwd", 4096, lora.LLAMA_QO, 16, 0.1)
     forward = fused_matmul_config(4096, 4096, 4096, 16, fp32_dot(torch.bfloat16), epilogue_dropout=False)
     dx = fused_matmul_config(4096, 4096, 4096, 16, fp32_dot(torch.bfloat16), epilogue_dropout=True)
     assert forward != dx, "the dX call under dropout has its own tiles: the test would not tell them apart"
@@ -171,7 +172,7 @@ def test_triton_rows_record_the_forced_plan_and_the_heuristic_tiles_of_a_fused_p
 
 
 def test_rows_and_table_carry_the_plan():
-    group = bench.Group(bench.SMOL_QO, (16,), (4,))
+    group = bench.Group(lora.SMOL_QO, (16,), (4,))
     rows = bench.run([group], ("ours", "lean_torch"), torch.device("cpu"), torch.float32, min_run_time=0.01)
     assert [(row["mode"], row["plan"], row["strategy"]) for row in rows] == [("fwd", "torch", "torch"),
                                                                              ("fwd_bwd", "torch", "torch")]

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_multi_lora_linear as bench  # puts the repo root on sys.path too
+import providers as lora
 
 import lora_kernels
 
@@ -27,13 +28,13 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 # 64 decode requests over 8 adapters, 25 % without one; every adapter at rank 16, or the mixed-rank stack
 SHAPE, WORKLOAD, ADAPTERS, POPULARITY = bench.layer_shape(256, 256), bench.decode(64), 8, "none25"
-RANKS = {"16": bench.Ranks(16), "mixed": bench.MIXED}
-PROVIDER_NAMES = tuple(bench.MAKERS)   # base, ours, shared, peft, peft_layer, lean_loop, lean_gather, lean_dense
+RANKS = {"16": lora.Ranks(16), "mixed": lora.MIXED}
+PROVIDER_NAMES = tuple(lora.MULTI)   # base, ours, shared, peft, peft_layer, lean_loop, lean_gather, lean_dense
 
 
 @pytest.fixture(scope="module", params=list(RANKS), ids=lambda label: f"r={label}")
 def stack(request):
-    return bench.make_stack(SHAPE, ADAPTERS, RANKS[request.param], DTYPE, DEVICE)
+    return lora.make_stack(SHAPE, ADAPTERS, RANKS[request.param], DTYPE, DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def adapter_ids():
 
 @pytest.fixture(scope="module")
 def activations():
-    return bench.make_activations(WORKLOAD.requests, SHAPE.k, SHAPE.n, DTYPE, DEVICE)
+    return lora.make_activations(WORKLOAD.requests, SHAPE.k, SHAPE.n, DTYPE, DEVICE)
 
 
 def _group(what: str, stack) -> str:
@@ -62,25 +63,25 @@ def _synchronized(step):
     return synced
 
 
-@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("mode", lora.MODES)
 @pytest.mark.parametrize("name", PROVIDER_NAMES)
 def test_multi_lora_linear(benchmark, stack, adapter_ids, activations, name, mode):
     batch = lora_kernels.AdapterBatch(adapter_ids, ADAPTERS, ranks=stack.ranks_tensor())
     try:
-        provider = bench.MAKERS[name](stack, adapter_ids, batch)
+        provider = lora.MULTI[name](stack, adapter_ids, batch)
     except ImportError as e:
         pytest.skip(f"{name}: {e}")
     if mode not in provider.modes:
         pytest.skip(f"{name}: no {mode} (PEFT rejects mixed adapter batches in training mode)")
     x, grad_y = activations
-    ref = (bench.shared_reference(stack, x, grad_y) if name == "shared"
-           else bench.Reference(stack, adapter_ids, x, grad_y))
-    error = bench.check(name, provider, mode, ref)
+    ref = (lora.shared_reference(stack, x, grad_y) if name == "shared"
+           else lora.MultiReference(stack, adapter_ids, x, grad_y))
+    error = lora.check(name, provider, mode, ref)
     assert error is None, f"{name} {mode}: {error}"
     benchmark.group = _group(mode, stack)
     benchmark.extra_info.update(provider=name, mode=mode, m=WORKLOAD.requests, k=SHAPE.k, n=SHAPE.n, r=stack.label,
                                 L=ADAPTERS, popularity=POPULARITY)
-    benchmark(_synchronized(bench.step_fn(provider, mode, x, grad_y)))
+    benchmark(_synchronized(lora.step_fn(provider, mode, x, grad_y)))
 
 
 def test_adapter_batch_build(benchmark, stack, adapter_ids):
@@ -170,7 +171,7 @@ def test_prefill_rows_are_contiguous_per_request():
 
 
 def test_mixed_ranks_cycle_8_16_32_64():
-    stack = bench.make_stack(SHAPE, 6, bench.MIXED, torch.float32, torch.device("cpu"))
+    stack = lora.make_stack(SHAPE, 6, lora.MIXED, torch.float32, torch.device("cpu"))
     assert stack.ranks == [8, 16, 32, 64, 8, 16] and stack.max_rank == 64 and stack.label == "mixed"
     assert stack.ranks_tensor().tolist() == stack.ranks
     for j, rank in enumerate(stack.ranks):     # past each true rank: large garbage (a provider reading it fails)
@@ -179,7 +180,7 @@ def test_mixed_ranks_cycle_8_16_32_64():
 
 
 def test_command_line_lists():
-    assert bench.rank_list("16,mixed") == (bench.Ranks(16), bench.MIXED)
+    assert bench.rank_list("16,mixed") == (lora.Ranks(16), lora.MIXED)
     assert [(s.k, s.n) for s in bench.shape_list("576,4096x1024")] == [(576, 576), (4096, 1024)]
 
 
@@ -209,11 +210,11 @@ def test_rows_record_the_strategy_and_row_tile_of_ours():
 def test_flops_and_bytes_count_true_ranks():
     m, k, n = 3, 5, 7
     # two rows on a rank-2 adapter, one on a rank-4 one: Σr over rows = 8, over used adapters = 6
-    assert bench.flops("fwd", m, k, n, 8) == 2 * m * k * n + 2 * 8 * (k + n)
-    assert bench.flops("fwd_bwd", m, k, n, 8) == 4 * m * k * n + 6 * 8 * (k + n)
+    assert lora.flops("fwd", m, k, n, 8) == 2 * m * k * n + 2 * 8 * (k + n)
+    assert lora.flops("fwd_bwd", m, k, n, 8) == 4 * m * k * n + 6 * 8 * (k + n)
     weights = n * k + n + 6 * (k + n)
-    assert bench.min_bytes("fwd", m, k, n, 6, 2) == 2 * (m * k + weights + m * n)
-    assert bench.min_bytes("fwd_bwd", m, k, n, 6, 4) == 4 * (2 * m * k + weights + 6 * (k + n) + 2 * m * n)
+    assert lora.min_bytes("fwd", m, k, n, 6, 2) == 2 * (m * k + weights + m * n)
+    assert lora.min_bytes("fwd_bwd", m, k, n, 6, 4) == 4 * (2 * m * k + weights + 6 * (k + n) + 2 * m * n)
 
 
 def test_goals_table_judges_the_ratio_it_shows():

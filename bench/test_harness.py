@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lora_linear as single  # noqa: E402  (puts the repo root on sys.path too)
 import harness  # noqa: E402
+import providers as lora  # noqa: E402
 
 
 def test_time_fn_cpu_counts_calls_and_orders_percentiles():
@@ -32,6 +33,22 @@ def test_time_fn_cpu_counts_calls_and_orders_percentiles():
 def test_time_fn_cuda_graph_is_ignored_on_cpu():
     timing = harness.time_fn(lambda: torch.ones(4).sum(), "cpu", min_run_time=0.01, cuda_graph=True)
     assert timing.method == "cpu" and timing.graph_error is None
+
+
+def test_time_interleaved_reverses_the_order_every_other_round(monkeypatch):
+    calls = []
+
+    def fake_time_fn(fn, device, *, min_run_time, cuda_graph):
+        calls.append((fn(), min_run_time))
+        ms = 1.0 + len(calls)                  # rounds of one step: distinct medians
+        return harness.Timing(ms, ms - 0.5, ms + 0.5, 5, "cpu")
+
+    monkeypatch.setattr(harness, "time_fn", fake_time_fn)
+    timings = harness.time_interleaved({"a": lambda: "a", "b": lambda: "b"}, "cpu", 0.75, repeats=3)
+    assert calls == [(step, 0.25) for step in "abbaab"]      # A B, B A, A B: a third of the time each
+    assert timings["a"].rounds_ms == (2.0, 5.0, 6.0) and timings["a"].median_ms == 5.0
+    assert (timings["a"].p20_ms, timings["a"].p80_ms) == (1.5, 6.5)      # the lowest p20, the highest p80
+    assert timings["b"].rounds_ms == (3.0, 4.0, 7.0) and timings["b"].method == "cpu"
 
 
 def test_roofline_picks_the_binding_limit():
@@ -114,16 +131,16 @@ def test_visible_columns_keeps_non_provider_cuda_columns():
 def test_min_bytes_counts_each_tensor_once():
     m, k, n, r = 3, 5, 7, 2
     # fwd: x (m·k) + W0 (n·k) + b (n) + A (r·k) + B (n·r) + y (m·n)
-    assert single.min_bytes("fwd", m, k, n, r, 2) == 2 * (15 + 35 + 7 + 10 + 14 + 21)
+    assert lora.min_bytes("fwd", m, k, n, r, 2) == 2 * (15 + 35 + 7 + 10 + 14 + 21)
     # fwd_bwd adds dY (m·n), dX (m·k), dA (r·k), dB (n·r)
-    assert single.min_bytes("fwd_bwd", m, k, n, r, 4) == 4 * (15 + 35 + 7 + 10 + 14 + 21 + 21 + 15 + 10 + 14)
+    assert lora.min_bytes("fwd_bwd", m, k, n, r, 4) == 4 * (15 + 35 + 7 + 10 + 14 + 21 + 21 + 15 + 10 + 14)
 
 
 def test_timed_with_names_the_odd_provider():
     row = {"base_method": "cuda graph", "ours_method": "cuda graph", "peft_method": "cuda"}
-    assert single.timed_with(row, ("base", "ours", "peft")) == "cuda graph (peft: cuda)"
-    assert single.timed_with({"ours_method": "cpu"}, ("ours",)) == "cpu"
-    assert single.timed_with({}, ("ours",)) is None
+    assert harness.timed_with(row, ("base", "ours", "peft")) == "cuda graph (peft: cuda)"
+    assert harness.timed_with({"ours_method": "cpu"}, ("ours",)) == "cpu"
+    assert harness.timed_with({}, ("ours",)) is None
 
 
 def test_single_adapter_main_job_end_to_end(tmp_path, capsys):
