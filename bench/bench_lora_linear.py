@@ -6,7 +6,7 @@
     python bench/bench_lora_linear.py --device cpu --no-out --tokens 1,64 --ranks 16
 
 Providers base, ours, ours_python, peft, lean_torch (providers.SINGLE), each a function of the same x,
-W0, b, A, B, s and checked against the float64 reference (lora_kernels.lora_linear_reference) before
+W0, b, A, B, s and checked against the float64 reference (lora_kernels.reference.lora_linear_reference) before
 it is timed, in the modes fwd and fwd_bwd; see README.md for the columns.
 """
 

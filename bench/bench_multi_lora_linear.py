@@ -10,7 +10,7 @@ of the stack (or none) picked by a popularity pattern (POPULARITY_HELP); every r
 adapter id. Providers base, ours, shared, peft, peft_layer and lean_torch (the fastest of lean_loop,
 lean_gather, lean_dense: the column "lean" says which), providers.MULTI, on the same x, W0, b, stacks
 A (L, r, K), B (L, N, r), scales (L,) and ids (M,); ours' AdapterBatch is built once per batch (its own
-column, "batch ms"). Each is checked against lora_kernels.multi_lora_linear_reference in float64 before
+column, "batch ms"). Each is checked against lora_kernels.reference.multi_lora_linear_reference in float64 before
 it is timed (shared: lora_linear_reference, every row on adapter 0); PEFT has no fwd_bwd (it rejects
 mixed adapter batches in training mode). See README.md for the columns and the derived tables.
 """

@@ -516,7 +516,7 @@ MULTI = {"base": lambda stack, ids, batch: base(stack.weight, stack.bias), "ours
 
 
 class Reference:
-    """float64 outputs and gradients of lora_kernels.lora_linear_reference for one (weights, x, dY),
+    """float64 outputs and gradients of lora_kernels.reference.lora_linear_reference for one (weights, x, dY),
     computed once. w: anything with weight, bias, lora_a and lora_b (MultiReference's: a Stack)."""
 
     def __init__(self, w: Weights, x: Tensor, grad_y: Tensor):
@@ -526,7 +526,7 @@ class Reference:
     def lora_y64(self, x64: Tensor, a64: Tensor, b64: Tensor) -> Tensor:
         """The LoRA layer's reference output, from float64 x, A and B."""
         w = self.w
-        return lora_kernels.lora_linear_reference(x64, w.weight.double(), w.bias.double(), a64, b64, w.scale)
+        return lora_kernels.reference.lora_linear_reference(x64, w.weight.double(), w.bias.double(), a64, b64, w.scale)
 
     def get(self, lora: bool, mode: str) -> list[Tensor]:
         """lora=False: the base layer only. fwd: [y]; fwd_bwd: [y, dX, dA, dB] (or [y, dX]);
@@ -549,7 +549,7 @@ class Reference:
 
 
 class MultiReference(Reference):
-    """float64 outputs and gradients of lora_kernels.multi_lora_linear_reference for one
+    """float64 outputs and gradients of lora_kernels.reference.multi_lora_linear_reference for one
     (stack, ids, x, dY), computed once per case (check compares with them)."""
 
     def __init__(self, stack: Stack, ids: Tensor, x: Tensor, grad_y: Tensor):
@@ -558,12 +558,12 @@ class MultiReference(Reference):
 
     def lora_y64(self, x64: Tensor, a64: Tensor, b64: Tensor) -> Tensor:
         s = self.stack
-        return lora_kernels.multi_lora_linear_reference(x64, s.weight.double(), s.bias.double(), a64, b64,
+        return lora_kernels.reference.multi_lora_linear_reference(x64, s.weight.double(), s.bias.double(), a64, b64,
                                                         s.scales.double(), self.ids, s.ranks_tensor())
 
 
 def shared_reference(stack: Stack, x: Tensor, grad_y: Tensor) -> Reference:
-    """The shared provider's float64 reference: lora_kernels.lora_linear_reference, every row on adapter 0."""
+    """The shared provider's float64 reference: lora_kernels.reference.lora_linear_reference, every row on adapter 0."""
     return Reference(shared_weights(stack), x, grad_y)
 
 

@@ -5,7 +5,7 @@ generators' unit checks, and one tiny end-to-end run of the script.
 
 The test command (`pytest tests bench --benchmark-disable`) runs it as a smoke test of the main job,
 each provider timed once. Each provider is checked against
-the float64 reference (lora_kernels.multi_lora_linear_reference; shared: lora_linear_reference, every
+the float64 reference (lora_kernels.reference.multi_lora_linear_reference; shared: lora_linear_reference, every
 row on adapter 0) before it is timed, exactly as in bench_multi_lora_linear.py. lean_torch appears as
 its three variants (lean_loop, lean_gather, lean_dense).
 """
