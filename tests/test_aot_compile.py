@@ -21,8 +21,13 @@ and writes bench/results/kernel-resources.md and .json: per kernel, config, dtyp
 target, the registers per thread, spill bytes, shared memory, warps, CTAs that fit per SM, and the
 matrix instruction in the PTX (wgmma / mma.sync / FMA).
 
-What is compiled -- the configs, constexprs and pointer types come from the launchers themselves
-(lora_kernels/triton/lora_linear.py, lora_kernels/triton/multi_lora_linear.py), not copied here:
+What is compiled -- the configs and every kernel argument come from the launchers themselves
+(lora_kernels/triton/lora_linear.py, lora_kernels/triton/multi_lora_linear.py), not copied here: each
+launch site builds its kernel's keyword arguments with an argument builder of its launcher module
+(shrink_arguments, fused_matmul_arguments, ...), and ``kernel_arguments`` below calls the same builders
+with meta tensors of representative sizes and the views the launchers pass; ``launch_signature`` turns
+the result into the compile's signature (a tensor a pointer to its dtype, an int i32/i64, a float fp32,
+the tl.constexpr parameters constants), so an argument added or renamed reaches both:
 
 * Configs: every distinct config that ``shrink_config`` / ``fused_matmul_config`` / ``rows_config``
   return over M in {1, 16, 17, 64, 65, 256, 257, 8192} x rank in {1, 8, 12, 16, 32, 64, 128, 256}
@@ -90,6 +95,7 @@ TRITON_INTERPRET; ``compile_for`` compiles in-process when the kernel is a real 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import importlib
 import itertools
@@ -115,6 +121,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from lora_kernels.metadata import LONG_ROW_TILE, SHORT_ROW_TILE  # noqa: E402
+from lora_kernels.triton import _common as common  # noqa: E402
 from lora_kernels.triton import lora_linear as launch  # noqa: E402
 from lora_kernels.triton import multi_lora_linear as multi_launch  # noqa: E402
 from lora_kernels.triton.kernels import lora_linear as kernels  # noqa: E402
@@ -426,26 +433,34 @@ def kernel_resources(compiled, arch: int) -> Resources:
 # Signatures as a launch specializes them.
 # ---------------------------------------------------------------------------------------------
 
-def launch_signature(kernel, args: dict, constexprs: dict, aligned: bool):
-    """(signature, constexprs, attrs) for `kernel` launched with `args` (name -> a pointer type such
-    as "*fp16", an int, or a float) plus the `constexprs` it is given by keyword.
+def constexpr_names(kernel) -> list[str]:
+    """`kernel`'s parameters annotated tl.constexpr (a JITFunction or, under TRITON_INTERPRET=1, an
+    interpreter object: both keep the Python function as .fn)."""
+    return [name for name, annotation in kernel.fn.__annotations__.items() if annotation is triton.language.constexpr]
+
+
+def launch_signature(kernel, arguments: dict, aligned: bool):
+    """(signature, constexprs, attrs) for `kernel` launched with the keyword `arguments` a launcher's
+    argument builder returns (name -> a tensor, an int, a float, or a constexpr parameter's value); a
+    tensor is a pointer to its dtype ("*fp16", "*i32", ...), a meta tensor will do.
     aligned: as Triton's JIT specializes the launch -- an int equal to 1 becomes a constexpr,
     pointers (torch allocations) and ints divisible by 16 get tt.divisibility 16.
     Not aligned: no specialization (every int a runtime i32/i64, no hints)."""
     name = kernel.fn.__name__
-    unknown = [a for a in kernel.arg_names if a not in args and a not in constexprs]
-    extra = [a for a in list(args) + list(constexprs) if a not in kernel.arg_names]
+    unknown = [a for a in kernel.arg_names if a not in arguments]
+    extra = [a for a in arguments if a not in kernel.arg_names]
     assert not unknown and not extra, (
-        f"{name}'s arguments changed (not given here: {unknown}; no longer arguments: {extra}): update "
-        f"this test's argument builders to match the launcher in lora_kernels/triton/lora_linear.py")
-    signature, consts, attrs = {}, dict(constexprs), {}
+        f"{name}'s arguments and its launcher's argument builder disagree (not given: {unknown}; not "
+        f"parameters: {extra}): update the builder in lora_kernels/triton/lora_linear.py or multi_lora_linear.py")
+    constexprs = constexpr_names(kernel)
+    signature, consts, attrs = {}, {}, {}
     for index, name in enumerate(kernel.arg_names):
+        value = arguments[name]
         if name in constexprs:
-            signature[name] = "constexpr"
+            signature[name], consts[name] = "constexpr", value
             continue
-        value = args[name]
-        if isinstance(value, str):
-            signature[name], hinted = value, True
+        if isinstance(value, torch.Tensor):
+            signature[name], hinted = POINTER_TYPE[value.dtype], True
         elif isinstance(value, bool):
             raise TypeError(f"{name}: pass bools as constexprs")
         elif isinstance(value, int):
@@ -515,7 +530,7 @@ def expand_configs() -> list:
 
 
 def rows_configs(fp32_dot: str | None, dropout: bool) -> list:
-    return _unique(launch.rows_config(p, q, fp32_dot, dropout) for p in ROWS_SIZES for q in ROWS_SIZES)
+    return _unique(common.rows_config(p, q, fp32_dot, dropout) for p in ROWS_SIZES for q in ROWS_SIZES)
 
 
 def segmented_configs(fp32_dot: str | None) -> list:
@@ -524,131 +539,134 @@ def segmented_configs(fp32_dot: str | None) -> list:
 
 @dataclass(frozen=True)
 class DropoutMaskConfig:
-    """dropout_keep_mask's literal launch: BLOCK_M=32, BLOCK_K=64, backend default warps/stages."""
-    block_m: int = 32
-    block_k: int = 64
+    """dropout_keep_mask's launch: its fixed tile, backend default warps/stages."""
+    block_m: int = launch.MASK_BLOCK_M
+    block_k: int = launch.MASK_BLOCK_K
     num_warps: int | None = None
     num_stages: int | None = None
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-TRITON_DTYPE = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+
+
+@contextlib.contextmanager
+def _fp32_matmuls_on_tf32(tf32: bool):
+    """The launchers' precision helpers (lora_kernels/triton/_common.py) as they answer with cuBLAS's fp32
+    matmuls on tf32 or not (common.fp32_matmul_uses_tf32 replaced for the block: torch's own flags stay
+    untouched, whichever of its two APIs set them)."""
+    reader = common.fp32_matmul_uses_tf32
+    common.fp32_matmul_uses_tf32 = lambda: tf32
+    try:
+        yield
+    finally:
+        common.fp32_matmul_uses_tf32 = reader
 
 
 def _precisions(dtype: torch.dtype) -> list[tuple[str, str]]:
     """(dot_precision, lora_precision) pairs the launcher may pass for `dtype`: with cuBLAS's fp32
-    matmuls on tf32 and not, as the launcher reads torch's setting (launch.fp32_matmul_uses_tf32:
-    torch's own flags stay untouched, whichever of its two APIs set them)."""
-    reader = launch.fp32_matmul_uses_tf32
-    try:
-        pairs = []
-        for tf32 in (False, True):
-            launch.fp32_matmul_uses_tf32 = lambda tf32=tf32: tf32
-            pairs.append((launch.dot_precision(dtype), launch.lora_precision(dtype)))
-    finally:
-        launch.fp32_matmul_uses_tf32 = reader
+    matmuls on tf32 and not."""
+    pairs = []
+    for tf32 in (False, True):
+        with _fp32_matmuls_on_tf32(tf32):
+            pairs.append((common.dot_precision(dtype), common.lora_precision(dtype)))
     return _unique(pairs)
 
 
-# Representative sizes for the "aligned" signature: multiples of 16, as typical layers have.
+# Representative sizes for the "aligned" signature: multiples of 16, as typical layers have. The
+# multi-adapter kernels: L adapter slots, A of them active.
 M, K, N, R, S = 512, 1024, 2048, 16, 4
+L, A = 4, 2
 P_DROP = 0.1
-# seed_ptr: the 0-d int64 seed tensor (without dropout the launchers pass another tensor, never read)
-DROP = {"seed_ptr": "*i64", "dropout_p": P_DROP, "dropout_scale": 1.0 / (1.0 - P_DROP)}
+SCALE = 2.0
+
+POINTER_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64",
+                torch.int32: "*i32", torch.int8: "*i8"}
 
 
-def _shrink_args(usage: str, dt: str) -> dict:
-    """lora_linear.shrink: fwd (x (M, K), lora_a (R, K)); bwd (grad_y (M, N), lora_b.T = (R, N) view)."""
-    k = K if usage == "fwd" else N
-    a_strides = (k, 1) if usage == "fwd" else (1, R)
-    return dict(x_ptr=f"*{dt}", a_ptr=f"*{dt}", out_ptr="*fp32", M=M, K=k, R=R, k_per_split=k // S,
-                stride_xm=k, stride_xk=1, stride_ar=a_strides[0], stride_ak=a_strides[1],
-                stride_os=M * R, stride_om=R, **DROP)
+def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor with shape and strides but no storage: what a launch's signature sees of one."""
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _fused_args(usage: str, dt: str, flags: dict) -> dict:
-    """lora_linear.fused_matmul: fwd (x, weight.T, bias, xAᵀ partials, lora_b.T -> y, t_sum);
-    bwd (grad_y, weight, out as bias placeholder, dY·B partials, lora_a -> dX, t_sum | partials);
-    SPLIT_K_PARTIALS: out the (SPLIT_K, M, N) fp32 partials, K ranges of k_per_split."""
-    if usage.startswith("fwd"):   # x (M, K) · W0ᵀ (K, N); v = lora_b.T: (R, N) view of (N, R)
-        n, k, w_strides, v_strides = N, K, (1, K), (1, R)
-    else:                # dY (M, N) · W0 (N, K); v = lora_a (R, K)
-        n, k, w_strides, v_strides = K, N, (K, 1), (K, 1)
-    partials = flags["SPLIT_K_PARTIALS"]
-    return dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", t_ptr="*fp32", v_ptr=f"*{dt}",
-                out_ptr="*fp32" if partials else f"*{dt}", t_sum_ptr="*fp32", M=M, N=n, K=k, R=R, num_t_splits=S,
-                k_per_split=k // S if partials else k,
-                stride_xm=k, stride_xk=1, stride_wk=w_strides[0], stride_wn=w_strides[1],
-                stride_ts=M * R, stride_tm=R, stride_vr=v_strides[0], stride_vn=v_strides[1],
-                stride_os=M * n if partials else 0, stride_om=n, stride_on=1,
-                stride_sm=R if flags["STORE_T_SUM"] else 0,
-                stride_bias=1 if flags["HAS_BIAS"] else 0, scale=2.0, **DROP)
+def _index(*shape: int) -> torch.Tensor:
+    """An int32 index tensor of an AdapterBatch (tile map, rows, starts, adapters, ranks, active)."""
+    return _meta(*shape, dtype=torch.int32)
 
 
-def _expand_args(usage: str, dt: str, flags: dict) -> dict:
-    """lora_linear.expand: fwd (y (M, N) in place after torch's GEMM, xAᵀ partials, lora_b.T -> t_sum);
-    bwd (dX (M, K) in place after dY·W0, dY·B partials, lora_a; t_sum when dA is asked for);
-    BASE_PARTIALS: the split-K fused GEMM's (SPLIT_K, M, N) fp32 partials, bias, out written."""
-    n, v_strides = (N, (1, R)) if usage.startswith("fwd") else (K, (K, 1))
-    partials = flags["BASE_PARTIALS"]
-    return dict(base_ptr="*fp32" if partials else f"*{dt}", bias_ptr=f"*{dt}", t_ptr="*fp32", v_ptr=f"*{dt}",
-                out_ptr=f"*{dt}", t_sum_ptr="*fp32", M=M, N=n, R=R, num_t_splits=S,
-                stride_bs=M * n if partials else 0, stride_bm=n if partials else 0, stride_bn=1 if partials else 0,
-                stride_ts=M * R, stride_tm=R, stride_vr=v_strides[0], stride_vn=v_strides[1],
-                stride_om=n, stride_on=1, stride_sm=R if flags["STORE_T_SUM"] else 0,
-                stride_bias=1 if flags["HAS_BIAS"] else 0, scale=2.0, **DROP)
+def _dropout(on: bool) -> tuple[float, torch.Tensor | None]:
+    """(dropout_p, seed) of a call with dropout on or off: the seed a 0-d int64 tensor."""
+    return (P_DROP, _meta(dtype=torch.int64)) if on else (0.0, None)
 
 
-def _rows_args(usage: str, dt: str) -> dict:
-    """lora_linear.rows_matmul: dA = dTᵀ (fp32 (M, R)) · dropout(x) ((M, K), input dtype);
-    dB = dYᵀ ((M, N), input dtype) · hidden (fp32 (M, R))."""
-    if usage == "dA":
-        left, right, p, q = "*fp32", f"*{dt}", R, K
-    else:
-        left, right, p, q = f"*{dt}", "*fp32", N, R
-    return dict(l_ptr=left, r_ptr=right, out_ptr="*fp32", M=M, P=p, Q=q, rows_per_split=M // S,
-                stride_lm=p, stride_lp=1, stride_rm=q, stride_rq=1, stride_os=p * q, stride_op=q,
-                alpha=2.0, **DROP)
+def _segments(segment_is_adapter: bool, has_ranks: bool) -> tuple:
+    """(tiles, rows, seg_starts, seg_adapters, ranks) of a batch: the by-segment view (seg_adapters) or the
+    by-adapter one (None: segment j is adapter j); true ranks or none (every adapter at the stack's R)."""
+    return (_index(M + L, 2), _index(M), _index(L + 1), None if segment_is_adapter else _index(L),
+            _index(L) if has_ranks else None)
 
 
-# multi-adapter kernels: L adapter stacks, S segments, A of the adapters active; index tensors are int32
-A = 2
-INDEX_ARGS = dict(tiles_ptr="*i32", rows_ptr="*i32", seg_starts_ptr="*i32", seg_adapters_ptr="*i32",
-                  ranks_ptr="*i32")
-
-
-def _seg_shrink_args(usage: str, dt: str) -> dict:
-    """multi_lora_linear.segmented_shrink: fwd (x (M, K), lora_a (L, R, K));
-    bwd (grad_y (M, N), lora_b.transpose(1, 2) = (L, R, N) view of (L, N, R))."""
-    k = K if usage == "fwd" else N
-    a_strides = (R * K, K, 1) if usage == "fwd" else (N * R, 1, R)
-    return dict(x_ptr=f"*{dt}", a_ptr=f"*{dt}", out_ptr="*fp32", **INDEX_ARGS,
-                K=k, R=R, k_per_split=k // S, stride_xm=k, stride_xk=1,
-                stride_al=a_strides[0], stride_ar=a_strides[1], stride_ak=a_strides[2],
-                stride_os=M * R, stride_om=R)
-
-
-def _seg_expand_args(usage: str, dt: str, flags: dict) -> dict:
-    """multi_lora_linear.segmented_expand_: fwd (y (M, N) += T · lora_b.transpose(1, 2), (L, R, N) view);
-    bwd (dX (M, K) += dU · lora_a (L, R, K))."""
-    n, v_strides = (N, (N * R, 1, R)) if usage == "fwd" else (K, (R * K, K, 1))
-    return dict(t_ptr="*fp32", v_ptr=f"*{dt}", out_ptr=f"*{dt}", t_sum_ptr="*fp32", **INDEX_ARGS,
-                scales_ptr="*fp32", N=n, R=R, stride_ts=M * R, stride_tm=R,
-                stride_vl=v_strides[0], stride_vr=v_strides[1], stride_vn=v_strides[2],
-                stride_om=n, stride_on=1, stride_sm=R if flags["STORE_T_SUM"] else 0)
-
-
-def _seg_rows_args(usage: str, dt: str) -> dict:
-    """multi_lora_linear.segmented_rows_matmul: dA[j] = s_j dUᵀ (fp32 (M, R)) · x ((M, K), input dtype);
-    dB[j] = s_j dYᵀ ((M, N), input dtype) · T (fp32 (M, R)); out (SPLITS, A, P, Q) fp32 (active adapters)."""
-    if usage == "dA":
-        left, right, p, q = "*fp32", f"*{dt}", R, K
-    else:
-        left, right, p, q = f"*{dt}", "*fp32", N, R
-    return dict(l_ptr=left, r_ptr=right, out_ptr="*fp32", active_ptr="*i32", rows_ptr="*i32",
-                adapter_starts_ptr="*i32", ranks_ptr="*i32", scales_ptr="*fp32", P=p, Q=q, R=R, num_splits=S,
-                stride_lm=p, stride_lp=1, stride_rm=q, stride_rq=1,
-                stride_os=A * p * q, stride_oa=p * q, stride_op=q)
+def kernel_arguments(kernel: str, usage: str, flags: dict, dtype: str, config) -> dict:
+    """The keyword arguments the launcher passes `kernel` at call site `usage` with `flags`, from its own
+    argument builder (lora_kernels/triton/lora_linear.py, multi_lora_linear.py) given meta tensors of the
+    sizes above and the views the launcher passes (W0ᵀ, Bᵀ: transposed views of the stored weights)."""
+    dt = DTYPES.get(dtype)
+    fwd = usage.startswith("fwd")
+    if kernel == "shrink":    # fwd: x (M, K), lora_a (R, K); bwd: grad_y (M, N), lora_b.T (R, N) view of (N, R)
+        x, a = ((_meta(M, K, dtype=dt), _meta(R, K, dtype=dt)) if fwd
+                else (_meta(M, N, dtype=dt), _meta(N, R, dtype=dt).T))
+        return launch.shrink_arguments(x, a, _meta(S, M, R), x.shape[1] // S, *_dropout(flags["DROPOUT"]), config)
+    if kernel == "fused":
+        # fwd: x (M, K) · weight.T (K, N) view, lora_b.T (R, N) view; bwd: grad_y (M, N) · weight (N, K), lora_a (R, K)
+        if fwd:
+            x, w, v = _meta(M, K, dtype=dt), _meta(N, K, dtype=dt).T, _meta(N, R, dtype=dt).T
+        else:
+            x, w, v = _meta(M, N, dtype=dt), _meta(N, K, dtype=dt), _meta(R, K, dtype=dt)
+        m, k, n = M, x.shape[1], w.shape[1]
+        partials = flags["SPLIT_K_PARTIALS"]   # the GEMM's (SPLIT_K, M, N) fp32 partials over K ranges
+        out = _meta(config.split_k, m, n) if partials else _meta(m, n, dtype=dt)
+        return launch.fused_matmul_arguments(
+            x, w, _meta(n, dtype=dt) if flags["HAS_BIAS"] else None, _meta(S, M, R), v, out,
+            _meta(M, R) if flags["STORE_T_SUM"] else None, SCALE, *_dropout(flags["EPILOGUE_DROPOUT"]),
+            k // S if partials else k, config)
+    if kernel == "expand":
+        # fwd: y (M, N) in place, lora_b.T (R, N) view; bwd: dX (M, K) in place, lora_a (R, K);
+        # BASE_PARTIALS: the split-K GEMM's (SPLIT_K, M, N) fp32 partials summed into out
+        out, v = ((_meta(M, N, dtype=dt), _meta(N, R, dtype=dt).T) if fwd
+                  else (_meta(M, K, dtype=dt), _meta(R, K, dtype=dt)))
+        n = out.shape[1]
+        return launch.expand_arguments(
+            out, _meta(S, M, R), v, _meta(M, R) if flags["STORE_T_SUM"] else None,
+            _meta(n, dtype=dt) if flags["HAS_BIAS"] else None,
+            _meta(flags["SPLIT_K"], M, n) if flags["BASE_PARTIALS"] else None,
+            SCALE, *_dropout(flags["EPILOGUE_DROPOUT"]), config)
+    if kernel == "rows":      # dA = dUᵀ (fp32 (M, R)) · dropout(x) ((M, K)); dB = dYᵀ ((M, N)) · T (fp32 (M, R))
+        left, right = (_meta(M, R), _meta(M, K, dtype=dt)) if usage == "dA" else (_meta(M, N, dtype=dt), _meta(M, R))
+        return launch.rows_matmul_arguments(left, right, _meta(S, left.shape[1], right.shape[1]), M // S, SCALE,
+                                            *_dropout(flags["DROPOUT_R"]), config)
+    if kernel == "dropout_mask":
+        return launch.dropout_mask_arguments(_meta(M, K, dtype=torch.int8), _meta(dtype=torch.int64), P_DROP)
+    if kernel == "seg_shrink":
+        # fwd: x (M, K), lora_a (L, R, K); bwd: grad_y (M, N), lora_b.transpose(1, 2): (L, R, N) view of (L, N, R)
+        x, a = ((_meta(M, K, dtype=dt), _meta(L, R, K, dtype=dt)) if fwd
+                else (_meta(M, N, dtype=dt), _meta(L, N, R, dtype=dt).transpose(1, 2)))
+        return multi_launch.segmented_shrink_arguments(
+            x, a, _meta(S, M, R), *_segments(flags["SEGMENT_IS_ADAPTER"], flags["HAS_RANKS"]), x.shape[1] // S,
+            config)
+    if kernel == "seg_expand":
+        # fwd: y (M, N) += T · lora_b.transpose(1, 2) ((L, R, N) view); bwd: dX (M, K) += dU · lora_a (L, R, K)
+        out, v = ((_meta(M, N, dtype=dt), _meta(L, N, R, dtype=dt).transpose(1, 2)) if fwd
+                  else (_meta(M, K, dtype=dt), _meta(L, R, K, dtype=dt)))
+        return multi_launch.segmented_expand_arguments(
+            out, _meta(flags["NUM_T_SPLITS"], M, R), v, _meta(L), _meta(M, R) if flags["STORE_T_SUM"] else None,
+            *_segments(flags["SEGMENT_IS_ADAPTER"], flags["HAS_RANKS"]), config)
+    if kernel == "seg_rows":
+        # dA[j] = s_j dUᵀ (fp32 (M, R)) · x ((M, K)); dB[j] = s_j dYᵀ ((M, N)) · T (fp32 (M, R));
+        # partials (SPLITS, A, P, Q) fp32 over the active adapters
+        left, right = (_meta(M, R), _meta(M, K, dtype=dt)) if usage == "dA" else (_meta(M, N, dtype=dt), _meta(M, R))
+        return multi_launch.segmented_rows_matmul_arguments(
+            left, right, _meta(S, A, left.shape[1], right.shape[1]), _index(A), _index(M), _index(L + 1),
+            _index(L) if flags["HAS_RANKS"] else None, _meta(L), R, flags["RANK_ON_P"], config)
+    raise ValueError(f"unknown kernel {kernel!r}")
 
 
 def _flag_sets(**choices) -> list[dict]:
@@ -701,9 +719,9 @@ KERNELS = {
     # NUM_T_SPLITS: the rank partials the expand sums unrolled, 1 to MAX_SPLITS (the most loads in flight)
     "seg_expand": (multi_kernels.segmented_expand_kernel, lambda f, fp32_dot: segmented_configs(fp32_dot), {
         "bwd": _flag_sets(SEGMENT_IS_ADAPTER=(True,), HAS_RANKS=(True, False), STORE_T_SUM=(True, False),
-                          NUM_T_SPLITS=(launch.MAX_SPLITS, 1)),
+                          NUM_T_SPLITS=(common.MAX_SPLITS, 1)),
         "fwd": _flag_sets(SEGMENT_IS_ADAPTER=(False, True), HAS_RANKS=(True, False), STORE_T_SUM=(True, False),
-                          NUM_T_SPLITS=(launch.MAX_SPLITS, 1)),
+                          NUM_T_SPLITS=(common.MAX_SPLITS, 1)),
     }),
     "seg_rows": (multi_kernels.segmented_rows_matmul_kernel, lambda f, fp32_dot: rows_configs(fp32_dot, False), {
         "dA": _flag_sets(HAS_RANKS=(True, False), RANK_ON_P=(True,)),
@@ -740,44 +758,19 @@ class Case:
         return f"{self.kernel}-{self.usage}-{flags}-{self.dtype}{prec}-{_config_str(self.config)}-sm{self.arch}-{spec}"
 
     def build(self):
-        """(kernel, signature, constexprs, attrs, num_warps, num_stages) as the launcher launches it."""
+        """(kernel, signature, constexprs, attrs, num_warps, num_stages) as the launcher launches it: its
+        keyword arguments from the launcher's argument builder (kernel_arguments), with torch's fp32 matmul
+        setting that gives this case's precision."""
         kernel = KERNELS[self.kernel][0]
-        flags, c, dt = dict(self.flags), self.config, TRITON_DTYPE.get(self.dtype)
-        if self.kernel == "shrink":
-            args = _shrink_args(self.usage, dt)
-            const = dict(flags, BLOCK_M=c.block_m, BLOCK_R=c.block_r, BLOCK_K=c.block_k,
-                         DOT_PRECISION=self.precision[0])
-        elif self.kernel == "fused":
-            args = _fused_args(self.usage, dt, flags)
-            const = dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_R=c.block_r,
-                         GROUP_M=c.group_m, DOT_PRECISION=self.precision[0], LORA_DOT_PRECISION=self.precision[1])
-        elif self.kernel == "expand":
-            args = _expand_args(self.usage, dt, flags)
-            const = dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=c.block_r,
-                         LORA_DOT_PRECISION=self.precision[1])
-        elif self.kernel == "rows":
-            args = _rows_args(self.usage, dt)
-            # rows_matmul passes lora_precision(compute dtype) = lora_precision(input dtype)
-            const = dict(flags, BLOCK_P=c.block_p, BLOCK_Q=c.block_q, BLOCK_M=c.block_m,
-                         DOT_PRECISION=self.precision[1])
-        elif self.kernel == "seg_shrink":
-            args = _seg_shrink_args(self.usage, dt)
-            const = dict(flags, BLOCK_M=c.block_m, BLOCK_R=c.block_r, BLOCK_K=c.block_k,
-                         DOT_PRECISION=self.precision[0])
-        elif self.kernel == "seg_expand":
-            args = _seg_expand_args(self.usage, dt, flags)
-            const = dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_R=multi_launch.EXPAND_BLOCK_R,
-                         LORA_DOT_PRECISION=self.precision[1])
-        elif self.kernel == "seg_rows":
-            args = _seg_rows_args(self.usage, dt)
-            const = dict(flags, BLOCK_P=c.block_p, BLOCK_Q=c.block_q, BLOCK_M=c.block_m,
-                         DOT_PRECISION=self.precision[1])
-        else:
-            args = dict(out_ptr="*i8", M=M, K=K, seed_ptr="*i64", dropout_p=P_DROP)
-            const = dict(BLOCK_M=c.block_m, BLOCK_K=c.block_k)
-        signature, constexprs, attrs = launch_signature(kernel, args, const, self.aligned)
-        num_stages = c.expand_stages if self.kernel == "seg_expand" else c.num_stages
-        return kernel, signature, constexprs, attrs, c.num_warps, num_stages
+        with _fp32_matmuls_on_tf32(self.precision[:1] == ("tf32",)):
+            arguments = kernel_arguments(self.kernel, self.usage, dict(self.flags), self.dtype, self.config)
+        # the call this case stands for: its flags, and precisions as the launcher reads torch's setting
+        assert {name: arguments[name] for name, _ in self.flags} == dict(self.flags), (self, arguments)
+        assert all(arguments[name] in self.precision for name in ("DOT_PRECISION", "LORA_DOT_PRECISION")
+                   if name in arguments), (self, arguments)
+        signature, constexprs, attrs = launch_signature(kernel, arguments, self.aligned)
+        num_stages = self.config.expand_stages if self.kernel == "seg_expand" else self.config.num_stages
+        return kernel, signature, constexprs, attrs, self.config.num_warps, num_stages
 
     def request(self) -> dict:
         kernel, signature, constexprs, attrs, num_warps, num_stages = self.build()
@@ -796,7 +789,7 @@ FLAG_DTYPES = (("bf16", ("tf32", "tf32")), ("fp32", ("tf32", "tf32")))
 @functools.lru_cache(maxsize=None)
 def call_site_configs(name: str, flags: tuple, dtype: str, precision: tuple) -> list:
     """The configs KERNELS[name]'s launcher picks for a call with `flags` ((name, value), ...) on
-    `dtype` inputs at `precision` (launch.fp32_dot: fp32's dot precision, None for 16-bit inputs)."""
+    `dtype` inputs at `precision` (common.fp32_dot: fp32's dot precision, None for 16-bit inputs)."""
     return KERNELS[name][1](dict(flags), precision[0] if dtype == "fp32" else None)
 
 

@@ -6,6 +6,9 @@ stride 1, weight (N, K), bias (N,) | None, lora_a (r, K), lora_b (N, r), all on 
 The forward's y and the backward's dX each run the plan lora_kernels.tuning.plan_for gives them:
 "split" (torch's GEMM, then shrink and an in-place expand) or "fused" (our GEMM with the LoRA term
 in its accumulator; split_k > 1: fp32 partials over K ranges, summed by the expand kernel).
+Each kernel is launched by keyword from its argument builder (shrink_arguments, ...), which
+tests/test_aot_compile.py calls too. What this module shares with the multi-adapter launcher (precision,
+split reductions, the weight-gradient tiles) is in _common.py.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import triton
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from ..tuning import MatmulConfig, current_forced_plan, demote_to_split, fp32_matmul_uses_tf32, plan_for
+from ..tuning import MatmulConfig, current_forced_plan, demote_to_split, plan_for
+from ._common import (
+    RowsConfig, dot_precision, fp32_dot, lora_precision, rank_block, rows_compute_dtype, rows_config,
+    split_reduction, sum_splits,
+)
 from .kernels.lora_linear import (
     dropout_mask_kernel,
     lora_expand_kernel,
@@ -29,11 +36,6 @@ from .kernels.lora_linear import (
 )
 from ._device import on_device_of
 
-# Enough programs to fill an H100 (132 SMs) about twice; the split heuristics aim at it.
-TARGET_PROGRAMS = 256
-# Split reductions write fp32 partials that every consumer re-reads: keep them few (8 x 16 rows
-# x r of rank partials per column block at decode, against 4096 x 32 of W0 it streams).
-MAX_SPLITS = 8
 # Column blocks wanted at decode sizes: about one per SM of an H100 (132).
 DECODE_PROGRAMS = 128
 
@@ -56,20 +58,6 @@ class ExpandConfig:
     num_stages: int
 
 
-@dataclass(frozen=True)
-class RowsConfig:
-    block_p: int
-    block_q: int
-    block_m: int
-    num_warps: int
-    num_stages: int
-
-
-def rank_block(rank: int, cap: int) -> int:
-    """Rank tile: a power of two >= 16 (tl.dot's minimum), at most cap; larger ranks loop."""
-    return min(cap, max(16, triton.next_power_of_2(rank)))
-
-
 @functools.lru_cache(maxsize=1024)
 def fused_matmul_config(m: int, n: int, k: int, rank: int, fp32_dot: str | None = None,
                         epilogue_dropout: bool = False) -> MatmulConfig:
@@ -88,14 +76,16 @@ def fused_matmul_config(m: int, n: int, k: int, rank: int, fp32_dot: str | None 
         # Rank tile 16: at 32, 16-bit on sm_90 spilled 8-24 B (56-64 registers: forward, dX with and
         # without dropout), none with 16 (53-62 registers); the rank loop is a sliver of the K loop.
         # Exact fp32 (FMA dots) 32 deep: 128 deep spilled up to 2.3 KB unspecialized (sm_80, 64 wide)
-        return MatmulConfig(16, block_n, 32 if fp32_dot == "ieee" else 128, rank_block(rank, 16), 8, 4, 4)
+        return MatmulConfig(block_m=16, block_n=block_n, block_k=32 if fp32_dot == "ieee" else 128,
+                            block_r=rank_block(rank, 16), group_m=8, num_warps=4, num_stages=4)
     if m <= 64:
         # 8 warps and a rank tile of at most 32: with 4 warps the unspecialized signature spilled
         # 16-552 B (rank tile 32-64, 255 registers), with 8 and a 64-wide rank tile fp32 tf32 still
         # spilled 16 B (sm_80, forward); 8 and at most 32: 73-190 registers, none
         # fp32 on tf32 in 3 stages: with 4, the dX call with dropout spilled 8 B on sm_80 (80 registers;
         # 32 deep: 8 B in the forward, 64), with 3 80-108 registers (190-230 unspecialized), none
-        cfg = MatmulConfig(64, 64, 64, rank_block(rank, 32), 8, 8, 3 if fp32_dot == "tf32" else 4)
+        cfg = MatmulConfig(block_m=64, block_n=64, block_k=64, block_r=rank_block(rank, 32), group_m=8, num_warps=8,
+                           num_stages=3 if fp32_dot == "tf32" else 4)
     elif m <= 256 or epilogue_dropout or fp32_dot == "ieee":
         # 8 warps: with 4, the dX epilogue's dropout spilled ~1 KB per thread (beside the second fp32
         # tile of before issue 12). The dX-with-dropout call keeps this 64x128 tile past 256 rows: on
@@ -105,13 +95,15 @@ def fused_matmul_config(m: int, n: int, k: int, rank: int, fp32_dot: str | None 
         # 3 stages under dropout: fp32 tf32 unspecialized spilled 8 B on sm_90 with 4 (255 registers).
         # Exact fp32 too (below): its 128x128 FMA tile needed 238-255 registers at 16 deep and spilled
         # 8-72 B (forward, either signature), 64x128 128-188, none
-        cfg = MatmulConfig(64, 128, 64, rank_block(rank, 32), 8, 8, 3 if epilogue_dropout else 4)
+        cfg = MatmulConfig(block_m=64, block_n=128, block_k=64, block_r=rank_block(rank, 32), group_m=8, num_warps=8,
+                           num_stages=3 if epilogue_dropout else 4)
     else:
         # Rank tile 16: at 32 the dX call without dropout spilled 8 B on sm_90 (255 registers);
         # 218-222 registers with 16. The rank loop is a sliver of the K loop's work. fp32 on tf32: 32
         # deep (the bytes of 64 16-bit elements): 64 deep spilled 8 B unspecialized (forward, 254-255
         # registers, both targets), 32 deep 236-253 and none, and half the shared memory (97 KB on sm_90)
-        cfg = MatmulConfig(128, 128, 32 if fp32_dot == "tf32" else 64, rank_block(rank, 16), 8, 8, 3)
+        cfg = MatmulConfig(block_m=128, block_n=128, block_k=32 if fp32_dot == "tf32" else 64,
+                           block_r=rank_block(rank, 16), group_m=8, num_warps=8, num_stages=3)
     if fp32_dot == "ieee":
         # FMA dots hold the whole (BM, depth) and (depth, BN) operand slices in registers: 64-deep
         # reduction tiles (BLOCK_K, and BLOCK_R for the LoRA term) spilled 128 B-2 KB per thread (6 KB
@@ -175,8 +167,9 @@ def candidate_configs(op: str, m: int, n: int, k: int, rank: int,
         heuristics.append(fused_matmul_config(m, n, k, rank, fp32_dot, epilogue_dropout=True))
     by_m = _CANDIDATE_TILES[fp32_dot]
     tiles = by_m[next((bound for bound in (16, 64, 256) if m <= bound), None)]
-    configs = [MatmulConfig(bm, bn, bk, 16 if fp32_dot == "ieee" or bm * bn >= 128 * 128 else rank_block(rank, 32),
-                            8, warps, stages) for bm, bn, bk, warps, stages in tiles]
+    configs = [MatmulConfig(block_m=bm, block_n=bn, block_k=bk,
+                            block_r=16 if fp32_dot == "ieee" or bm * bn >= 128 * 128 else rank_block(rank, 32),
+                            group_m=8, num_warps=warps, num_stages=stages) for bm, bn, bk, warps, stages in tiles]
     programs = {c: triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n) for c in configs}
     splits = []
     for c in sorted((c for c in configs if programs[c] < SMS), key=programs.get)[:SPLIT_K_TILES]:
@@ -193,11 +186,12 @@ def shrink_config(m: int, k: int, rank: int, fp32_dot: str | None = None, dropou
         # 8 warps at the 64-wide rank tile: with 4, fp32 tf32 on sm_90 spilled 8 B (64-128 registers,
         # 128 or 64 deep), with 8 39-178 registers and none
         block_r = rank_block(rank, 64)
-        return ShrinkConfig(16, block_r, 128, 8 if block_r == 64 else 4, 3)
+        return ShrinkConfig(block_m=16, block_r=block_r, block_k=128, num_warps=8 if block_r == 64 else 4, num_stages=3)
     # 64-deep at 64 rows spilled: exact fp32 (FMA) 144 B on sm_80 (5 KB unspecialized), 16-deep
     # 72-164 registers and none; dropout (32 Philox draws per thread and step) 120-584 B
     # unspecialized, 32-deep 184-245 registers and none
-    return ShrinkConfig(64, rank_block(rank, 64), 16 if fp32_dot == "ieee" else (32 if dropout else 64), 4, 3)
+    return ShrinkConfig(block_m=64, block_r=rank_block(rank, 64),
+                        block_k=16 if fp32_dot == "ieee" else (32 if dropout else 64), num_warps=4, num_stages=3)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -213,79 +207,131 @@ def expand_config(m: int, n: int) -> ExpandConfig:
         block_n = 128
         while block_n > 32 and triton.cdiv(n, block_n) < DECODE_PROGRAMS:
             block_n //= 2
-        return ExpandConfig(16, block_n, 16, 2, 2)
-    return ExpandConfig(32, 128, 16, 8, 2)
+        return ExpandConfig(block_m=16, block_n=block_n, block_r=16, num_warps=2, num_stages=2)
+    return ExpandConfig(block_m=32, block_n=128, block_r=16, num_warps=8, num_stages=2)
 
 
-@functools.lru_cache(maxsize=1024)
-def rows_config(p: int, q: int, fp32_dot: str | None = None, dropout: bool = False) -> RowsConfig:
-    """Weight-gradient tiles: one side is the rank (small), the other K or N (large).
-    fp32_dot: fp32_dot(dtype) of the 16-bit or fp32 operand ("ieee": FMA dots); dropout: the right
-    operand's keep-mask is drawn in the row loop (dA)."""
-    block_p = 16 if p <= 16 else (32 if p <= 32 else 64)
-    block_q = 16 if q <= 16 else (32 if q <= 32 else 64)
-    # 8 warps from 32x64 up: with 4 it spilled 8-24 B at 64x64 (fp32 tf32 dB on sm_80 at 96 registers;
-    # 16-bit and exact fp32 unspecialized) and 8-160 B at 32x64 (fp32 tf32 unspecialized, sm_90), with
-    # 8 37-196 registers and none
-    num_warps = 8 if block_p * block_q >= 32 * 64 else 4
-    # 16 rows deep for FMA dots (exact fp32): 64 deep spilled 224 B-7 KB per thread (at 64x64 ptxas kept
-    # 32 registers and spilled everything), 16 deep 96-217 registers and none. 32 deep under dropout
-    # (half the Philox draws per step): 64 deep spilled 8 B at 128-168 registers (dA, q 64, sm_80) and
-    # up to 96 B unspecialized; 32 deep 126-182 registers, none
-    block_m = 16 if fp32_dot == "ieee" else (32 if dropout else 64)
-    return RowsConfig(block_p, block_q, block_m, num_warps, 3)
-
-
-@functools.lru_cache(maxsize=1024)
-def _splits(length: int, block: int, programs: int) -> tuple[int, int]:
-    """(number of splits, elements per split) of a reduction of `length`, so that `programs`
-    programs per split times the splits reach about TARGET_PROGRAMS. Every split is non-empty."""
-    blocks = triton.cdiv(max(length, 1), block)
-    splits = max(1, min(MAX_SPLITS, blocks, TARGET_PROGRAMS // max(programs, 1)))
-    per_split = triton.cdiv(blocks, splits) * block
-    return triton.cdiv(max(length, 1), per_split), per_split
-
-
-def _sum_splits(partials: torch.Tensor) -> torch.Tensor:
-    """(S, ...) fp32 partials -> (...): summed in a fixed order (deterministic), no copy when S = 1."""
-    return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's own setting for fp32 matmuls (fp32_matmul_uses_tf32, off by
-    default): exact fp32 unless the user allowed tf32. 16-bit inputs use their own tensor cores."""
-    if dtype == torch.float32 and not fp32_matmul_uses_tf32():
-        return "ieee"
-    return "tf32"
-
-
-def fp32_dot(dtype: torch.dtype) -> str | None:
-    """What the config heuristics take of the precision: dot_precision of fp32 inputs ("ieee": exact
-    fp32, tl.dot as FMA; "tf32"), None for 16-bit inputs (their own tensor cores)."""
-    return dot_precision(dtype) if dtype == torch.float32 else None
-
-
-def rows_compute_dtype(left: torch.Tensor, right: torch.Tensor) -> torch.dtype:
-    """The dtype whose precision a weight-gradient product takes: one operand is the fp32 rank
-    intermediate, the other the input dtype (fp32 when both are)."""
-    return left.dtype if left.dtype != torch.float32 else right.dtype
-
-
-def lora_precision(dtype: torch.dtype) -> str:
-    """The rank-r products take the fp32 intermediate and an upcast 16-bit operand: tf32 tensor
-    cores (10-bit mantissa, finer than bf16's 7) for 16-bit inputs; fp32 inputs as dot_precision."""
-    return dot_precision(dtype) if dtype == torch.float32 else "tf32"
-
-
-def _dropout_args(dropout_p: float, seed: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """(seed_ptr, dropout_p, keep scale) of a launch on like's device. seed: 0-d int64 tensor, copied
-    there when it is elsewhere (a CPU seed: a registered-op call, a graph traced on another backend);
-    without dropout `like` stands in for seed_ptr, never read."""
+def _dropout_args(dropout_p: float, seed: torch.Tensor | None, like: torch.Tensor) -> dict:
+    """seed_ptr, dropout_p and dropout_scale (the keep scale) of a launch on like's device. seed: 0-d int64
+    tensor, copied there when it is elsewhere (a CPU seed: a registered-op call, a graph traced on another
+    backend); without dropout `like` stands in for seed_ptr, never read."""
     if dropout_p == 0.0:
-        return like, 0.0, 1.0
+        return dict(seed_ptr=like, dropout_p=0.0, dropout_scale=1.0)
     if seed.device != like.device:
         seed = seed.to(like.device)
-    return seed, dropout_p, 1.0 / (1.0 - dropout_p)
+    return dict(seed_ptr=seed, dropout_p=dropout_p, dropout_scale=1.0 / (1.0 - dropout_p))
+
+
+# The kernels' keyword arguments, one function per kernel, from the tensors of its launch: the launchers
+# below launch with them, and tests/test_aot_compile.py builds its compile signatures from them (with
+# meta tensors of its representative sizes), so both see an argument added or renamed.
+
+def shrink_arguments(
+    x: torch.Tensor,          # (M, K)
+    a: torch.Tensor,          # (R, K), any strides
+    partials: torch.Tensor,   # (S, M, R) fp32, written
+    k_per_split: int, dropout_p: float, seed: torch.Tensor | None, cfg: ShrinkConfig,
+) -> dict:
+    """lora_shrink_kernel's arguments: partials[s] = dropout(x)[:, k in split s] · aᵀ."""
+    return dict(
+        x_ptr=x, a_ptr=a, out_ptr=partials,
+        M=x.shape[0], K=x.shape[1], R=a.shape[0], k_per_split=k_per_split,
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=a.stride(0), stride_ak=a.stride(1),
+        stride_os=partials.stride(0), stride_om=partials.stride(1),
+        **_dropout_args(dropout_p, seed, x),
+        DROPOUT=dropout_p > 0.0,
+        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=dot_precision(x.dtype),
+    )
+
+
+def fused_matmul_arguments(
+    x: torch.Tensor,                # (M, K)
+    w: torch.Tensor,                # (K, N), any strides
+    bias: torch.Tensor | None,      # (N,)
+    t_partials: torch.Tensor,       # (S, M, R) fp32
+    v: torch.Tensor,                # (R, N), any strides
+    out: torch.Tensor,              # (M, N) in x's dtype, or (SPLIT_K, M, N) fp32 partials of x·w
+    t_sum: torch.Tensor | None,     # (M, R) fp32, written
+    scale: float, dropout_p: float, seed: torch.Tensor | None, k_per_split: int, cfg: MatmulConfig,
+) -> dict:
+    """lora_fused_matmul_kernel's arguments: out = x·w + bias + scale · (mask ⊙ ((Σ_s t_partials[s]) · v)),
+    or, out being 3-d (SPLIT_K_PARTIALS), the fp32 partials of x·w over K ranges of k_per_split."""
+    split_k_partials = out.dim() == 3
+    return dict(
+        x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else x, t_ptr=t_partials, v_ptr=v, out_ptr=out,
+        t_sum_ptr=t_sum if t_sum is not None else t_partials,
+        M=x.shape[0], N=w.shape[1], K=x.shape[1], R=t_partials.shape[2], num_t_splits=t_partials.shape[0],
+        k_per_split=k_per_split,
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wk=w.stride(0), stride_wn=w.stride(1),
+        stride_ts=t_partials.stride(0), stride_tm=t_partials.stride(1),
+        stride_vr=v.stride(0), stride_vn=v.stride(1),
+        stride_os=out.stride(0) if split_k_partials else 0, stride_om=out.stride(-2), stride_on=out.stride(-1),
+        stride_sm=t_sum.stride(0) if t_sum is not None else 0,
+        stride_bias=bias.stride(0) if bias is not None else 0,
+        scale=scale, **_dropout_args(dropout_p, seed, x),
+        HAS_BIAS=bias is not None, STORE_T_SUM=t_sum is not None, EPILOGUE_DROPOUT=dropout_p > 0.0,
+        SPLIT_K_PARTIALS=split_k_partials,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m,
+        DOT_PRECISION=dot_precision(x.dtype), LORA_DOT_PRECISION=lora_precision(x.dtype),
+    )
+
+
+def expand_arguments(
+    out: torch.Tensor,              # (M, N), written (updated in place when base is None)
+    t_partials: torch.Tensor,       # (S, M, R) fp32
+    v: torch.Tensor,                # (R, N), any strides
+    t_sum: torch.Tensor | None,     # (M, R) fp32, written
+    bias: torch.Tensor | None,      # (N,)
+    base: torch.Tensor | None,      # (SPLIT_K, M, N) fp32 partials of the GEMM; None: out's values
+    scale: float, dropout_p: float, seed: torch.Tensor | None, cfg: ExpandConfig,
+) -> dict:
+    """lora_expand_kernel's arguments: out = base + bias + scale · (mask ⊙ ((Σ_s t_partials[s]) · v))."""
+    return dict(
+        base_ptr=base if base is not None else out, bias_ptr=bias if bias is not None else out, t_ptr=t_partials,
+        v_ptr=v, out_ptr=out, t_sum_ptr=t_sum if t_sum is not None else t_partials,
+        M=out.shape[0], N=out.shape[1], R=t_partials.shape[2], num_t_splits=t_partials.shape[0],
+        stride_bs=base.stride(0) if base is not None else 0, stride_bm=base.stride(1) if base is not None else 0,
+        stride_bn=base.stride(2) if base is not None else 0,
+        stride_ts=t_partials.stride(0), stride_tm=t_partials.stride(1),
+        stride_vr=v.stride(0), stride_vn=v.stride(1),
+        stride_om=out.stride(0), stride_on=out.stride(1),
+        stride_sm=t_sum.stride(0) if t_sum is not None else 0,
+        stride_bias=bias.stride(0) if bias is not None else 0,
+        scale=scale, **_dropout_args(dropout_p, seed, out),
+        HAS_BIAS=bias is not None, STORE_T_SUM=t_sum is not None, EPILOGUE_DROPOUT=dropout_p > 0.0,
+        BASE_PARTIALS=base is not None, SPLIT_K=base.shape[0] if base is not None else 1,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, LORA_DOT_PRECISION=lora_precision(out.dtype),
+    )
+
+
+def rows_matmul_arguments(
+    left: torch.Tensor,        # (M, P)
+    right: torch.Tensor,       # (M, Q)
+    partials: torch.Tensor,    # (S, P, Q) fp32, written
+    rows_per_split: int, alpha: float, dropout_p: float, seed: torch.Tensor | None, cfg: RowsConfig,
+) -> dict:
+    """lora_rows_matmul_kernel's arguments: partials[s] = alpha · leftᵀ · dropout(right) over the rows of split s."""
+    return dict(
+        l_ptr=left, r_ptr=right, out_ptr=partials,
+        M=left.shape[0], P=left.shape[1], Q=right.shape[1], rows_per_split=rows_per_split,
+        stride_lm=left.stride(0), stride_lp=left.stride(1), stride_rm=right.stride(0), stride_rq=right.stride(1),
+        stride_os=partials.stride(0), stride_op=partials.stride(1),
+        alpha=alpha, **_dropout_args(dropout_p, seed, partials),
+        DROPOUT_R=dropout_p > 0.0,
+        BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
+        DOT_PRECISION=lora_precision(rows_compute_dtype(left, right)),
+    )
+
+
+# dropout_mask_kernel's tile
+MASK_BLOCK_M, MASK_BLOCK_K = 32, 64
+
+
+def dropout_mask_arguments(out: torch.Tensor, seed: torch.Tensor, dropout_p: float) -> dict:
+    """dropout_mask_kernel's arguments: out (M, K) int8, written; seed 0-d int64 on out's device."""
+    return dict(out_ptr=out, M=out.shape[0], K=out.shape[1], seed_ptr=seed, dropout_p=dropout_p,
+                BLOCK_M=MASK_BLOCK_M, BLOCK_K=MASK_BLOCK_K)
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
@@ -294,20 +340,11 @@ def shrink(x: torch.Tensor, a: torch.Tensor, dropout_p: float = 0.0, seed: torch
     rank = a.shape[0]
     cfg = shrink_config(m, k, rank, fp32_dot(x.dtype), dropout=dropout_p > 0.0)
     grid_mr = triton.cdiv(m, cfg.block_m) * triton.cdiv(rank, cfg.block_r)
-    splits, k_per_split = _splits(k, cfg.block_k, grid_mr)
+    splits, k_per_split = split_reduction(k, cfg.block_k, grid_mr)
     partials = torch.empty((splits, m, rank), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(rank, cfg.block_r), splits)
-    lora_shrink_kernel[grid](
-        x, a, partials,
-        m, k, rank, k_per_split,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1),
-        partials.stride(0), partials.stride(1),
-        *_dropout_args(dropout_p, seed, x),
-        DROPOUT=dropout_p > 0.0,
-        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    lora_shrink_kernel[grid](**shrink_arguments(x, a, partials, k_per_split, dropout_p, seed, cfg),
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return partials
 
 
@@ -335,7 +372,7 @@ def fused_matmul(
     fixed order with bias and the LoRA term."""
     m, k = x.shape
     n = w.shape[1]
-    splits, _, rank = t_partials.shape
+    rank = t_partials.shape[2]
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     cfg = fused_plan_config(config, m, n, k, rank, x.dtype, epilogue_dropout=epilogue_dropout_p > 0.0)
     split_k = cfg.split_k
@@ -348,19 +385,8 @@ def fused_matmul(
         t_sum = torch.empty((m, rank), device=x.device, dtype=torch.float32) if store_t_sum else None
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
     lora_fused_matmul_kernel[grid](
-        x, w, bias if bias is not None else out, t_partials, v, gemm_out, t_sum if t_sum is not None else t_partials,
-        m, n, k, rank, splits, k_per_split,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        t_partials.stride(0), t_partials.stride(1),
-        v.stride(0), v.stride(1),
-        gemm_out.stride(0) if split_k > 1 else 0, gemm_out.stride(-2), gemm_out.stride(-1),
-        t_sum.stride(0) if t_sum is not None else 0,
-        bias.stride(0) if bias is not None else 0,
-        scale, *_dropout_args(epilogue_dropout_p, seed, out),
-        HAS_BIAS=bias is not None, STORE_T_SUM=t_sum is not None, EPILOGUE_DROPOUT=epilogue_dropout_p > 0.0,
-        SPLIT_K_PARTIALS=split_k > 1,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
-        GROUP_M=cfg.group_m, DOT_PRECISION=dot_precision(x.dtype), LORA_DOT_PRECISION=lora_precision(x.dtype),
+        **fused_matmul_arguments(x, w, bias, t_partials, v, gemm_out, t_sum, scale, epilogue_dropout_p, seed,
+                                 k_per_split, cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split_k > 1:
@@ -382,24 +408,12 @@ def expand(
     """out = base + bias + scale · (dropout_mask ⊙ ((Σ_s t_partials[s]) · v)), base being out itself (in
     place) or Σ base[s] in a fixed order; returns Σ_s t_partials[s] (M, R) fp32 when store_t_sum."""
     m, n = out.shape
-    splits, _, rank = t_partials.shape
+    rank = t_partials.shape[2]
     t_sum = torch.empty((m, rank), device=out.device, dtype=torch.float32) if store_t_sum else None
     cfg = expand_config(m, n)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
     lora_expand_kernel[grid](
-        base if base is not None else out, bias if bias is not None else out, t_partials, v, out,
-        t_sum if store_t_sum else t_partials,
-        m, n, rank, splits,
-        *(base.stride() if base is not None else (0, 0, 0)),
-        t_partials.stride(0), t_partials.stride(1),
-        v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        t_sum.stride(0) if store_t_sum else 0,
-        bias.stride(0) if bias is not None else 0,
-        scale, *_dropout_args(epilogue_dropout_p, seed, out),
-        HAS_BIAS=bias is not None, STORE_T_SUM=store_t_sum, EPILOGUE_DROPOUT=epilogue_dropout_p > 0.0,
-        BASE_PARTIALS=base is not None, SPLIT_K=base.shape[0] if base is not None else 1,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, LORA_DOT_PRECISION=lora_precision(out.dtype),
+        **expand_arguments(out, t_partials, v, t_sum, bias, base, scale, epilogue_dropout_p, seed, cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return t_sum
@@ -416,24 +430,15 @@ def rows_matmul(
     """alpha · leftᵀ · dropout(right) -> (P, Q) in out_dtype, reduced over the M rows in fixed order."""
     m, p = left.shape
     q = right.shape[1]
-    compute_dtype = rows_compute_dtype(left, right)
-    cfg = rows_config(p, q, fp32_dot(compute_dtype), dropout=dropout_p > 0.0)
+    cfg = rows_config(p, q, fp32_dot(rows_compute_dtype(left, right)), dropout=dropout_p > 0.0)
     grid_pq = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
-    splits, rows_per_split = _splits(m, cfg.block_m, grid_pq)
+    splits, rows_per_split = split_reduction(m, cfg.block_m, grid_pq)
     partials = torch.empty((splits, p, q), device=left.device, dtype=torch.float32)
     grid = (triton.cdiv(p, cfg.block_p), triton.cdiv(q, cfg.block_q), splits)
-    lora_rows_matmul_kernel[grid](
-        left, right, partials,
-        m, p, q, rows_per_split,
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-        partials.stride(0), partials.stride(1),
-        alpha, *_dropout_args(dropout_p, seed, partials),
-        DROPOUT_R=dropout_p > 0.0,
-        BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
-        DOT_PRECISION=lora_precision(compute_dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return _sum_splits(partials).to(out_dtype)
+    lora_rows_matmul_kernel[grid](**rows_matmul_arguments(left, right, partials, rows_per_split, alpha, dropout_p,
+                                                          seed, cfg),
+                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return sum_splits(partials).to(out_dtype)
 
 
 # What a fused plan from a table raises when its kernel cannot run on this GPU (shared memory,
@@ -510,7 +515,7 @@ def lora_linear_backward(
 
             grad_x, grad_u = _run_plan("dx", grad_y, m, n, k, rank, fused, split)
         else:
-            grad_u = _sum_splits(du_partials)
+            grad_u = sum_splits(du_partials)
         if need_a:
             grad_a = rows_matmul(grad_u, x, grad_y.dtype, scale, dropout_p, seed)   # (r, K)
     if need_b:
@@ -524,9 +529,9 @@ def dropout_keep_mask(m: int, k: int, dropout_p: float, seed: torch.Tensor, devi
     the composition's mask (second derivatives, torch.func), and the tests' check of forward/backward."""
     out = torch.empty((m, k), device=device, dtype=torch.int8)
     if m and k:
-        grid = (triton.cdiv(m, 32), triton.cdiv(k, 64))
+        grid = (triton.cdiv(m, MASK_BLOCK_M), triton.cdiv(k, MASK_BLOCK_K))
         # seed.to(...), not seed: under torch.func the seed is a functorch wrapper, and this copy (made in
         # _keep_mask's _DisableFuncTorch block) is a plain tensor the kernel can read; the wrapper itself
         # raised "Cannot access storage of TensorWrapper" (interpreter, test_higher_order_autograd)
-        dropout_mask_kernel[grid](out, m, k, seed.to(out.device), dropout_p, BLOCK_M=32, BLOCK_K=64)
+        dropout_mask_kernel[grid](**dropout_mask_arguments(out, seed.to(out.device), dropout_p))
     return out.bool()

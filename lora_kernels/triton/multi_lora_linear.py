@@ -8,6 +8,9 @@ their rows through the batch's tile maps and take its row_tile as BLOCK_M. The b
 torch's (cuBLAS); the LoRA term is added into its output in place by the expand kernel, so rows of
 no adapter are F.linear's output bit for bit.
 Grids depend on shapes only: nothing is read back from the device.
+Each kernel is launched by keyword from its argument builder (segmented_shrink_arguments, ...), which
+tests/test_aot_compile.py calls too; precision, split reductions and the weight-gradient tiles come from
+_common.py, shared with the single-adapter launcher.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from .kernels.multi_lora_linear import (
     segmented_rows_matmul_kernel,
     segmented_shrink_kernel,
 )
-from ._device import on_device_of
-from .lora_linear import (
-    MAX_SPLITS, _splits, _sum_splits, dot_precision, fp32_dot, lora_precision, rank_block, rows_compute_dtype,
-    rows_config,
+from ._common import (
+    MAX_SPLITS, RowsConfig, dot_precision, fp32_dot, lora_precision, rank_block, rows_compute_dtype, rows_config,
+    split_reduction, sum_splits,
 )
+from ._device import on_device_of
 
 if TYPE_CHECKING:   # the type only: metadata sits above the backends
     from ..metadata import BatchTensors
@@ -59,7 +62,7 @@ def segmented_config(row_tile: int, rank: int, fp32_dot: str | None = None) -> S
     runtime split loop's config: 96-110 registers) needed 200-255 registers and spilled 8-24 B at 8
     splits (sm_80 and sm_90, aligned and unspecialized; 1 stage still spilled 8-16 B); 64x64 with 2
     stages: 96-181 registers, none (AOT cubins).
-    fp32_dot (lora_linear.fp32_dot of the inputs) "ieee": the shrink's dot runs as FMA, which holds the
+    fp32_dot (_common.fp32_dot of the inputs) "ieee": the shrink's dot runs as FMA, which holds the
     (BM, BLOCK_K) and (BLOCK_K, BR) operand slices in registers: 128- and 64-deep steps spilled
     8 B-3.9 KB per thread (AOT cubins, sm_80 / sm_90; 3.9 KB unspecialized); 32- and 16-deep: 47-174
     registers, none. The expand's tiles do not depend on it.
@@ -67,14 +70,92 @@ def segmented_config(row_tile: int, rank: int, fp32_dot: str | None = None) -> S
     flight as 4 of 16-bit ones): with 3, the backward shrink at rank tile 32 spilled 8 B at 64
     registers (sm_80, aligned); with 2, 64 registers and none."""
     if row_tile <= 16:
-        return SegmentedConfig(row_tile, 32 if fp32_dot == "ieee" else 128, rank_block(rank, 64), 64, 4, 3, 3)
-    return SegmentedConfig(row_tile, 16 if fp32_dot == "ieee" else 64, rank_block(rank, 64), 64, 8,
-                           2 if fp32_dot == "tf32" else 3, 2)
+        return SegmentedConfig(block_m=row_tile, block_k=32 if fp32_dot == "ieee" else 128,
+                               block_r=rank_block(rank, 64), block_n=64, num_warps=4, num_stages=3, expand_stages=3)
+    return SegmentedConfig(block_m=row_tile, block_k=16 if fp32_dot == "ieee" else 64, block_r=rank_block(rank, 64),
+                           block_n=64, num_warps=8, num_stages=2 if fp32_dot == "tf32" else 3, expand_stages=2)
 
 
 def _index_or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     """t, or a stand-in pointer the kernel never reads (its flag says t is absent)."""
     return t if t is not None else stand_in
+
+
+# The kernels' keyword arguments, one function per kernel, from the tensors of its launch: the launchers
+# below launch with them, and tests/test_aot_compile.py builds its compile signatures from them (with
+# meta tensors of its representative sizes), so both see an argument added or renamed.
+# Segments: tiles (T, 2) int32 tile map, rows (M,) int32 position -> row of x, seg_starts (S + 1,) int32,
+# seg_adapters (S,) int32 | None (None: segment s is adapter s), ranks (L,) int32 | None (None: every
+# adapter has the stack's rank R).
+
+def segmented_shrink_arguments(
+    x: torch.Tensor,                 # (M, K)
+    a: torch.Tensor,                 # (L, R, K), any strides
+    partials: torch.Tensor,          # (S_k, M, R) fp32, written
+    tiles: torch.Tensor, rows: torch.Tensor, seg_starts: torch.Tensor, seg_adapters: torch.Tensor | None,
+    ranks: torch.Tensor | None, k_per_split: int, cfg: SegmentedConfig,
+) -> dict:
+    """segmented_shrink_kernel's arguments: partials[s][rows] = x[rows, k in split s] · a[j, :, k in split s]ᵀ."""
+    return dict(
+        x_ptr=x, a_ptr=a, out_ptr=partials, tiles_ptr=tiles, rows_ptr=rows, seg_starts_ptr=seg_starts,
+        seg_adapters_ptr=_index_or(seg_adapters, seg_starts), ranks_ptr=_index_or(ranks, seg_starts),
+        K=x.shape[1], R=a.shape[1], k_per_split=k_per_split,
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_al=a.stride(0), stride_ar=a.stride(1),
+        stride_ak=a.stride(2),
+        stride_os=partials.stride(0), stride_om=partials.stride(1),
+        SEGMENT_IS_ADAPTER=seg_adapters is None, HAS_RANKS=ranks is not None,
+        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=dot_precision(x.dtype),
+    )
+
+
+def segmented_expand_arguments(
+    out: torch.Tensor,               # (M, N), updated in place; any strides
+    t_partials: torch.Tensor,        # (S_k, M, R) fp32
+    v: torch.Tensor,                 # (L, R, N), any strides
+    scales: torch.Tensor,            # (L,) fp32
+    t_sum: torch.Tensor | None,      # (M, R) fp32, written
+    tiles: torch.Tensor, rows: torch.Tensor, seg_starts: torch.Tensor, seg_adapters: torch.Tensor | None,
+    ranks: torch.Tensor | None, cfg: SegmentedConfig,
+) -> dict:
+    """segmented_expand_kernel's arguments: out[rows] += scales[j] · (Σ_s t_partials[s][rows]) · v[j]."""
+    return dict(
+        t_ptr=t_partials, v_ptr=v, out_ptr=out, t_sum_ptr=_index_or(t_sum, t_partials), tiles_ptr=tiles,
+        rows_ptr=rows, seg_starts_ptr=seg_starts, seg_adapters_ptr=_index_or(seg_adapters, seg_starts),
+        ranks_ptr=_index_or(ranks, seg_starts), scales_ptr=scales,
+        N=out.shape[1], R=t_partials.shape[2],
+        stride_ts=t_partials.stride(0), stride_tm=t_partials.stride(1),
+        stride_vl=v.stride(0), stride_vr=v.stride(1), stride_vn=v.stride(2),
+        stride_om=out.stride(0), stride_on=out.stride(1),
+        stride_sm=t_sum.stride(0) if t_sum is not None else 0,
+        SEGMENT_IS_ADAPTER=seg_adapters is None, HAS_RANKS=ranks is not None, STORE_T_SUM=t_sum is not None,
+        NUM_T_SPLITS=t_partials.shape[0],
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=EXPAND_BLOCK_R,
+        LORA_DOT_PRECISION=lora_precision(out.dtype),
+    )
+
+
+def segmented_rows_matmul_arguments(
+    left: torch.Tensor,              # (M, P)
+    right: torch.Tensor,             # (M, Q)
+    partials: torch.Tensor,          # (splits, A, P, Q) fp32, written
+    active: torch.Tensor,            # (A,) int32: the active adapters
+    sorted_rows: torch.Tensor, adapter_starts: torch.Tensor, ranks: torch.Tensor | None,
+    scales: torch.Tensor,            # (L,) fp32
+    rank: int, rank_on_p: bool, cfg: RowsConfig,
+) -> dict:
+    """segmented_rows_matmul_kernel's arguments: partials[s, a] = scales[j] · leftᵀ · right over the rows
+    of adapter j = active[a] in split s, rank-masked on P (rank_on_p) or Q."""
+    return dict(
+        l_ptr=left, r_ptr=right, out_ptr=partials, active_ptr=active, rows_ptr=sorted_rows,
+        adapter_starts_ptr=adapter_starts, ranks_ptr=_index_or(ranks, adapter_starts), scales_ptr=scales,
+        P=left.shape[1], Q=right.shape[1], R=rank, num_splits=partials.shape[0],
+        stride_lm=left.stride(0), stride_lp=left.stride(1), stride_rm=right.stride(0), stride_rq=right.stride(1),
+        stride_os=partials.stride(0), stride_oa=partials.stride(1), stride_op=partials.stride(2),
+        HAS_RANKS=ranks is not None, RANK_ON_P=rank_on_p,
+        BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
+        DOT_PRECISION=lora_precision(rows_compute_dtype(left, right)),
+    )
 
 
 def segmented_shrink(
@@ -91,17 +172,11 @@ def segmented_shrink(
     cfg = segmented_config(row_tile, rank, fp32_dot(x.dtype))
     rank_tiles = triton.cdiv(rank, cfg.block_r)
     # splits sized for the tiles that do work (about cdiv(M, BLOCK_M)), not the grid's bound
-    splits, k_per_split = _splits(k, cfg.block_k, triton.cdiv(m, cfg.block_m) * rank_tiles)
+    splits, k_per_split = split_reduction(k, cfg.block_k, triton.cdiv(m, cfg.block_m) * rank_tiles)
     partials = torch.empty((splits, m, rank), device=x.device, dtype=torch.float32)
     grid = (tiles.shape[0], rank_tiles, splits)
     segmented_shrink_kernel[grid](
-        x, a, partials, tiles, rows, seg_starts, _index_or(seg_adapters, seg_starts), _index_or(ranks, seg_starts),
-        k, rank, k_per_split,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2),
-        partials.stride(0), partials.stride(1),
-        SEGMENT_IS_ADAPTER=seg_adapters is None, HAS_RANKS=ranks is not None,
-        BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=dot_precision(x.dtype),
+        **segmented_shrink_arguments(x, a, partials, tiles, rows, seg_starts, seg_adapters, ranks, k_per_split, cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return partials
@@ -127,17 +202,8 @@ def segmented_expand_(
     t_sum = torch.zeros((m, rank), device=out.device, dtype=torch.float32) if store_t_sum else None
     grid = (tiles.shape[0], triton.cdiv(n, cfg.block_n))
     segmented_expand_kernel[grid](
-        t_partials, v, out, _index_or(t_sum, t_partials), tiles, rows, seg_starts,
-        _index_or(seg_adapters, seg_starts), _index_or(ranks, seg_starts), scales,
-        n, rank,
-        t_partials.stride(0), t_partials.stride(1),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1),
-        t_sum.stride(0) if store_t_sum else 0,
-        SEGMENT_IS_ADAPTER=seg_adapters is None, HAS_RANKS=ranks is not None, STORE_T_SUM=store_t_sum,
-        NUM_T_SPLITS=splits,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=EXPAND_BLOCK_R,
-        LORA_DOT_PRECISION=lora_precision(out.dtype),
+        **segmented_expand_arguments(out, t_partials, v, scales, t_sum, tiles, rows, seg_starts, seg_adapters, ranks,
+                                     cfg),
         num_warps=cfg.num_warps, num_stages=cfg.expand_stages,
     )
     return t_sum
@@ -162,30 +228,23 @@ def segmented_rows_matmul(
     grad = torch.zeros((num_adapters, p, q), device=left.device, dtype=out_dtype)
     if num_active == 0:
         return grad
-    compute_dtype = rows_compute_dtype(left, right)
     # the single-adapter weight-gradient tiles: one side is the rank (small)
-    cfg = rows_config(p, q, fp32_dot(compute_dtype))
+    cfg = rows_config(p, q, fp32_dot(rows_compute_dtype(left, right)))
     tiles_pq = triton.cdiv(p, cfg.block_p) * triton.cdiv(q, cfg.block_q)
     # split each adapter's rows as if one adapter had every row (a skewed training batch: 8 active
     # adapters, one holding most rows, would otherwise run on 1/8 of the programs), but keep the fp32
     # partials no larger than the rows read: at many active adapters (decode: 64 rows, 64 adapters)
     # one split
-    splits, _ = _splits(m, cfg.block_m, tiles_pq)
+    splits, _ = split_reduction(m, cfg.block_m, tiles_pq)
     splits = max(1, min(splits, (m * (p + q)) // (num_active * p * q)))
     partials = torch.empty((splits, num_active, p, q), device=left.device, dtype=torch.float32)
     segmented_rows_matmul_kernel[(num_active, tiles_pq, splits)](
-        left, right, partials, active, batch.sorted_rows, batch.adapter_starts,
-        _index_or(batch.ranks, batch.adapter_starts), scales,
-        p, q, rank, splits,
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-        partials.stride(0), partials.stride(1), partials.stride(2),
-        HAS_RANKS=batch.ranks is not None, RANK_ON_P=rank_on_p,
-        BLOCK_P=cfg.block_p, BLOCK_Q=cfg.block_q, BLOCK_M=cfg.block_m,
-        DOT_PRECISION=lora_precision(compute_dtype),
+        **segmented_rows_matmul_arguments(left, right, partials, active, batch.sorted_rows, batch.adapter_starts,
+                                          batch.ranks, scales, rank, rank_on_p, cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     # the active adapters are distinct (a permutation's head): one write each, deterministic
-    return grad.index_copy_(0, active.to(torch.int64), _sum_splits(partials).to(out_dtype))
+    return grad.index_copy_(0, active.to(torch.int64), sum_splits(partials).to(out_dtype))
 
 
 def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -247,7 +306,7 @@ def multi_lora_linear_backward(
             grad_x = grad_y @ weight                                                      # (M, K)
             grad_u = segmented_expand_(grad_x, du_partials, lora_a, scales, *segments, store_t_sum=need_a)
         else:
-            grad_u = _sum_splits(du_partials)   # entries of no adapter / past a rank: never read
+            grad_u = sum_splits(du_partials)   # entries of no adapter / past a rank: never read
         if need_a:
             grad_a = segmented_rows_matmul(grad_u, x, scales, batch, max_rank, rank_on_p=True,
                                            out_dtype=grad_y.dtype)                        # (L, R, K)

@@ -21,25 +21,18 @@ replay draws on the device, and nothing syncs to hand it to the launch.
 import triton
 import triton.language as tl
 
+from ._common import dropout_keep, shrink_k_loop
+
 
 @triton.jit
-def dropout_keep(seed, offs_m, k_start, dropout_p, BLOCK_K: tl.constexpr):
-    """Keep-mask of LoRA dropout for rows offs_m (BM,) x columns k_start + arange(BLOCK_K) of an (M, K)
-    matrix, seed being the int64 value a kernel loaded from its seed_ptr: element (m, k) is kept iff
-    uniform(output k % 4 of philox(seed; counter = (k // 4, m, 0, 0))) >= dropout_p. One Philox call
-    gives four columns' bits (the 10 rounds are the cost: a quarter of one call per element).
-    k_start must be a multiple of 4 (every caller's is a multiple of its column block, >= 16).
-    The same (seed, m, k) gives the same bit in every kernel and tile, which is how backward
-    regenerates the forward mask without storing it. 32-bit counters rather than one 64-bit offset
-    m*K + k: unique up to 2**32 rows and 2**34 columns, and 32-bit Philox keeps the dX epilogue from
-    spilling registers (~1 KB per thread at 128x128 with 64-bit Philox, sm_90)."""
-    groups = (k_start // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.uint32)
-    rows, cols = tl.broadcast(offs_m.to(tl.uint32)[:, None], groups[None, :])   # (BM, BK / 4)
-    zero = rows * 0
-    r0, r1, r2, r3 = tl.philox(seed, cols, rows, zero, zero)
-    # (BM, BK/4, 2, 2)[m, j, c, d] = r_{2c + d}: row-major reshape puts output i at column 4j + i
-    bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (offs_m.shape[0], BLOCK_K))
-    return tl.uint_to_uniform_float(bits) >= dropout_p
+def add_partials(acc, ptrs, mask, stride, num_partials):
+    """acc + Σ_s load(ptrs + s · stride) for s < num_partials, in a fixed order (deterministic): the split sums
+    of lora_term (the rank partials) and lora_expand_kernel (the split-K GEMM's partials). Pointer increments:
+    64-bit, whatever s · stride."""
+    for _ in range(0, num_partials):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += stride
+    return acc
 
 
 @triton.jit
@@ -66,12 +59,8 @@ def lora_term(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < R
         tile_mask = m_mask[:, None] & r_mask[None, :]
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        # pointer increments: 64-bit, whatever split * stride_ts
-        t_split_ptr = t_ptr + rows[:, None] * stride_tm + offs_r[None, :]
-        for _ in range(0, num_t_splits):   # fixed order: deterministic
-            t += tl.load(t_split_ptr, mask=tile_mask, other=0.0)
-            t_split_ptr += stride_ts
+        t = add_partials(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                         t_ptr + rows[:, None] * stride_tm + offs_r[None, :], tile_mask, stride_ts, num_t_splits)
         if STORE_T_SUM:   # one column block stores the reduced intermediate for the backward pass
             if pid_n == 0:
                 tl.store(t_sum_ptr + rows[:, None] * stride_sm + offs_r[None, :], t, mask=tile_mask)
@@ -107,22 +96,15 @@ def lora_shrink_kernel(
     rows = offs_m.to(tl.int64)
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    seed = 0
     if DROPOUT:
         seed = tl.load(seed_ptr)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)      # (BM, BK)
-        if DROPOUT:
-            keep = dropout_keep(seed, offs_m, k0, dropout_p, BLOCK_K)   # k0: a multiple of BLOCK_K
-            # times 0, not a select: a dropped inf or NaN is NaN, as in x · mask / (1 - p)
-            x = (x.to(tl.float32) * tl.where(keep, dropout_scale, 0.0)).to(x.dtype)
-        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                    mask=(offs_r[None, :] < R) & k_mask[:, None], other=0.0)      # (BK, BR)
-        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+    acc = shrink_k_loop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                        x_ptr + rows[:, None] * stride_xm, offs_m[:, None] < M,
+                        a_ptr + offs_r[None, :] * stride_ar, offs_r[None, :] < R,
+                        k_start, k_end, stride_xk, stride_ak, seed, offs_m, dropout_p, dropout_scale,
+                        DROPOUT, BLOCK_K, DOT_PRECISION)
 
     out = out_ptr + pid_s.to(tl.int64) * stride_os + rows[:, None] * stride_om + offs_r[None, :]
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
@@ -238,12 +220,10 @@ def lora_expand_kernel(
                     STORE_T_SUM, EPILOGUE_DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, LORA_DOT_PRECISION)
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     if BASE_PARTIALS:
-        base_ptrs = base_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bn
         # a loop, not unrolled: 8 unrolled (BM, BN) fp32 loads in flight spilled 232-608 B per thread
-        # (64x128, 8 warps, sm_80 / sm_90; 255 registers). Pointer increments: 64-bit, whatever split * stride_bs
-        for _ in range(0, SPLIT_K):
-            acc += tl.load(base_ptrs, mask=out_mask, other=0.0)
-            base_ptrs += stride_bs
+        # (64x128, 8 warps, sm_80 / sm_90; 255 registers)
+        acc = add_partials(acc, base_ptr + rows[:, None] * stride_bm + cols[None, :] * stride_bn, out_mask,
+                           stride_bs, SPLIT_K)
     else:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:

@@ -21,6 +21,8 @@ no atomics, bit-identical results, whatever the order of the rows.
 import triton
 import triton.language as tl
 
+from ._common import shrink_k_loop
+
 
 @triton.jit
 def tile_work(tile, tiles_ptr, seg_starts_ptr, seg_adapters_ptr, ranks_ptr, R,
@@ -82,15 +84,11 @@ def segmented_shrink_kernel(
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)              # (BM, BK)
-        a = tl.load(a_adapter_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak,
-                    mask=r_mask[None, :] & k_mask[:, None], other=0.0)               # (BK, BR)
-        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+    acc = shrink_k_loop(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                        x_ptr + rows[:, None] * stride_xm, m_mask[:, None],
+                        a_adapter_ptr + offs_r[None, :].to(tl.int64) * stride_ar, r_mask[None, :],
+                        k_start, k_end, stride_xk, stride_ak, 0, rows, 0.0, 1.0,   # no dropout
+                        False, BLOCK_K, DOT_PRECISION)
 
     out = out_ptr + pid_s.to(tl.int64) * stride_os + rows[:, None] * stride_om + offs_r[None, :]
     tl.store(out, acc, mask=m_mask[:, None] & (offs_r[None, :] < R))
