@@ -559,7 +559,7 @@ class MultiReference(Reference):
     def lora_y64(self, x64: Tensor, a64: Tensor, b64: Tensor) -> Tensor:
         s = self.stack
         return lora_kernels.reference.multi_lora_linear_reference(x64, s.weight.double(), s.bias.double(), a64, b64,
-                                                        s.scales.double(), self.ids, s.ranks_tensor())
+                                                                  s.scales.double(), self.ids, s.ranks_tensor())
 
 
 def shared_reference(stack: Stack, x: Tensor, grad_y: Tensor) -> Reference:

@@ -138,7 +138,8 @@ def test_torch_backend_rows_say_torch():
 def test_triton_rows_look_up_forward_and_dx_with_their_own_n_and_k(monkeypatch):
     """forward: (M, N = out_features, K = in_features); dX: (M, N = in_features, K = out_features)."""
     calls = []
-    fused = bench.tuning.MatmulConfig(64, 128, 64, 16, 8, 8, 4, split_k=4)
+    fused = bench.tuning.MatmulConfig(block_m=64, block_n=128, block_k=64, block_r=16,
+                                      group_m=8, num_warps=8, num_stages=4, split_k=4)
 
     def plan_for(op, device, dtype, m, n, k, rank):
         calls.append((op, m, n, k, rank))

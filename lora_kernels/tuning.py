@@ -36,7 +36,7 @@ OPS = ("forward", "dx")          # y = x·W0ᵀ + b + s·(x·Aᵀ)·Bᵀ;  dX = 
 STRATEGIES = ("fused", "split")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MatmulConfig:
     """Tiles of the fused GEMM (out (M, N) = x (M, K) · w (K, N) + the LoRA term). split_k > 1 cuts the
     K loop into split_k fixed ranges whose fp32 partials a second kernel sums in a fixed order (no

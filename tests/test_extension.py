@@ -19,6 +19,7 @@ import torch
 import lora_kernels
 from lora_kernels import _extension, fallback
 from lora_kernels._backend import triton_unavailable_reason
+from lora_kernels.reference import lora_linear_reference, multi_lora_linear_reference
 
 LOADED = _extension.module is not None
 needs_extension = pytest.mark.skipif(not LOADED, reason=lora_kernels.extension_status())
@@ -328,12 +329,12 @@ def test_second_derivatives_with_some_inputs_frozen(op, trainable):
     if op == "single":
         inputs = [t.double() for t in _single_inputs(torch.float32, m=4, k=6, n=5, r=3)]
         ours = lambda *t: lora_kernels.lora_linear(*t, 0.5)                                 # noqa: E731
-        reference = lambda *t: lora_kernels.reference.lora_linear_reference(*t, 0.5)                  # noqa: E731
+        reference = lambda *t: lora_linear_reference(*t, 0.5)                             # noqa: E731
     else:
         *tensors, scales = _multi_inputs(torch.float32, m=6, k=6, n=5)
         inputs, ids = [t.double() for t in tensors], torch.tensor([0, -1, 1, 3, 0, 2])
         ours = lambda *t: lora_kernels.multi_lora_linear(*t, scales, ids)                   # noqa: E731
-        reference = lambda *t: lora_kernels.reference.multi_lora_linear_reference(*t, scales.double(), ids)   # noqa: E731
+        reference = lambda *t: multi_lora_linear_reference(*t, scales.double(), ids)      # noqa: E731
 
     def leaves():
         return [t.clone().requires_grad_(name in trainable) for t, name in zip(inputs, names)]

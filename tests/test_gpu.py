@@ -251,7 +251,9 @@ def float64_outer_sum(u64, x, rows=None):
 
 
 @needs_memory
-@pytest.mark.parametrize("plan", [Plan("split"), Plan("fused"), Plan("fused", MatmulConfig(64, 64, 64, 16, 8, 8, 3, 2))],
+@pytest.mark.parametrize("plan", [Plan("split"), Plan("fused"),
+                                  Plan("fused", MatmulConfig(block_m=64, block_n=64, block_k=64, block_r=16, group_m=8,
+                                                             num_warps=8, num_stages=3, split_k=2))],
                          ids=["split", "fused", "fused-splitk2"])
 def test_triton_int64_offsets_lora_linear(release_memory, plan):
     """lora_linear forward and backward in bf16 on an x of more than 2**31 elements: y and dX on the rows

@@ -77,7 +77,8 @@ def test_dropout_of_inf_is_nan_like_the_reference(strategy):
     skip_unless_backend_serves(backend, FP32)
     lora_kernels.set_backend(backend)
     plan = {"split": Plan("split"), "fused": Plan("fused"), "torch": Plan("split"),
-            "fused-splitk2": Plan("fused", MatmulConfig(16, 16, 16, 16, 2, 1, 1, split_k=2))}[strategy]
+            "fused-splitk2": Plan("fused", MatmulConfig(block_m=16, block_n=16, block_k=16, block_r=16,
+                                                        group_m=2, num_warps=1, num_stages=1, split_k=2))}[strategy]
     m, k, n, r, p, scale = 6, 40, 12, 4, 0.5, 1.5
     gen = torch.Generator().manual_seed(13)
     x = make_x(m, k, "2d", FP32, gen)
@@ -94,8 +95,8 @@ def test_dropout_of_inf_is_nan_like_the_reference(strategy):
 
     def reference(cast):
         ref_leaves = [cast(t).detach().requires_grad_() for t in (x, a, b)]
-        out = lora_kernels.reference.lora_linear_reference(ref_leaves[0], cast(w), cast(bias), ref_leaves[1], ref_leaves[2],
-                                                 scale, dropout_mask=keep, dropout_p=p)
+        out = lora_kernels.reference.lora_linear_reference(ref_leaves[0], cast(w), cast(bias), ref_leaves[1],
+                                                           ref_leaves[2], scale, dropout_mask=keep, dropout_p=p)
         return (out.detach(), *torch.autograd.grad(out, ref_leaves, cast(grad_y)))
 
     for name, got, want, base in zip(("y", "dX", "dA", "dB"), outputs, reference(torch.Tensor.double),
@@ -117,7 +118,7 @@ def test_plan_table_config_below_dot_minimum_is_skipped(tmp_path, monkeypatch, f
     monkeypatch.setenv("LORA_KERNELS_TUNING_DIR", str(tmp_path))
     tuning.clear_tables()
     try:
-        config = MatmulConfig(16, 16, 16, 16, 8, 4, 2)
+        config = MatmulConfig(block_m=16, block_n=16, block_k=16, block_r=16, group_m=8, num_warps=4, num_stages=2)
         write_user_table(table([{**entry(config=config), "config": {**vars(config), field: 8}},
                                 entry(n=96, config=config)]))
         with pytest.warns(UserWarning, match="entry 0 skipped"):
@@ -133,7 +134,8 @@ def test_plan_table_config_below_dot_minimum_is_skipped(tmp_path, monkeypatch, f
 
 FUSED_PLANS = {
     "fused": Plan("fused"),
-    "fused-splitk2": Plan("fused", MatmulConfig(16, 16, 16, 16, 2, 1, 1, split_k=2)),
+    "fused-splitk2": Plan("fused", MatmulConfig(block_m=16, block_n=16, block_k=16, block_r=16,
+                                                group_m=2, num_warps=1, num_stages=1, split_k=2)),
 }
 
 

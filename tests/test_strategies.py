@@ -29,8 +29,10 @@ triton_launch = pytest.importorskip("lora_kernels.triton.lora_linear", reason="n
 PLANS = {
     "split": Plan("split"),
     "fused": Plan("fused"),   # the heuristic's tiles
-    "fused-splitk2": Plan("fused", MatmulConfig(16, 16, 16, 16, 2, 1, 1, split_k=2)),
-    "fused-splitk3": Plan("fused", MatmulConfig(16, 32, 16, 16, 8, 2, 1, split_k=3)),
+    "fused-splitk2": Plan("fused", MatmulConfig(block_m=16, block_n=16, block_k=16, block_r=16,
+                                                group_m=2, num_warps=1, num_stages=1, split_k=2)),
+    "fused-splitk3": Plan("fused", MatmulConfig(block_m=16, block_n=32, block_k=16, block_r=16,
+                                                group_m=8, num_warps=2, num_stages=1, split_k=3)),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # (M, K, N, r, x layout)
@@ -128,7 +130,8 @@ def test_split_k_with_empty_ranges_and_every_k_step():
     """split_k 8 over two 16-deep K steps: six ranges are empty and store zeros; the sum is still the
     GEMM (fp32, against the reference), and the same bits on a repeat."""
     x, w, bias, a, b, grad_y = problem((19, 20, 33, 4, "2d"), torch.float32, True)
-    with tuning.forced_plan(Plan("fused", MatmulConfig(16, 16, 16, 16, 8, 1, 1, split_k=8))):
+    with tuning.forced_plan(Plan("fused", MatmulConfig(block_m=16, block_n=16, block_k=16, block_r=16,
+                                                       group_m=8, num_warps=1, num_stages=1, split_k=8))):
         first = run_layer(x, w, bias, a, b, 0.75, 0.2, grad_y)
         again = run_layer(x, w, bias, a, b, 0.75, 0.2, grad_y)
     check_against_reference(first, x, w, bias, a, b, 0.75, 0.2, grad_y)
@@ -212,7 +215,8 @@ def test_table_plan_that_cannot_launch_falls_back_to_split(monkeypatch, tmp_path
     x = torch.randn(24, 40, device=DEVICE)
     w, bias, a, b = make_params(16, 40, 8, torch.float32, True, torch.Generator().manual_seed(3))
     key = tuning.plan_key("forward", torch.float32, 24, 16, 40, 8)
-    table = {key: Plan("fused", MatmulConfig(16, 16, 16, 16, 8, 1, 1))}
+    table = {key: Plan("fused", MatmulConfig(block_m=16, block_n=16, block_k=16, block_r=16,
+                                             group_m=8, num_warps=1, num_stages=1))}
     monkeypatch.setattr(tuning, "_tables", {torch.device(DEVICE): table})
 
     class NoLaunch:
@@ -227,6 +231,7 @@ def test_table_plan_that_cannot_launch_falls_back_to_split(monkeypatch, tmp_path
         y = lora_linear(x, w, bias, a, b, 0.5)
     assert_close(y, expected, lora_linear_reference(x, w, bias, a, b, 0.5), "y")
     assert table[key] == tuning.SPLIT
-    with tuning.forced_plan(Plan("fused", MatmulConfig(16, 16, 16, 16, 8, 1, 1))), \
+    with tuning.forced_plan(Plan("fused", MatmulConfig(block_m=16, block_n=16, block_k=16, block_r=16,
+                                                       group_m=8, num_warps=1, num_stages=1))), \
             pytest.raises(OutOfResources):
         lora_linear(x, w, bias, a, b, 0.5)

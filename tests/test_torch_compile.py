@@ -82,9 +82,9 @@ def _assert_matches_eager(compiled, module, x):
     for name, a, e in zip(("y", "grad_x", "grad_lora_a", "grad_lora_b"), actual, expected):
         torch.testing.assert_close(a, e, msg=lambda m, name=name: f"{name}: {m}")
     ref = lora_kernels.reference.lora_linear_reference(x.double(), module.weight.double(), module.bias.double(),
-                                             module.lora_a.double(), module.lora_b.double(), module.scale)
+                                                       module.lora_a.double(), module.lora_b.double(), module.scale)
     baseline = lora_kernels.reference.lora_linear_reference(x, module.weight, module.bias, module.lora_a, module.lora_b,
-                                                  module.scale)
+                                                            module.scale)
     assert_close(actual[0], ref, baseline.detach(), "y")
 
 
@@ -272,10 +272,11 @@ def test_backward_with_some_inputs_frozen(backend, trainable):
     y.backward(grad_out)
     leaves64 = {name: t.detach().double().requires_grad_(name in trainable) for name, t in leaves.items()}
     ref = lora_kernels.reference.lora_linear_reference(leaves64["x"], weight.double(), b.double(), leaves64["a"],
-                                             leaves64["b"], 0.5)
+                                                       leaves64["b"], 0.5)
     ref.backward(grad_out.double())
     leaves32 = {name: t.detach().requires_grad_(name in trainable) for name, t in leaves.items()}   # plain torch
-    lora_kernels.reference.lora_linear_reference(leaves32["x"], weight, b, leaves32["a"], leaves32["b"], 0.5).backward(grad_out)
+    plain = lora_kernels.reference.lora_linear_reference(leaves32["x"], weight, b, leaves32["a"], leaves32["b"], 0.5)
+    plain.backward(grad_out)
     for name in trainable:
         assert_close(leaves[name].grad, leaves64[name].grad, leaves32[name].grad, f"grad of {name}")
 

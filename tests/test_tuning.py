@@ -17,9 +17,9 @@ from lora_kernels import tuning
 from lora_kernels.tuning import MatmulConfig, Plan
 from tests.helpers import DEVICE
 
-FUSED_A = MatmulConfig(16, 16, 16, 16, 8, 4, 2)
-FUSED_B = MatmulConfig(16, 32, 16, 16, 8, 4, 2, split_k=2)
-FUSED_C = MatmulConfig(32, 16, 16, 16, 4, 4, 2)
+FUSED_A = MatmulConfig(block_m=16, block_n=16, block_k=16, block_r=16, group_m=8, num_warps=4, num_stages=2)
+FUSED_B = MatmulConfig(block_m=16, block_n=32, block_k=16, block_r=16, group_m=8, num_warps=4, num_stages=2, split_k=2)
+FUSED_C = MatmulConfig(block_m=32, block_n=16, block_k=16, block_r=16, group_m=4, num_warps=4, num_stages=2)
 
 
 @pytest.fixture(autouse=True)

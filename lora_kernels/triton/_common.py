@@ -66,7 +66,7 @@ def sum_splits(partials: torch.Tensor) -> torch.Tensor:
     return partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RowsConfig:
     block_p: int
     block_q: int

@@ -40,7 +40,7 @@ from ._device import on_device_of
 DECODE_PROGRAMS = 128
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShrinkConfig:
     block_m: int
     block_r: int
@@ -49,7 +49,7 @@ class ShrinkConfig:
     num_stages: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExpandConfig:
     block_m: int
     block_n: int

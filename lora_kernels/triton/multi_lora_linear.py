@@ -41,7 +41,7 @@ if TYPE_CHECKING:   # the type only: metadata sits above the backends
 EXPAND_BLOCK_R = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SegmentedConfig:
     block_m: int       # rows per tile: the batch's row_tile (its tile map was built for it)
     block_k: int       # shrink: reduction step

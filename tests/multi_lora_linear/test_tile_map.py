@@ -150,11 +150,11 @@ def test_rank_partials_over_k_splits(backend, k):
     MAX_SPLITS = 8 K-splits, which the expand sums unrolled, in the forward and for dX."""
     skip_unless_backend_serves(backend, FP32)
     if backend == "triton":
-        from lora_kernels.triton import lora_linear as single
+        from lora_kernels.triton import _common
         from lora_kernels.triton.multi_lora_linear import segmented_config
 
-        cfg = segmented_config(16, 8, single.fp32_dot(FP32))
-        assert single._splits(k, cfg.block_k, 3)[0] == (5 if k == 160 else single.MAX_SPLITS)
+        cfg = segmented_config(16, 8, _common.fp32_dot(FP32))
+        assert _common.split_reduction(k, cfg.block_k, 3)[0] == (5 if k == 160 else _common.MAX_SPLITS)
     gen = torch.Generator().manual_seed(2)
     ids, batch = _batch("segments", [5, 0, 20, 1, 14], [1, 3, 0, -1, 1], [8, 2, 0, 5], 4)
     x = make_x(40, k, "2d", FP32, gen)
