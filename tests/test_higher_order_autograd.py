@@ -17,14 +17,8 @@ import torch
 from torch.autograd import forward_ad
 
 import lora_kernels
-from lora_kernels import (
-    AdapterBatch,
-    add_multi_lora_,
-    lora_linear,
-    lora_linear_reference,
-    multi_lora_linear,
-    multi_lora_linear_reference,
-)
+from lora_kernels import AdapterBatch, add_multi_lora_, lora_linear, multi_lora_linear
+from lora_kernels.reference import lora_linear_reference, multi_lora_linear_reference
 
 from .helpers import DEVICE, skip_unless_backend_serves
 from .test_dropout import keep_mask, next_seed
