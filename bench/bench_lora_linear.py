@@ -30,7 +30,8 @@ PROVIDERS = tuple(lora.SINGLE)      # base, ours, ours_python, peft, lean_torch
 FLOPS_NOTE = ("FLOPs (counted for TFLOP/s): fwd = 2·M·K·N + 2·M·r·(K+N); "
               "fwd_bwd = 4·M·K·N + 6·M·r·(K+N) (W0 frozen: no dW0 GEMM; dX = dY·W0 + (s·dY·B)·A, "
               "dA = (s·dY·B)ᵀ·x, dB = dYᵀ·(s·x·Aᵀ)); dropout's elementwise work is not counted. "
-              "Bytes (for GB/s): the least traffic, each tensor once: fwd x, W0, b, A, B, y; fwd_bwd also dY, dX, dA, dB.")
+              "Bytes (for GB/s): the least traffic, each tensor once: fwd x, W0, b, A, B, y; "
+              "fwd_bwd also dY, dX, dA, dB.")
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -45,6 +46,11 @@ class Group:
     tokens: tuple[int, ...]
     dropouts: tuple[float, ...] = (0.0,)
     modes: tuple[str, ...] = MODES
+
+    @property
+    def runs(self) -> list[tuple[float, str]]:
+        """(dropout, mode) of each row at one rank and token count."""
+        return [(p, mode) for p in self.dropouts for mode in self.modes if not (mode == "fwd" and p > 0)]
 
 
 def default_groups(device: torch.device) -> list[Group]:
@@ -67,13 +73,13 @@ def default_groups(device: torch.device) -> list[Group]:
     ]
 
 
-def overhead_groups(device: torch.device) -> list[Group]:
+def overhead_groups() -> list[Group]:
     """Issue 14's per-call overhead table: few tokens, where the Python around a call (about 10 µs per
     forward, 50 µs per backward before csrc/) is a visible part of the time; run in fp32 (main())."""
     return [Group(shape, (16,), (1, 4, 16, 64)) for shape in (SMOL_QO, LLAMA_QO)]
 
 
-def full_groups(device: torch.device) -> list[Group]:
+def full_groups() -> list[Group]:
     tokens = (1, 4, 16, 64, 256, 1024, 4096, 8192)
     ranks = (8, 16, 64, 128)
     return [Group(shape, ranks, tokens, (0.0, 0.1))
@@ -130,20 +136,17 @@ def ours_plan(backend: str, device: torch.device, dtype: torch.dtype, mode: str,
 # ----------------------------------------------------------------------------- the run
 
 
+# (key, header, the provider it needs): a key alone is its own header; a pair needs ours (harness.visible_columns)
 TABLE_COLUMNS = [
-    ("shape", "shape"), ("m", "M"), ("k", "K"), ("n", "N"), ("r", "r"), ("dropout_p", "p"), ("mode", "mode"),
-    ("base_ms", "base ms"), ("ours_ms", "ours ms"), ("ours_python_ms", "ours_python ms"), ("peft_ms", "peft ms"),
-    ("lean_torch_ms", "lean ms"), ("ours_minus_lean_us", "ours−lean µs"),
-    ("ours_python_minus_lean_us", "ours_py−lean µs"),
-    ("overhead_pct", "ours/base-1 %"), ("speedup_vs_peft", "× vs peft"), ("speedup_vs_lean_torch", "× vs lean"),
+    "shape", ("m", "M"), ("k", "K"), ("n", "N"), "r", ("dropout_p", "p"), "mode", ("base_ms", "base ms", "base"),
+    ("ours_ms", "ours ms"), ("ours_python_ms", "ours_python ms", "ours_python"), ("peft_ms", "peft ms", "peft"),
+    ("lean_torch_ms", "lean ms", "lean_torch"), ("ours_minus_lean_us", "ours−lean µs", "lean_torch"),
+    ("ours_python_minus_lean_us", "ours_py−lean µs", "ours_python"), ("overhead_pct", "ours/base-1 %", "base"),
+    ("speedup_vs_peft", "× vs peft", "peft"), ("speedup_vs_lean_torch", "× vs lean", "lean_torch"),
     ("ours_tflops", "ours TFLOP/s"), ("ours_gbps", "ours GB/s"), ("ours_peak_pct", "ours % peak"),
     ("plan", "ours plan"),
 ]
-CUDA_COLUMNS = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("peft_peak_mib", "peft MiB")]
-# the provider a column needs (the others: ours)
-NEEDS = {"base_ms": "base", "ours_python_ms": "ours_python", "peft_ms": "peft", "lean_torch_ms": "lean_torch",
-         "ours_minus_lean_us": "lean_torch", "ours_python_minus_lean_us": "ours_python", "overhead_pct": "base",
-         "speedup_vs_peft": "peft", "speedup_vs_lean_torch": "lean_torch"}
+CUDA_COLUMNS = [("timed", "timed", None), ("ours_peak_mib", "ours MiB", "ours"), ("peft_peak_mib", "peft MiB", "peft")]
 
 
 def excess_us(ms: float | None, lean_ms: float | None) -> float | None:
@@ -156,9 +159,7 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
     """graph_max_tokens: on CUDA, rows of at most this many tokens are timed as CUDA-graph replays."""
     backend = lora.lora_kernels_backend(device, dtype)
     rows: list[dict] = []
-    cases = [(g, r, m, p, mode) for g in groups for r in g.ranks for m in g.tokens
-             for p in g.dropouts for mode in g.modes if not (mode == "fwd" and p > 0)]
-    bar = harness.Progress(len(cases))
+    bar = harness.Progress(sum(len(g.ranks) * len(g.tokens) * len(g.runs) for g in groups))
     for group in groups:
         shape = group.shape
         for r in group.ranks:
@@ -174,8 +175,7 @@ def run(groups: list[Group], providers: tuple[str, ...], device: torch.device, d
                 x, grad_y = lora.make_activations(m, shape.k, shape.n, dtype, device)
                 ref = lora.Reference(w, x, grad_y)
                 verdicts: dict[tuple[str, str], str | None] = {}     # (provider, mode) -> error at p = 0
-                for p, mode in [(p, mode) for p in group.dropouts for mode in group.modes
-                                if not (mode == "fwd" and p > 0)]:
+                for p, mode in group.runs:
                     label = f"{shape.name} M={m} r={r} p={p} {mode}"
                     checks = {}
                     for name in providers:       # build and check every provider first, then time them
@@ -252,8 +252,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype = harness.setup(args)
     providers = tuple(p for p in PROVIDERS if p in args.providers)
-    groups = (full_groups(device) if args.full else overhead_groups(device) if args.overhead
-              else default_groups(device))
+    groups = full_groups() if args.full else overhead_groups() if args.overhead else default_groups(device)
     groups = [Group(g.shape, args.ranks or g.ranks, args.tokens or g.tokens, args.dropouts or g.dropouts,
                     tuple(m for m in g.modes if m in args.modes)) for g in groups]
     groups = [g for g in groups if g.modes]
@@ -272,7 +271,7 @@ def main(argv=None) -> int:
     rows = run(groups, providers, device, dtype, args.min_run_time, peak, graph_max_tokens)
     wall = time.perf_counter() - t0
 
-    columns = harness.visible_columns(rows, providers, TABLE_COLUMNS, CUDA_COLUMNS, NEEDS, device)
+    columns = harness.visible_columns(rows, providers, TABLE_COLUMNS, CUDA_COLUMNS, device)
     notes = [
         f"Times are medians in ms ({harness.timer_name(device)}; "
         "p20/p80 in the JSON). ours/base-1 % = LoRA overhead of ours over the base layer alone; "

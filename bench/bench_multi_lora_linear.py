@@ -6,18 +6,14 @@
         --adapters 1,64 --popularity distinct,zipf --modes fwd
 
 A batch is made of requests (Workload: decode, one row each; prefill, ragged lengths), each on one adapter
-of the stack (or none) picked by a popularity pattern (POPULARITY_HELP); every row carries its request's
-adapter id. Providers base, ours, shared, peft, peft_layer and lean_torch (the fastest of lean_loop,
-lean_gather, lean_dense: the column "lean" says which), providers.MULTI, on the same x, W0, b, stacks
-A (L, r, K), B (L, N, r), scales (L,) and ids (M,); ours' AdapterBatch is built once per batch (its own
-column, "batch ms"). Each is checked against lora_kernels.reference.multi_lora_linear_reference in float64 before
-it is timed (shared: lora_linear_reference, every row on adapter 0); PEFT has no fwd_bwd (it rejects
-mixed adapter batches in training mode). See README.md for the columns and the derived tables.
+of the stack (or none) picked by a popularity pattern (POPULARITY_HELP). The providers (providers.MULTI)
+are checked against float64 before they are timed; README.md says what each runs and what the columns mean.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from collections.abc import Sequence
@@ -28,29 +24,13 @@ from torch import Tensor
 
 import harness
 import providers as lora
-from providers import LLAMA_KV, LLAMA_QO, MIXED, MIXED_RANK_CYCLE, MODES, SMOL_QO, Ranks, Shape, Stack
+from providers import (LLAMA_KV, LLAMA_QO, MIXED, MIXED_RANK_CYCLE, MODES, POPULARITIES, POPULARITY_HELP, SMOL_QO,
+                       WORKLOADS, Ranks, Shape, Stack, Workload, decode, make_adapter_ids, prefill)
 
 import lora_kernels  # this checkout's: importing providers put it first on sys.path
 
 PROVIDERS = ("base", "ours", "shared", "peft", "peft_layer", "lean_torch")
 LEAN_VARIANTS = ("loop", "gather", "dense")
-WORKLOADS = ("decode", "prefill")
-POPULARITIES = ("identical", "distinct", "uniform", "zipf", "skewed", "none25")
-ZIPF_EXPONENT = 1.5
-SKEWED_HOT_SHARE = 0.9
-NO_ADAPTER_SHARE = 0.25
-POPULARITY_HELP = {
-    "identical": "every request on adapter 0",
-    "distinct": "request i on adapter i mod L",
-    "uniform": "each request on an adapter drawn uniformly from [0, L)",
-    "zipf": f"each request on adapter j with probability ∝ (j+1)^-{ZIPF_EXPONENT}",
-    "skewed": (f"round({SKEWED_HOT_SHARE:.0%} of R) requests on adapter 0 (the hot one), the others uniform over "
-               "[1, L), in a random order"),
-    "none25": f"uniform, then a random {NO_ADAPTER_SHARE:.0%} of the requests on no adapter (-1)",
-}
-# Seeds of the draws (torch CPU generators): the stack, the activations (make_activations' default), the
-# requests' adapters, the prefill lengths. Every run draws the same batches.
-STACK_SEED, ADAPTER_SEED, LENGTH_SEED = 0, 2, 3
 # The issue's goals (stated for CUDA, bf16, K=N=4096, r=16, fwd): decode, 64 rows, LoRA overhead over
 # the base GEMM <= 15 % at L = 1, 8, 64 and 64 distinct adapters within 1.25x of one shared adapter;
 # prefill 8192 rows (here: a ragged prefill batch of at least 4096 rows): overhead <= 5 %.
@@ -73,34 +53,6 @@ KNOWN_SHAPES = {(s.k, s.n): s for s in (SMOL_QO, SQUARE_1024, LLAMA_QO, LLAMA_KV
 
 def layer_shape(k: int, n: int) -> Shape:
     return KNOWN_SHAPES.get((k, n), Shape(f"{k}→{n}", k, n))
-
-
-@dataclass(frozen=True)
-class Workload:
-    """A batch of `requests` requests. decode: one row each. prefill: each request's length drawn
-    uniformly in [min_length, max_length] (seeded); its rows contiguous, requests in order."""
-    kind: str
-    requests: int
-    min_length: int = 1
-    max_length: int = 1
-
-    def __post_init__(self):
-        if self.kind not in WORKLOADS or self.requests < 1 or not 1 <= self.min_length <= self.max_length:
-            raise ValueError(f"bad workload {self}")
-
-    @property
-    def label(self) -> str:
-        if self.kind == "decode":
-            return f"decode R={self.requests}"
-        return f"prefill R={self.requests} ({self.min_length}..{self.max_length} rows each)"
-
-
-def decode(requests: int) -> Workload:
-    return Workload("decode", requests)
-
-
-def prefill(requests: int, min_length: int, max_length: int) -> Workload:
-    return Workload("prefill", requests, min_length, max_length)
 
 
 @dataclass(frozen=True)
@@ -160,7 +112,7 @@ def default_groups(device: torch.device, shapes: Sequence[Shape] | None = None) 
     return groups
 
 
-def full_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> list[Group]:
+def full_groups(shapes: Sequence[Shape] | None = None) -> list[Group]:
     """Llama-3-8B q/o and k/v, SmolLM2 q/o; r 16, 64 and mixed; decode 1..256 requests over L 1..128 and
     every popularity; ragged prefills of about 8192 rows as 16 long or 64 short requests."""
     r16, r64 = Ranks(16), Ranks(64)
@@ -178,48 +130,6 @@ def full_groups(device: torch.device, shapes: Sequence[Shape] | None = None) -> 
         ]
     groups.append(padding_group(shapes[0], 8, 64, (8, 64), (decode(64), decode(256), prefills[0])))
     return groups
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-def request_lengths(workload: Workload, seed: int = LENGTH_SEED) -> Tensor:
-    """(R,) int64 rows of each request: 1 (decode), or uniform in [min_length, max_length] (prefill)."""
-    if workload.kind == "decode":
-        return torch.ones(workload.requests, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(workload.min_length, workload.max_length + 1, (workload.requests,), generator=gen)
-
-
-def request_adapters(popularity: str, requests: int, num_adapters: int, seed: int = ADAPTER_SEED) -> Tensor:
-    """(R,) int64 adapter of each request (-1: none), by POPULARITY_HELP[popularity]; seeded."""
-    gen = torch.Generator().manual_seed(seed)
-    if popularity == "identical":
-        return torch.zeros(requests, dtype=torch.int64)
-    if popularity == "distinct":
-        return torch.arange(requests) % num_adapters
-    if popularity in ("uniform", "none25"):
-        ids = torch.randint(0, num_adapters, (requests,), generator=gen)
-        if popularity == "none25":
-            ids[torch.randperm(requests, generator=gen)[: round(NO_ADAPTER_SHARE * requests)]] = -1
-        return ids
-    if popularity == "zipf":
-        weights = (torch.arange(num_adapters, dtype=torch.float64) + 1) ** -ZIPF_EXPONENT     # (L,)
-        return torch.multinomial(weights, requests, replacement=True, generator=gen)
-    if popularity == "skewed":
-        if num_adapters == 1:
-            return torch.zeros(requests, dtype=torch.int64)
-        hot = round(SKEWED_HOT_SHARE * requests)
-        cold = torch.randint(1, num_adapters, (requests - hot,), generator=gen)
-        ids = torch.cat([torch.zeros(hot, dtype=torch.int64), cold])
-        return ids[torch.randperm(requests, generator=gen)]
-    raise ValueError(f"unknown popularity {popularity!r}: expected one of {POPULARITIES}")
-
-
-def make_adapter_ids(workload: Workload, popularity: str, num_adapters: int, device: torch.device) -> Tensor:
-    """(M,) int64 adapter id of every row on `device`: each request's adapter over its rows, in request order."""
-    adapters = request_adapters(popularity, workload.requests, num_adapters)
-    return adapters.repeat_interleave(request_lengths(workload)).to(device)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -248,16 +158,9 @@ def expand(groups: list[Group]) -> list[tuple[list[Case], tuple[str, ...]]]:
     """Units of work: the cases of one unit are timed together, their providers interleaved (one case,
     or the three stacks of a padding comparison), in each of the unit's modes. Units on the same
     stacks run back to back (a stack and its PEFT model are built once), in order of first appearance."""
-    units = []
-    for g in groups:
-        rank_sets = [g.ranks] if g.padding else [(r,) for r in g.ranks]
-        for ranks in rank_sets:
-            for num_adapters in g.adapters:
-                for workload in g.workloads:
-                    for popularity in g.popularities:
-                        cases = [Case(g.shape, r, num_adapters, workload, popularity, g.padding)
-                                 for r in ranks]
-                        units.append((tuple(cases), g.modes))
+    units = [(tuple(Case(g.shape, r, num_adapters, workload, popularity, g.padding) for r in ranks), g.modes)
+             for g in groups for ranks in ([g.ranks] if g.padding else [(r,) for r in g.ranks])
+             for num_adapters, workload, popularity in itertools.product(g.adapters, g.workloads, g.popularities)]
     modes_of: dict[tuple[Case, ...], set[str]] = {}
     for cases, modes in units:  # overrides (e.g. --popularity distinct) can make two groups ask for the same case
         modes_of.setdefault(cases, set()).update(modes)
@@ -268,22 +171,20 @@ def expand(groups: list[Group]) -> list[tuple[list[Case], tuple[str, ...]]]:
     return [(list(cases), tuple(m for m in MODES if m in modes_of[cases])) for cases in ordered]
 
 
+# (key, header, the provider it needs): a key alone is its own header; a pair needs ours (harness.visible_columns)
 TABLE_COLUMNS = [
-    ("shape", "shape"), ("workload", "workload"), ("requests", "R"), ("m", "M"), ("k", "K"), ("n", "N"), ("r", "r"),
-    ("num_adapters", "L"), ("popularity", "popularity"), ("used", "used"), ("mode", "mode"),
-    ("base_ms", "base ms"), ("ours_ms", "ours ms"), ("shared_ms", "shared ms"), ("batch_ms", "batch ms"),
-    ("peft_ms", "peft ms"), ("peft_layer_ms", "peft layer ms"), ("lean_torch_ms", "lean ms"), ("lean_variant", "lean"),
-    ("overhead_pct", "ours/base-1 %"), ("ours_over_shared", "ours/shared ×"),
-    ("speedup_vs_peft_layer", "× vs peft layer"), ("speedup_vs_lean_torch", "× vs lean"),
-    ("ours_tflops", "ours TFLOP/s"), ("ours_gbps", "ours GB/s"), ("ours_peak_pct", "ours % peak"),
-    ("plan", "ours plan"), ("others_cpu", "other CPUs"),
+    "shape", "workload", ("requests", "R"), ("m", "M"), ("k", "K"), ("n", "N"), "r", ("num_adapters", "L"),
+    "popularity", "used", "mode", ("base_ms", "base ms", "base"), ("ours_ms", "ours ms"),
+    ("shared_ms", "shared ms", "shared"), ("batch_ms", "batch ms"), ("peft_ms", "peft ms", "peft"),
+    ("peft_layer_ms", "peft layer ms", "peft_layer"), ("lean_torch_ms", "lean ms", "lean_torch"),
+    ("lean_variant", "lean", "lean_torch"), ("overhead_pct", "ours/base-1 %", "base"),
+    ("ours_over_shared", "ours/shared ×", "shared"), ("speedup_vs_peft_layer", "× vs peft layer", "peft_layer"),
+    ("speedup_vs_lean_torch", "× vs lean", "lean_torch"), ("ours_tflops", "ours TFLOP/s"), ("ours_gbps", "ours GB/s"),
+    ("ours_peak_pct", "ours % peak"), ("plan", "ours plan"), ("others_cpu", "other CPUs"),
 ]
-CUDA_COLUMNS = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("shared_peak_mib", "shared MiB"),
-                ("peft_layer_peak_mib", "peft layer MiB"), ("lean_torch_peak_mib", "lean MiB")]
-# the provider a column needs (the others: ours)
-NEEDS = {"base_ms": "base", "shared_ms": "shared", "peft_ms": "peft", "peft_layer_ms": "peft_layer",
-         "lean_torch_ms": "lean_torch", "lean_variant": "lean_torch", "overhead_pct": "base",
-         "ours_over_shared": "shared", "speedup_vs_peft_layer": "peft_layer", "speedup_vs_lean_torch": "lean_torch"}
+CUDA_COLUMNS = [("timed", "timed", None), ("ours_peak_mib", "ours MiB", "ours"),
+                ("shared_peak_mib", "shared MiB", "shared"), ("peft_layer_peak_mib", "peft layer MiB", "peft_layer"),
+                ("lean_torch_peak_mib", "lean MiB", "lean_torch")]
 
 
 @dataclass
@@ -311,7 +212,7 @@ class Prepared:
 def prepare(case: Case, stacks: dict, providers: tuple[str, ...], device: torch.device, dtype: torch.dtype,
             min_run_time: float) -> Prepared:
     if case.stack_key not in stacks:
-        stacks[case.stack_key] = lora.make_stack(case.shape, case.num_adapters, case.ranks, dtype, device, STACK_SEED)
+        stacks[case.stack_key] = lora.make_stack(case.shape, case.num_adapters, case.ranks, dtype, device)
     stack = stacks[case.stack_key]
     ids = make_adapter_ids(case.workload, case.popularity, case.num_adapters, device)
     x, grad_y = lora.make_activations(ids.shape[0], case.shape.k, case.shape.n, dtype, device)
@@ -402,8 +303,8 @@ def ours_plan(backend: str, batch) -> dict:
     """What serves ours in one row: "torch" (the torch backend: per adapter, torch's matmuls on its rows),
     or on the Triton backend "segmented", the segmented kernels over the batch's row tiles of row_tile rows."""
     if backend != "triton":
-        return {"strategy": "torch" if backend == "torch" else None, "row_tile": None,
-                "plan": "torch" if backend == "torch" else None}
+        plan = "torch" if backend == "torch" else None
+        return {"strategy": plan, "row_tile": None, "plan": plan}
     row_tile = getattr(batch, "row_tile", None)     # None: the AdapterBatch could not be built
     return {"strategy": "segmented", "row_tile": row_tile,
             "plan": "segmented" + (f", row tile {row_tile}" if row_tile else "")}
@@ -473,37 +374,43 @@ def _goal(mode: str, workload: str, m: int, by_adapters: dict[int, dict]) -> tup
     return goal, "yes" if all(value <= bound for value, bound in limits) else "no"
 
 
+CASE_KEYS = ("shape", "r", "mode", "workload", "requests", "m")
+CASE_COLUMNS = ["shape", "r", "mode", "workload", ("requests", "R"), ("m", "M")]
+
+
+def _grouped(rows: list[dict], keys: tuple[str, ...], by: str) -> dict[tuple, dict]:
+    """Rows grouped by their values of keys, each group a dict: the row's value of `by` -> the row."""
+    groups: dict[tuple, dict] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), {})[row[by]] = row
+    return groups
+
+
 def goals_table(rows: list[dict]) -> list[dict]:
     """Per (shape, r, mode, workload, R, M) of the `distinct` rows (no padding case): ours' overhead over
     the base GEMM at each L, and at L = GOAL_DISTINCT_L (the goal's; else the largest L run) the distinct
     adapters' time over one shared adapter (ours, PEFT's layer, lean / shared), with the issue's goal
     where one applies (judged on the same L as the ratio shown)."""
-    by_key: dict[tuple, dict[int, dict]] = {}
-    for r in rows:
-        if r["popularity"] == "distinct" and not r["padding_case"]:
-            key = (r["shape"], r["r"], r["mode"], r["workload"], r["requests"], r["m"])
-            by_key.setdefault(key, {})[r["num_adapters"]] = r
+    distinct = [r for r in rows if r["popularity"] == "distinct" and not r["padding_case"]]
     out = []
-    for (shape, rank, mode, workload, requests, m), by_adapters in by_key.items():
+    for key, by_adapters in _grouped(distinct, CASE_KEYS, "num_adapters").items():
         compared = GOAL_DISTINCT_L if GOAL_DISTINCT_L in by_adapters else max(by_adapters)
         most = by_adapters[compared]
-        entry = {"shape": shape, "r": rank, "mode": mode, "workload": workload, "requests": requests, "m": m,
-                 "base_ms": most.get("base_ms")}
+        entry = {**dict(zip(CASE_KEYS, key)), "base_ms": most.get("base_ms")}
         for num_adapters in sorted(by_adapters):
             entry[f"ours_L{num_adapters}_overhead_pct"] = by_adapters[num_adapters].get("overhead_pct")
         entry["distinct_L"] = compared
         for p in ("ours", "peft_layer", "lean_torch"):
             entry[f"{p}_over_shared"] = harness.ratio(most.get(f"{p}_ms"), most.get("shared_ms"))
-        entry["goal"], entry["goal_met"] = _goal(mode, workload, m, by_adapters)
+        entry["goal"], entry["goal_met"] = _goal(entry["mode"], entry["workload"], entry["m"], by_adapters)
         out.append(entry)
     return out
 
 
-def goals_columns(entries: list[dict]) -> list[tuple[str, str]]:
+def goals_columns(entries: list[dict]) -> list:
     adapter_counts = sorted({int(k[len("ours_L"):-len("_overhead_pct")]) for e in entries for k in e
                              if k.startswith("ours_L")})
-    return ([("shape", "shape"), ("r", "r"), ("mode", "mode"), ("workload", "workload"), ("requests", "R"),
-             ("m", "M"), ("base_ms", "base ms")]
+    return (CASE_COLUMNS + [("base_ms", "base ms")]
             + [(f"ours_L{n}_overhead_pct", f"ours +% L={n}") for n in adapter_counts]
             + [("distinct_L", "L"), ("ours_over_shared", "ours/shared ×"),
                ("peft_layer_over_shared", "peft layer/shared ×"), ("lean_torch_over_shared", "lean/shared ×"),
@@ -513,16 +420,14 @@ def goals_columns(entries: list[dict]) -> list[tuple[str, str]]:
 def popularity_table(rows: list[dict]) -> list[dict]:
     """Per (shape, r, mode, workload, R, M, L) run under several popularities (no padding case): ours /
     shared under each popularity, and how many adapters each one used."""
-    by_key: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        if not r["padding_case"]:
-            key = (r["shape"], r["r"], r["mode"], r["workload"], r["requests"], r["m"], r["num_adapters"])
-            by_key.setdefault(key, {})[r["popularity"]] = r
-    compared = {key: by_popularity for key, by_popularity in by_key.items() if len(by_popularity) > 1}
+    keys = (*CASE_KEYS, "num_adapters")
+    compared = {key: by_popularity for key, by_popularity in
+                _grouped([r for r in rows if not r["padding_case"]], keys, "popularity").items()
+                if len(by_popularity) > 1}
     present = [p for p in POPULARITIES if any(p in by_popularity for by_popularity in compared.values())]
     out = []
     for key, by_popularity in compared.items():
-        entry = dict(zip(("shape", "r", "mode", "workload", "requests", "m", "num_adapters"), key))
+        entry = dict(zip(keys, key))
         for p in present:
             entry[f"{p}_ours_over_shared"] = by_popularity[p].get("ours_over_shared") if p in by_popularity else None
         entry["used"] = " / ".join(str(by_popularity[p]["used"]) if p in by_popularity else "-" for p in present)
@@ -530,43 +435,36 @@ def popularity_table(rows: list[dict]) -> list[dict]:
     return out
 
 
-def popularity_columns(entries: list[dict]) -> list[tuple[str, str]]:
+def popularity_columns(entries: list[dict]) -> list:
     present = [p for p in POPULARITIES if any(f"{p}_ours_over_shared" in e for e in entries)]
-    return ([("shape", "shape"), ("r", "r"), ("mode", "mode"), ("workload", "workload"), ("requests", "R"),
-             ("m", "M"), ("num_adapters", "L")] + [(f"{p}_ours_over_shared", f"{p} ×") for p in present]
+    return (CASE_COLUMNS + [("num_adapters", "L")] + [(f"{p}_ours_over_shared", f"{p} ×") for p in present]
             + [("used", "used (" + " / ".join(present) + ")")])
 
 
 def padding_table(rows: list[dict]) -> list[dict]:
     """Per padding case: ours with true rank r in a stack padded to R (ranks=) against an unpadded
     stack of r (the ideal: ratio 1) and against every adapter at R."""
-    def key(row):
-        return row["shape"], row["workload"], row["requests"], row["m"], row["num_adapters"], row["popularity"], \
-            row["mode"]
-
-    pad = [r for r in rows if r["padding_case"]]
+    keys = ("shape", "workload", "requests", "m", "num_adapters", "popularity", "mode")
     out = []
-    for r in pad:
-        if " of " not in r["r"]:
-            continue
-        rank, padded = (int(v) for v in r["r"].split(" of "))
-        same = {o["r"]: o for o in pad if key(o) == key(r)}
-        unpadded, full = same.get(str(rank), {}), same.get(str(padded), {})
-        out.append({"shape": r["shape"], "workload": r["workload"], "requests": r["requests"], "m": r["m"],
-                    "num_adapters": r["num_adapters"], "popularity": r["popularity"], "mode": r["mode"],
-                    "rank": rank, "padded": padded, "r": r["r"],
-                    "ours_padded_ms": r.get("ours_ms"), "ours_unpadded_ms": unpadded.get("ours_ms"),
-                    "ours_full_rank_ms": full.get("ours_ms"),
-                    "padded_vs_unpadded": harness.ratio(r.get("ours_ms"), unpadded.get("ours_ms")),
-                    "padded_vs_full_rank": harness.ratio(r.get("ours_ms"), full.get("ours_ms")),
-                    "lean_padded_ms": r.get("lean_torch_ms"), "lean_padded_variant": r.get("lean_variant"),
-                    "peft_layer_padded_ms": r.get("peft_layer_ms")})
+    for key, by_rank in _grouped([r for r in rows if r["padding_case"]], keys, "r").items():
+        for label, r in by_rank.items():
+            if " of " not in label:
+                continue
+            rank, padded = (int(v) for v in label.split(" of "))
+            unpadded, full = by_rank.get(str(rank), {}), by_rank.get(str(padded), {})
+            out.append({**dict(zip(keys, key)), "rank": rank, "padded": padded, "r": label,
+                        "ours_padded_ms": r.get("ours_ms"), "ours_unpadded_ms": unpadded.get("ours_ms"),
+                        "ours_full_rank_ms": full.get("ours_ms"),
+                        "padded_vs_unpadded": harness.ratio(r.get("ours_ms"), unpadded.get("ours_ms")),
+                        "padded_vs_full_rank": harness.ratio(r.get("ours_ms"), full.get("ours_ms")),
+                        "lean_padded_ms": r.get("lean_torch_ms"), "lean_padded_variant": r.get("lean_variant"),
+                        "peft_layer_padded_ms": r.get("peft_layer_ms")})
     return out
 
 
 PADDING_COLUMNS = [
-    ("shape", "shape"), ("workload", "workload"), ("m", "M"), ("num_adapters", "L"), ("popularity", "popularity"),
-    ("mode", "mode"), ("r", "r"), ("ours_padded_ms", "ours padded ms"), ("ours_unpadded_ms", "ours r ms (unpadded)"),
+    "shape", "workload", ("m", "M"), ("num_adapters", "L"), "popularity", "mode", "r",
+    ("ours_padded_ms", "ours padded ms"), ("ours_unpadded_ms", "ours r ms (unpadded)"),
     ("ours_full_rank_ms", "ours R ms"), ("padded_vs_unpadded", "padded / unpadded ×"),
     ("padded_vs_full_rank", "padded / R ×"), ("lean_padded_ms", "lean padded ms"), ("lean_padded_variant", "lean"),
     ("peft_layer_padded_ms", "peft layer padded ms"),
@@ -624,7 +522,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefill-requests", type=harness.int_list,
                         help="override prefill's request counts R, e.g. 16")
     parser.add_argument("--prefill-lengths", type=harness.int_list,
-                        help="override prefill's request lengths LO,HI (each drawn uniformly in [LO, HI]), e.g. 256,768")
+                        help="override prefill's request lengths LO,HI (each drawn uniformly in [LO, HI]), "
+                             "e.g. 256,768")
     parser.add_argument("--padding", action=argparse.BooleanOptionalAction, default=True,
                         help="the padded-rank case (rank 8 in a stack of 64 vs 64 vs 8; default: yes)")
     harness.add_timing_options(
@@ -663,7 +562,7 @@ def configured_workloads(workloads: tuple[Workload, ...], args: argparse.Namespa
 
 
 def configured_groups(args: argparse.Namespace, device: torch.device) -> list[Group]:
-    groups = full_groups(device, args.shapes) if args.full else default_groups(device, args.shapes)
+    groups = full_groups(args.shapes) if args.full else default_groups(device, args.shapes)
     out = []
     for g in groups:
         if g.padding and not args.padding:
@@ -704,7 +603,7 @@ def main(argv=None) -> int:
     rows = run(units, providers, lean_variants, device, dtype, args.min_run_time, repeats, peak, graph_max_tokens)
     wall = time.perf_counter() - t0
 
-    columns = harness.visible_columns(rows, providers, TABLE_COLUMNS, CUDA_COLUMNS, NEEDS, device)
+    columns = harness.visible_columns(rows, providers, TABLE_COLUMNS, CUDA_COLUMNS, device)
     goals, popularity, padding = goals_table(rows), popularity_table(rows), padding_table(rows)
     peft_train = lora.PEFT_TRAIN_MESSAGE[0] if lora.PEFT_TRAIN_MESSAGE else "(not asked: PEFT was not run)"
     notes = [
@@ -744,7 +643,8 @@ def main(argv=None) -> int:
                      "(timed names it; <provider>_graph_error in the JSON says why).")
     if goals:
         notes.append(("Distinct adapters (popularity distinct): overhead of ours over the base GEMM per adapter count "
-                      "L, and at L = 64 (else the largest L run) the time over one shared adapter (same rows through lora_linear). "
+                      "L, and at L = 64 (else the largest L run) the time over one shared adapter (same rows through "
+                      "lora_linear). "
                       "The goals are the issue's, stated for CUDA bf16 K=N=4096 r=16 fwd (prefill: a ragged batch "
                       f"of at least {GOAL_PREFILL_MIN_M} rows); elsewhere they are shown for reference only.\n\n")
                      + harness.markdown_table(goals, goals_columns(goals)))

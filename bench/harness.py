@@ -1,24 +1,5 @@
-"""The one benchmark harness: timing, peak memory, an environment stamp, and result files.
-
-Every bench script imports this module; it knows nothing about LoRA.
-
-    time_fn(fn, device, cuda_graph=) -> Timing(median_ms, p20_ms, p80_ms, samples, method)
-    time_interleaved(steps, device, min_run_time, repeats) -> {key: Timing}: rounds, providers interleaved
-    timer_name(device)               -> what time_fn measures with there, for a table's notes
-    measure_peak(device, dtype)      -> Peak(tflops, gbps): what one large GEMM and one large copy reach
-    measure_peak_and_warm_up(...)    -> the same, into the stamp, then a warm-up: a run's start
-    roofline(flops, bytes, ms, peak) -> achieved TFLOP/s, GB/s and % of the measured peak
-    Progress(total)                  -> a progress bar for sweeps, one line per step on stderr
-    peak_memory_mib(fn, device)      -> extra CUDA memory one call allocates at its peak (None on CPU)
-    environment_stamp(device, dtype) -> dict: device name, versions, git commit, date, threads
-    stamp_run_end(stamp, wall_s)     -> adds the run's wall time and the load average at its end
-    write_results(name, rows, stamp) -> bench/results/<name>-<device kind>.json and .md (and .png: PlotSpec)
-    print_table(rows)                -> the same Markdown table, on stdout
-    report(rows, columns, notes, ...) -> a sweep's end: the table and notes on stdout, then write_results
-
-and what the scripts' rows and command lines have in common: visible_columns, timed_with, ratio,
-safe_check, cpu_seconds; the options add_device_options, add_output_options, add_timing_options,
-checked by check_options and read by setup.
+"""The one benchmark harness: timing, peak memory, an environment stamp, tables and result files, and the
+command-line options the scripts share. It knows nothing about LoRA.
 
 Rows are flat dicts; a column is any key, in the order of first appearance. None prints as "-".
 """
@@ -70,12 +51,15 @@ class Timing:
     rounds_ms: tuple[float, ...] = ()   # time_interleaved: each round's median, in round order
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated q-quantile (0 <= q <= 1) of already sorted values."""
-    pos = q * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+def _timing(times_ms: Sequence[float], method: str) -> Timing:
+    """Median, p20 and p80 of the times, linearly interpolated."""
+    values = sorted(times_ms)
+
+    def percentile(q: float) -> float:
+        pos = q * (len(values) - 1)
+        lo, hi = int(pos), min(int(pos) + 1, len(values) - 1)
+        return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+    return Timing(percentile(0.5), percentile(0.2), percentile(0.8), len(values), method)
 
 
 def _time_cpu(fn: Callable[[], Any], min_run_time: float) -> Timing:
@@ -91,36 +75,7 @@ def _time_cpu(fn: Callable[[], Any], min_run_time: float) -> Timing:
         spent += sum(measurement.raw_times)
         if len(times) >= CPU_MIN_SAMPLES or spent + min_run_time > CPU_MAX_TIME_S:
             break
-    times_ms = sorted(t * 1e3 for t in times)
-    return Timing(_percentile(times_ms, 0.5), _percentile(times_ms, 0.2), _percentile(times_ms, 0.8), len(times_ms),
-                  "cpu")
-
-
-def _time_cuda_events(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> Timing:
-    """do_bench's method without triton: warm up, then time each call with CUDA events.
-    (No L2 flush between calls, unlike do_bench.)"""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
-    for _ in range(max(1, int(warmup_ms / estimate_ms))):
-        fn()
-    n_rep = max(1, int(rep_ms / estimate_ms))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    times_ms = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return Timing(_percentile(times_ms, 0.5), _percentile(times_ms, 0.2), _percentile(times_ms, 0.8), len(times_ms),
-                  "cuda")
+    return _timing([t * 1e3 for t in times], "cpu")
 
 
 def _capture_cuda_graph(fn: Callable[[], Any]):
@@ -176,9 +131,9 @@ def _first_line(error: BaseException) -> str:
 
 def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: float = CPU_MIN_RUN_TIME_S,
             cuda_graph: bool = False) -> Timing:
-    """Median, p20 and p80 wall time of fn() in ms. CUDA: triton.testing.do_bench (L2 flushed
-    between calls), or CUDA events when triton is missing. CPU: torch.utils.benchmark's
-    blocked_autorange with the process's thread count; percentiles over its per-block means.
+    """Median, p20 and p80 wall time of fn() in ms. CUDA: triton.testing.do_bench (L2 flushed between
+    calls; CUDA builds of torch bring triton). CPU: torch.utils.benchmark's blocked_autorange with the
+    process's thread count; percentiles over its per-block means.
 
     cuda_graph (CUDA only): time replays of fn captured once in a CUDA graph, as a serving engine runs
     its decode steps: the CPU's launch overhead is gone and only the GPU's time is left. When fn cannot
@@ -193,15 +148,10 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: 
             graph_error = graph
         else:
             fn, method = graph.replay, "cuda graph"
-    try:
-        import triton.testing   # lazily: importing the harness must not need triton
-    except ImportError:
-        timing = _time_cuda_events(fn, CUDA_WARMUP_MS, CUDA_REP_MS)
-    else:
-        median, p20, p80 = triton.testing.do_bench(
-            fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=[0.5, 0.2, 0.8])
-        timing = Timing(median, p20, p80, -1)
-    return Timing(timing.median_ms, timing.p20_ms, timing.p80_ms, timing.samples, method, graph_error)
+    import triton.testing   # lazily: importing the harness (and timing on CPU) must not need triton
+
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=[0.5, 0.2, 0.8])
+    return Timing(median, p20, p80, -1, method, graph_error)
 
 
 def time_interleaved(steps: dict[Any, Callable[[], Any]], device: torch.device | str, min_run_time: float,
@@ -232,16 +182,16 @@ def timer_name(device: torch.device | str) -> str:
     return "torch.utils.benchmark blocked_autorange"
 
 
-def warm_up(device: torch.device | str, seconds: float = 0.3) -> None:
-    """Matmuls for a moment before the first measurement: wakes the thread pool / the GPU clocks
-    and pays one-time library initialisation outside any timing."""
-    device = torch.device(device)
-    a = torch.randn(512, 512, device=device)
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        a = (a @ a).tanh_()
-    if device.type == "cuda":
+def synchronized(fn: Callable[[], Any], device: torch.device | str) -> Callable[[], Any]:
+    """fn, then on CUDA a device synchronisation: for wall-clock timers such as pytest-benchmark's."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
         torch.cuda.synchronize(device)
+        return out
+    return call
 
 
 def peak_memory_mib(fn: Callable[[], Any], device: torch.device | str) -> float | None:
@@ -287,16 +237,24 @@ def measure_peak(device: torch.device | str, dtype: torch.dtype, *, min_run_time
     copy_ms = time_fn(lambda: dst.copy_(src), device, min_run_time=min_run_time).median_ms
     name = str(dtype).replace("torch.", "")
     return Peak(tflops=2 * n**3 / (gemm_ms * 1e-3) / 1e12, gbps=2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
-                how=f"{n}×{n}×{n} {name} GEMM (torch.matmul) and a {copy_bytes // 2**20} MiB copy_, timed as the rows are")
+                how=f"{n}×{n}×{n} {name} GEMM (torch.matmul) and a {copy_bytes // 2**20} MiB copy_, "
+                    "timed as the rows are")
 
 
 def measure_peak_and_warm_up(device: torch.device | str, dtype: torch.dtype, stamp: dict[str, Any],
                              min_run_time: float = CPU_MIN_RUN_TIME_S) -> Peak:
-    """A run's start: measure_peak, recorded in the stamp (peak_tflops, peak_gbps), then warm_up right
-    before the first row (the first rows have come out 2-3x slow in some CPU runs without it)."""
+    """A run's start: measure_peak, recorded in the stamp (peak_tflops, peak_gbps), then a second of matmuls
+    right before the first row: wakes the thread pool / the GPU clocks and pays one-time library
+    initialisation outside any timing (the first rows have come out 2-3x slow in some CPU runs without it)."""
+    device = torch.device(device)
     peak = measure_peak(device, dtype, min_run_time=min_run_time)
     stamp["peak_tflops"], stamp["peak_gbps"] = round(peak.tflops, 3), round(peak.gbps, 1)
-    warm_up(device, seconds=1.0)
+    a = torch.randn(512, 512, device=device)
+    end = time.perf_counter() + 1.0
+    while time.perf_counter() < end:
+        a = (a @ a).tanh_()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return peak
 
 
@@ -340,8 +298,9 @@ class Progress:
         filled = int(self.WIDTH * min(fraction, 1.0))
         left = elapsed / self.done * (self.total - self.done) if self.done else None
         width = len(str(self.total))
-        text = (f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done:>{width}}/{self.total} {100 * fraction:3.0f}%"
-                f"  {self._clock(elapsed)} elapsed" + (f", ~{self._clock(left)} left" if left is not None else ""))
+        text = (f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done:>{width}}/{self.total} "
+                f"{100 * fraction:3.0f}%  {self._clock(elapsed)} elapsed"
+                + (f", ~{self._clock(left)} left" if left is not None else ""))
         return text + (f" | {message}" if message else "")
 
     def step(self, message: str = "", count: int = 1) -> None:
@@ -481,15 +440,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    columns: list[str] = []
-    for row in rows:
-        for key in row:
-            if key not in columns:
-                columns.append(key)
-    return columns
-
-
 Columns = Sequence[Union[str, Tuple[str, str]]]
 
 
@@ -498,7 +448,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Columns | None = Non
     Numeric columns are right-aligned."""
     if not rows:
         return "(no rows)\n"
-    pairs = [c if isinstance(c, tuple) else (c, c) for c in (columns if columns is not None else _columns(rows))]
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    pairs = [c if isinstance(c, tuple) else (c, c) for c in columns]
     keys, headers = [k for k, _ in pairs], [h for _, h in pairs]
     cells = [[_fmt(row.get(k)) for k in keys] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
@@ -511,8 +463,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Columns | None = Non
     return "\n".join([line(headers), rule, *(line(r) for r in cells)]) + "\n"
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Columns | None = None, file=None) -> None:
-    print(markdown_table(rows, columns), end="", file=file or sys.stdout, flush=True)
+def print_table(rows: Sequence[dict[str, Any]], columns: Columns | None = None) -> None:
+    print(markdown_table(rows, columns), end="", flush=True)
 
 
 def progress(message: str) -> None:
@@ -637,18 +589,17 @@ def report(rows: Sequence[dict[str, Any]], columns: Columns, notes: Sequence[str
 # ----------------------------------------------------------------------------- rows and checks
 
 
-def visible_columns(rows: Sequence[dict[str, Any]], providers: Sequence[str], table_columns: Columns,
-                    cuda_columns: Columns, needs: dict[str, str], device: torch.device | str) -> list:
-    """The table's columns for this run: those whose provider ran (needs: column key -> provider,
-    "ours" when not listed), on CUDA the cuda_columns too (<provider>_peak_mib ones when that provider
-    ran), and "errors" when a row has one."""
-    columns = [c for c in table_columns if needs.get(c[0], "ours") in providers]
-    if torch.device(device).type == "cuda":
-        columns += [c for c in cuda_columns                  # <provider>_peak_mib: when that provider ran
-                    if not c[0].endswith("_peak_mib") or c[0].rsplit("_peak", 1)[0] in providers]
+def visible_columns(rows: Sequence[dict[str, Any]], providers: Sequence[str], table_columns: Sequence,
+                    cuda_columns: Sequence, device: torch.device | str) -> list[tuple[str, str]]:
+    """The table's (key, header) columns for this run. A column is a key (its own header), (key, header), or
+    (key, header, the provider it needs: None = none); the first two need ours. The table_columns whose
+    provider ran, on CUDA the cuda_columns too, and "errors" when a row has one."""
+    columns = [*table_columns, *(cuda_columns if torch.device(device).type == "cuda" else ())]
+    columns = [(c, c, "ours") if isinstance(c, str) else (*c, "ours") if len(c) == 2 else c for c in columns]
+    visible = [(key, header) for key, header, needs in columns if needs is None or needs in providers]
     if any(row.get("errors") for row in rows):
-        columns.append(("errors", "errors"))
-    return columns
+        visible.append(("errors", "errors"))
+    return visible
 
 
 def timed_with(row: dict[str, Any], providers: Sequence[str]) -> str | None:
@@ -694,14 +645,12 @@ def str_list(text: str) -> tuple[str, ...]:
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
-    """--device (default: cuda when available) and --dtype (default: see device_and_dtype)."""
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
-    """--out / --no-out and --results-dir: whether and where write_results writes."""
     parser.add_argument("--out", action=argparse.BooleanOptionalAction, default=True,
                         help="write bench/results/<name>-<device>.json and .md (default: yes)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -710,7 +659,6 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
 def add_timing_options(parser: argparse.ArgumentParser,
                        min_run_time_help: str = "CPU only: seconds blocked_autorange measures each provider for",
                        graphs: bool = False) -> None:
-    """--threads and --min-run-time (time_fn's CPU measuring time); graphs: --graph-max-tokens too."""
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before timing (default: torch's choice)")
     parser.add_argument("--min-run-time", type=float, default=CPU_MIN_RUN_TIME_S, help=min_run_time_help)
     if graphs:

@@ -1,14 +1,9 @@
 """What the LoRA benchmarks time: layer shapes, inputs, the providers, and their check against float64.
 
-A provider is one implementation of a layer on fixed inputs (Provider: forward(x) -> y, and the parameters
-fwd_bwd differentiates). SINGLE, maker(weights, dropout_p): base, ours, ours_python, peft, lean_torch.
-MULTI, maker(stack, ids, batch): base, ours, shared, peft, peft_layer, lean_loop, lean_gather, lean_dense
-(bench/README.md says what each runs). Modes: fwd (torch.no_grad, PEFT in eval mode) and fwd_bwd (x, A, B
-require grad, W0 and b frozen; torch.autograd.grad of y against a fixed random dY). A row's providers are
-built (build), checked against the float64 reference before they are timed (verdict, checked: check with
-Reference = lora_linear_reference, MultiReference = multi_lora_linear_reference), timed together
-(time_rows) and summed up (add_ours_roofline, overhead_pct, row_done). Importing this module puts this
-checkout first on sys.path, so the benchmarks time this checkout's lora_kernels.
+A provider is one implementation of a layer on fixed inputs (Provider), made by SINGLE[name](weights,
+dropout_p) or MULTI[name](stack, ids, batch); bench/README.md says what each runs. A row's providers are
+built, checked against the float64 reference, then timed together (time_rows). Importing this module puts
+this checkout first on sys.path, so the benchmarks time this checkout's lora_kernels.
 """
 
 from __future__ import annotations
@@ -204,6 +199,95 @@ def make_stack(shape: Shape, num_adapters: int, ranks: Ranks, dtype: torch.dtype
                  scales, true_ranks, ranks.label)
 
 
+# ----------------------------------------------------------------------------- batches of many adapters
+
+
+WORKLOADS = ("decode", "prefill")
+POPULARITIES = ("identical", "distinct", "uniform", "zipf", "skewed", "none25")
+ZIPF_EXPONENT = 1.5
+SKEWED_HOT_SHARE = 0.9
+NO_ADAPTER_SHARE = 0.25
+POPULARITY_HELP = {
+    "identical": "every request on adapter 0",
+    "distinct": "request i on adapter i mod L",
+    "uniform": "each request on an adapter drawn uniformly from [0, L)",
+    "zipf": f"each request on adapter j with probability ∝ (j+1)^-{ZIPF_EXPONENT}",
+    "skewed": (f"round({SKEWED_HOT_SHARE:.0%} of R) requests on adapter 0 (the hot one), the others uniform over "
+               "[1, L), in a random order"),
+    "none25": f"uniform, then a random {NO_ADAPTER_SHARE:.0%} of the requests on no adapter (-1)",
+}
+# Seeds of the draws (torch CPU generators): the requests' adapters, the prefill lengths (the stack's and the
+# activations': make_stack's and make_activations' defaults). Every run draws the same batches.
+ADAPTER_SEED, LENGTH_SEED = 2, 3
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A batch of `requests` requests. decode: one row each. prefill: each request's length drawn
+    uniformly in [min_length, max_length] (seeded); its rows contiguous, requests in order."""
+    kind: str
+    requests: int
+    min_length: int = 1
+    max_length: int = 1
+
+    def __post_init__(self):
+        if self.kind not in WORKLOADS or self.requests < 1 or not 1 <= self.min_length <= self.max_length:
+            raise ValueError(f"bad workload {self}")
+
+    @property
+    def label(self) -> str:
+        if self.kind == "decode":
+            return f"decode R={self.requests}"
+        return f"prefill R={self.requests} ({self.min_length}..{self.max_length} rows each)"
+
+
+def decode(requests: int) -> Workload:
+    return Workload("decode", requests)
+
+
+def prefill(requests: int, min_length: int, max_length: int) -> Workload:
+    return Workload("prefill", requests, min_length, max_length)
+
+
+def request_lengths(workload: Workload, seed: int = LENGTH_SEED) -> Tensor:
+    """(R,) int64 rows of each request: 1 (decode), or uniform in [min_length, max_length] (prefill)."""
+    if workload.kind == "decode":
+        return torch.ones(workload.requests, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(workload.min_length, workload.max_length + 1, (workload.requests,), generator=gen)
+
+
+def request_adapters(popularity: str, requests: int, num_adapters: int, seed: int = ADAPTER_SEED) -> Tensor:
+    """(R,) int64 adapter of each request (-1: none), by POPULARITY_HELP[popularity]; seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    if popularity == "identical":
+        return torch.zeros(requests, dtype=torch.int64)
+    if popularity == "distinct":
+        return torch.arange(requests) % num_adapters
+    if popularity in ("uniform", "none25"):
+        ids = torch.randint(0, num_adapters, (requests,), generator=gen)
+        if popularity == "none25":
+            ids[torch.randperm(requests, generator=gen)[: round(NO_ADAPTER_SHARE * requests)]] = -1
+        return ids
+    if popularity == "zipf":
+        weights = (torch.arange(num_adapters, dtype=torch.float64) + 1) ** -ZIPF_EXPONENT     # (L,)
+        return torch.multinomial(weights, requests, replacement=True, generator=gen)
+    if popularity == "skewed":
+        if num_adapters == 1:
+            return torch.zeros(requests, dtype=torch.int64)
+        hot = round(SKEWED_HOT_SHARE * requests)
+        cold = torch.randint(1, num_adapters, (requests - hot,), generator=gen)
+        ids = torch.cat([torch.zeros(hot, dtype=torch.int64), cold])
+        return ids[torch.randperm(requests, generator=gen)]
+    raise ValueError(f"unknown popularity {popularity!r}: expected one of {POPULARITIES}")
+
+
+def make_adapter_ids(workload: Workload, popularity: str, num_adapters: int, device: torch.device) -> Tensor:
+    """(M,) int64 adapter id of every row on `device`: each request's adapter over its rows, in request order."""
+    adapters = request_adapters(popularity, workload.requests, num_adapters)
+    return adapters.repeat_interleave(request_lengths(workload)).to(device)
+
+
 # ----------------------------------------------------------------------------- providers, the timed step
 
 
@@ -255,42 +339,47 @@ def base(weight: Tensor, bias: Tensor) -> Provider:
 
 
 class _OneLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    """What get_peft_model is given (target_modules=["proj"]): one nn.Linear whose weight and bias are W0
+    and b themselves, frozen."""
+
+    def __init__(self, weight: Tensor, bias: Tensor):
         super().__init__()
-        self.proj = linear
+        n, k = weight.shape
+        self.proj = torch.nn.utils.skip_init(nn.Linear, k, n, device=weight.device, dtype=weight.dtype)
+        self.proj.weight = nn.Parameter(weight, requires_grad=False)
+        self.proj.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x):
         return self.proj(x)
 
 
-def peft_base_module(weight: Tensor, bias: Tensor) -> nn.Module:
-    """What get_peft_model is given (target_modules=["proj"]): a module holding one nn.Linear whose
-    weight and bias are W0 and b themselves, frozen."""
-    n, k = weight.shape
-    linear = torch.nn.utils.skip_init(nn.Linear, k, n, device=weight.device, dtype=weight.dtype)
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    linear.bias = nn.Parameter(bias, requires_grad=False)
-    return _OneLinear(linear)
-
-
-def peft_lora_layer(model) -> nn.Module:
-    """The LoRA layer get_peft_model made of peft_base_module's nn.Linear."""
+def peft_lora(weight: Tensor, bias: Tensor, adapters: Sequence[tuple[str, Tensor, Tensor, float, str]],
+              dropout_p: float = 0.0):
+    """get_peft_model on _OneLinear(W0, b) with the first of adapters, add_adapter for the others; each
+    (name, A (r, K), B (N, r), s, s as an error names it) gets r, lora_alpha = s·r and copies of A and B
+    (same dtype: autocast_adapter_dtype=False keeps PEFT from upcasting them), after checking that PEFT's
+    scaling is s. Returns (model, its peft.tuners.lora.Linear, the [A, B] parameters of the first adapter)."""
+    from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import Linear as PeftLoraLinear
 
+    model = None
+    for name, lora_a, _, scale, _ in adapters:
+        r = lora_a.shape[0]
+        config = LoraConfig(r=r, lora_alpha=scale * r, target_modules=["proj"], lora_dropout=dropout_p)
+        if model is None:
+            model = get_peft_model(_OneLinear(weight, bias), config, adapter_name=name, autocast_adapter_dtype=False)
+        else:
+            model.add_adapter(name, config, autocast_adapter_dtype=False)
     layer = model.base_model.model.proj
     if not isinstance(layer, PeftLoraLinear):
         raise TypeError(f"get_peft_model gave {type(layer).__name__}, not peft.tuners.lora.Linear")
-    return layer
-
-
-def set_peft_adapter(layer, name: str, lora_a: Tensor, lora_b: Tensor, scale: float, what: str) -> list[nn.Parameter]:
-    """Adapter `name` of a PEFT LoRA layer set to copies of A (r, K) and B (N, r), after checking that
-    PEFT's scaling is s (what: s as the error names it). Returns the new [A, B] parameters."""
-    if not math.isclose(layer.scaling[name], scale, rel_tol=1e-6):
-        raise ValueError(f"PEFT scaling {layer.scaling[name]} != {what}")
-    params = [nn.Parameter(lora_a.detach().clone()), nn.Parameter(lora_b.detach().clone())]
-    layer.lora_A[name].weight, layer.lora_B[name].weight = params
-    return params
+    params = []
+    for name, lora_a, lora_b, scale, what in adapters:
+        if not math.isclose(layer.scaling[name], scale, rel_tol=1e-6):
+            raise ValueError(f"PEFT scaling {layer.scaling[name]} != {what}")
+        params.append([nn.Parameter(lora_a.detach().clone()), nn.Parameter(lora_b.detach().clone())])
+        layer.lora_A[name].weight, layer.lora_B[name].weight = params[-1]
+    return model, layer, params[0]
 
 
 # Single adapter: maker(w, dropout_p) -> Provider.
@@ -320,16 +409,10 @@ def lean_torch(w: Weights, dropout_p: float) -> Provider:
 
 
 def peft(w: Weights, dropout_p: float) -> Provider:
-    """get_peft_model on a module holding one nn.Linear(W0, b); its lora_A / lora_B weights replaced
-    by copies of A and B (same dtype: autocast_adapter_dtype=False keeps PEFT from upcasting them)."""
-    from peft import LoraConfig, get_peft_model
-
-    r = w.lora_a.shape[0]
-    config = LoraConfig(r=r, lora_alpha=int(ALPHA_OVER_R * r), target_modules=["proj"], lora_dropout=dropout_p)
-    model = get_peft_model(peft_base_module(w.weight, w.bias), config, autocast_adapter_dtype=False)
-    layer = peft_lora_layer(model)
-    return Provider(layer, set_peft_adapter(layer, "default", w.lora_a, w.lora_b, w.scale, f"{w.scale}"),
-                    train=layer.train)
+    """A real PEFT LoRA layer (peft_lora) on W0, b with adapter "default" = A, B, s."""
+    _, layer, params = peft_lora(w.weight, w.bias, [("default", w.lora_a, w.lora_b, w.scale, f"{w.scale}")],
+                                 dropout_p)
+    return Provider(layer, params, train=layer.train)
 
 
 SINGLE = {"base": lambda w, dropout_p: base(w.weight, w.bias), "ours": ours, "ours_python": ours_python,
@@ -371,28 +454,15 @@ PEFT_TRAIN_MESSAGE: list[str] = []      # what PEFT says when asked for a mixed 
 
 
 def peft_model(stack: Stack):
-    """get_peft_model on a module holding one nn.Linear(W0, b) with adapter "a0", add_adapter for
-    a1..a{L-1}; adapter j gets r_j = its true rank, lora_alpha = s_j·r_j, and copies of A[j, :r_j] and
-    B[j, :, :r_j] (same dtype: autocast_adapter_dtype=False keeps PEFT from upcasting them). Eval mode."""
+    """peft_lora with adapters a0..a{L-1}, adapter j at its true rank r_j with A[j, :r_j], B[j, :, :r_j],
+    s_j; built once per stack, in eval mode."""
     if stack.peft_model is not None:
         return stack.peft_model
-    from peft import LoraConfig, get_peft_model
-
-    model = None
+    adapters = []
     for j in range(stack.num_adapters):
         rank, scale = stack.rank(j), float(stack.scales[j])
-        config = LoraConfig(r=rank, lora_alpha=scale * rank, target_modules=["proj"], lora_dropout=0.0)
-        if model is None:
-            model = get_peft_model(peft_base_module(stack.weight, stack.bias), config, adapter_name="a0",
-                                   autocast_adapter_dtype=False)
-        else:
-            model.add_adapter(f"a{j}", config, autocast_adapter_dtype=False)
-    layer = peft_lora_layer(model)
-    with torch.no_grad():
-        for j in range(stack.num_adapters):
-            rank, scale = stack.rank(j), float(stack.scales[j])
-            set_peft_adapter(layer, f"a{j}", stack.lora_a[j, :rank], stack.lora_b[j, :, :rank], scale,
-                             f"s_{j} = {scale}")
+        adapters.append((f"a{j}", stack.lora_a[j, :rank], stack.lora_b[j, :, :rank], scale, f"s_{j} = {scale}"))
+    model, _, _ = peft_lora(stack.weight, stack.bias, adapters)
     if not PEFT_TRAIN_MESSAGE:          # ask PEFT once whether it trains on mixed batches
         model.train()
         try:

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lora_linear as bench  # noqa: E402  (puts the repo root on sys.path too)
+import harness  # noqa: E402
 import providers as lora  # noqa: E402
 import lora_kernels  # noqa: E402
 from lora_kernels import _extension  # noqa: E402
@@ -47,18 +48,9 @@ def test_lora_linear(benchmark, weights, activations, name, mode):
     x, grad_y = activations
     error = lora.check(name, provider, mode, lora.Reference(weights, x, grad_y))
     assert error is None, f"{name} {mode}: {error}"
-    step = lora.step_fn(provider, mode, x, grad_y)
-    if DEVICE.type == "cuda":
-        inner = step
-
-        def step():
-            out = inner()
-            torch.cuda.synchronize()
-            return out
-
     benchmark.group = f"lora_linear {mode} M={TOKENS} K={SHAPE.k} N={SHAPE.n} r={RANK} {DTYPE}"
     benchmark.extra_info.update(provider=name, mode=mode, m=TOKENS, k=SHAPE.k, n=SHAPE.n, r=RANK)
-    benchmark(step)
+    benchmark(harness.synchronized(lora.step_fn(provider, mode, x, grad_y), DEVICE))
 
 
 # ----------------------------------------------------------------------------- ours_python and --overhead
@@ -98,11 +90,11 @@ def test_ours_python_takes_the_python_route_in_forward_and_backward(weights, act
 def test_overhead_preset_writes_its_table_with_the_extension_status(tmp_path, monkeypatch, capsys):
     """--overhead: fp32, its own groups (here shrunk to a tiny shape) and file stem; the stamp says which
     route ours took; the µs columns are (provider − lean) · 1000."""
-    groups = bench.overhead_groups(torch.device("cpu"))
+    groups = bench.overhead_groups()
     assert [(g.shape, g.ranks, g.tokens, g.modes) for g in groups] == [
         (shape, (16,), (1, 4, 16, 64), ("fwd", "fwd_bwd")) for shape in (lora.SMOL_QO, lora.LLAMA_QO)]
     assert bench.parse_args(["--overhead", "--device", "cpu"]).dtype == "fp32"
-    monkeypatch.setattr(bench, "overhead_groups", lambda device: [bench.Group(lora.Shape("tiny", 32, 24), (4,), (2,))])
+    monkeypatch.setattr(bench, "overhead_groups", lambda: [bench.Group(lora.Shape("tiny", 32, 24), (4,), (2,))])
     argv = ["--overhead", "--device", "cpu", "--providers", "ours,ours_python,lean_torch", "--min-run-time", "0.01",
             "--results-dir", str(tmp_path)]
     assert bench.main(argv) == 0
@@ -178,6 +170,5 @@ def test_rows_and_table_carry_the_plan():
     assert [(row["mode"], row["plan"], row["strategy"]) for row in rows] == [("fwd", "torch", "torch"),
                                                                              ("fwd_bwd", "torch", "torch")]
     assert rows[1]["dx_strategy"] == "torch"
-    columns = bench.harness.visible_columns(rows, ("ours", "lean_torch"), bench.TABLE_COLUMNS, bench.CUDA_COLUMNS,
-                                            {}, "cpu")
+    columns = harness.visible_columns(rows, ("ours", "lean_torch"), bench.TABLE_COLUMNS, bench.CUDA_COLUMNS, "cpu")
     assert "ours plan" in bench.harness.markdown_table(rows, columns).splitlines()[0]

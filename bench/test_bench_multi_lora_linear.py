@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_multi_lora_linear as bench  # puts the repo root on sys.path too
+import harness
 import providers as lora
 
 import lora_kernels
@@ -27,7 +28,7 @@ import lora_kernels
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 # 64 decode requests over 8 adapters, 25 % without one; every adapter at rank 16, or the mixed-rank stack
-SHAPE, WORKLOAD, ADAPTERS, POPULARITY = bench.layer_shape(256, 256), bench.decode(64), 8, "none25"
+SHAPE, WORKLOAD, ADAPTERS, POPULARITY = bench.layer_shape(256, 256), lora.decode(64), 8, "none25"
 RANKS = {"16": lora.Ranks(16), "mixed": lora.MIXED}
 PROVIDER_NAMES = tuple(lora.MULTI)   # base, ours, shared, peft, peft_layer, lean_loop, lean_gather, lean_dense
 
@@ -39,7 +40,7 @@ def stack(request):
 
 @pytest.fixture(scope="module")
 def adapter_ids():
-    return bench.make_adapter_ids(WORKLOAD, POPULARITY, ADAPTERS, DEVICE)
+    return lora.make_adapter_ids(WORKLOAD, POPULARITY, ADAPTERS, DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +51,6 @@ def activations():
 def _group(what: str, stack) -> str:
     return (f"multi_lora_linear {what} M={WORKLOAD.requests} K={SHAPE.k} N={SHAPE.n} r={stack.label} L={ADAPTERS} "
             f"{POPULARITY} {DTYPE}")
-
-
-def _synchronized(step):
-    if DEVICE.type != "cuda":
-        return step
-
-    def synced():
-        out = step()
-        torch.cuda.synchronize()
-        return out
-    return synced
 
 
 @pytest.mark.parametrize("mode", lora.MODES)
@@ -81,7 +71,7 @@ def test_multi_lora_linear(benchmark, stack, adapter_ids, activations, name, mod
     benchmark.group = _group(mode, stack)
     benchmark.extra_info.update(provider=name, mode=mode, m=WORKLOAD.requests, k=SHAPE.k, n=SHAPE.n, r=stack.label,
                                 L=ADAPTERS, popularity=POPULARITY)
-    benchmark(_synchronized(lora.step_fn(provider, mode, x, grad_y)))
+    benchmark(harness.synchronized(lora.step_fn(provider, mode, x, grad_y), DEVICE))
 
 
 def test_adapter_batch_build(benchmark, stack, adapter_ids):
@@ -91,7 +81,7 @@ def test_adapter_batch_build(benchmark, stack, adapter_ids):
     assert int(batch.counts.sum()) == int((adapter_ids >= 0).sum())
     benchmark.group = _group("AdapterBatch build", stack)
     benchmark.extra_info.update(m=WORKLOAD.requests, L=ADAPTERS, popularity=POPULARITY, r=stack.label)
-    benchmark(_synchronized(lambda: lora_kernels.AdapterBatch(adapter_ids, ADAPTERS, ranks=ranks)))
+    benchmark(harness.synchronized(lambda: lora_kernels.AdapterBatch(adapter_ids, ADAPTERS, ranks=ranks), DEVICE))
 
 
 # ----------------------------------------------------------------------------- batch generators
@@ -101,36 +91,36 @@ def _used(ids: torch.Tensor) -> set[int]:
     return set(ids[ids >= 0].tolist())
 
 
-@pytest.mark.parametrize("popularity", bench.POPULARITIES)
+@pytest.mark.parametrize("popularity", lora.POPULARITIES)
 def test_popularity_is_seeded_and_in_range(popularity):
-    ids = bench.request_adapters(popularity, 200, 16)
+    ids = lora.request_adapters(popularity, 200, 16)
     assert ids.shape == (200,) and ids.dtype == torch.int64
-    assert torch.equal(ids, bench.request_adapters(popularity, 200, 16))
+    assert torch.equal(ids, lora.request_adapters(popularity, 200, 16))
     assert _used(ids) <= set(range(16))
     assert set(ids.tolist()) <= set(range(-1, 16))
 
 
 def test_identical_uses_adapter_0_only():
-    assert set(bench.request_adapters("identical", 64, 64).tolist()) == {0}
+    assert set(lora.request_adapters("identical", 64, 64).tolist()) == {0}
 
 
 @pytest.mark.parametrize(("requests", "adapters"), [(1, 64), (16, 64), (64, 64), (256, 64), (5, 1)])
 def test_distinct_uses_min_of_requests_and_adapters(requests, adapters):
-    ids = bench.request_adapters("distinct", requests, adapters)
+    ids = lora.request_adapters("distinct", requests, adapters)
     assert len(_used(ids)) == min(requests, adapters)
     counts = torch.bincount(ids, minlength=adapters)
     assert int(counts.max() - counts[counts > 0].min()) <= 1          # spread evenly
 
 
 def test_uniform_spreads_over_all_adapters():
-    counts = torch.bincount(bench.request_adapters("uniform", 8000, 8), minlength=8)
+    counts = torch.bincount(lora.request_adapters("uniform", 8000, 8), minlength=8)
     assert (counts - 1000).abs().max() < 150
 
 
 def test_zipf_popularity_falls_with_the_adapter_index():
     requests, adapters = 20000, 16
-    counts = torch.bincount(bench.request_adapters("zipf", requests, adapters), minlength=adapters)
-    weights = (torch.arange(adapters, dtype=torch.float64) + 1) ** -bench.ZIPF_EXPONENT
+    counts = torch.bincount(lora.request_adapters("zipf", requests, adapters), minlength=adapters)
+    weights = (torch.arange(adapters, dtype=torch.float64) + 1) ** -lora.ZIPF_EXPONENT
     expected = weights / weights.sum()
     assert int(counts.argmax()) == 0
     assert all(counts[j] > counts[j + 1] for j in range(4)), counts.tolist()     # the head, strictly
@@ -139,31 +129,31 @@ def test_zipf_popularity_falls_with_the_adapter_index():
 
 @pytest.mark.parametrize(("requests", "adapters"), [(64, 64), (100, 8), (16, 64), (7, 2)])
 def test_skewed_has_one_hot_adapter(requests, adapters):
-    ids = bench.request_adapters("skewed", requests, adapters)
-    assert int((ids == 0).sum()) == round(bench.SKEWED_HOT_SHARE * requests)
+    ids = lora.request_adapters("skewed", requests, adapters)
+    assert int((ids == 0).sum()) == round(lora.SKEWED_HOT_SHARE * requests)
     assert _used(ids[ids != 0]) <= set(range(1, adapters))
-    assert set(bench.request_adapters("skewed", requests, 1).tolist()) == {0}
+    assert set(lora.request_adapters("skewed", requests, 1).tolist()) == {0}
 
 
 def test_none25_leaves_a_quarter_without_adapter():
-    ids = bench.request_adapters("none25", 64, 8)
+    ids = lora.request_adapters("none25", 64, 8)
     assert int((ids == -1).sum()) == 16
     assert _used(ids) <= set(range(8))
 
 
 def test_decode_is_one_row_per_request():
-    workload = bench.decode(37)
-    assert bench.request_lengths(workload).tolist() == [1] * 37
-    ids = bench.make_adapter_ids(workload, "zipf", 8, torch.device("cpu"))
-    assert torch.equal(ids, bench.request_adapters("zipf", 37, 8))
+    workload = lora.decode(37)
+    assert lora.request_lengths(workload).tolist() == [1] * 37
+    ids = lora.make_adapter_ids(workload, "zipf", 8, torch.device("cpu"))
+    assert torch.equal(ids, lora.request_adapters("zipf", 37, 8))
 
 
 def test_prefill_rows_are_contiguous_per_request():
-    workload = bench.prefill(12, 3, 9)
-    lengths = bench.request_lengths(workload)
+    workload = lora.prefill(12, 3, 9)
+    lengths = lora.request_lengths(workload)
     assert lengths.shape == (12,) and int(lengths.min()) >= 3 and int(lengths.max()) <= 9
     assert len(set(lengths.tolist())) > 1                              # ragged
-    ids = bench.make_adapter_ids(workload, "distinct", 64, torch.device("cpu"))   # request i -> adapter i
+    ids = lora.make_adapter_ids(workload, "distinct", 64, torch.device("cpu"))   # request i -> adapter i
     assert ids.numel() == int(lengths.sum())
     starts = torch.cumsum(lengths, 0) - lengths
     for request, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):

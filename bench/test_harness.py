@@ -119,13 +119,16 @@ def test_result_files_are_named_after_the_gpu_model(monkeypatch):
     assert harness.device_kind("cpu") == "cpu"
 
 
-def test_visible_columns_keeps_non_provider_cuda_columns():
-    cuda_columns = [("timed", "timed"), ("ours_peak_mib", "ours MiB"), ("peft_peak_mib", "peft MiB")]
-    cols = harness.visible_columns([{}], ("base", "ours"), [("ours_ms", "ours ms"), ("peft_ms", "peft ms")],
-                                   cuda_columns, {"peft_ms": "peft"}, "cuda")
-    assert cols == [("ours_ms", "ours ms"), ("timed", "timed"), ("ours_peak_mib", "ours MiB")]
-    assert harness.visible_columns([{}], ("ours",), [("ours_ms", "ours ms")], cuda_columns, {}, "cpu") == \
-        [("ours_ms", "ours ms")]
+def test_visible_columns_keeps_the_columns_whose_provider_ran():
+    """A key or (key, header) needs ours; a third element names the provider needed (None: none)."""
+    table = ["shape", ("ours_ms", "ours ms"), ("peft_ms", "peft ms", "peft")]
+    cuda_columns = [("timed", "timed", None), ("ours_peak_mib", "ours MiB", "ours"),
+                    ("peft_peak_mib", "peft MiB", "peft")]
+    cols = harness.visible_columns([{}], ("base", "ours"), table, cuda_columns, "cuda")
+    assert cols == [("shape", "shape"), ("ours_ms", "ours ms"), ("timed", "timed"), ("ours_peak_mib", "ours MiB")]
+    assert harness.visible_columns([{}], ("peft",), table, cuda_columns, "cpu") == [("peft_ms", "peft ms")]
+    assert harness.visible_columns([{"errors": "x"}], ("ours",), table[:1], cuda_columns, "cpu") == \
+        [("shape", "shape"), ("errors", "errors")]
 
 
 def test_min_bytes_counts_each_tensor_once():
