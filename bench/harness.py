@@ -78,6 +78,31 @@ def _time_cpu(fn: Callable[[], Any], min_run_time: float) -> Timing:
     return _timing([t * 1e3 for t in times], "cpu")
 
 
+def _time_cuda_events(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> Timing:
+    """do_bench's method without triton (a CUDA torch without it): warm up, then time each call with CUDA
+    events. (No L2 flush between calls, unlike do_bench.)"""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    n_rep = max(1, int(rep_ms / estimate_ms))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return _timing([s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda")
+
+
 def _capture_cuda_graph(fn: Callable[[], Any]):
     """fn() captured in a CUDA graph, or the reason it cannot be.
 
@@ -132,7 +157,7 @@ def _first_line(error: BaseException) -> str:
 def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: float = CPU_MIN_RUN_TIME_S,
             cuda_graph: bool = False) -> Timing:
     """Median, p20 and p80 wall time of fn() in ms. CUDA: triton.testing.do_bench (L2 flushed between
-    calls; CUDA builds of torch bring triton). CPU: torch.utils.benchmark's blocked_autorange with the
+    calls), or CUDA events when triton is missing. CPU: torch.utils.benchmark's blocked_autorange with the
     process's thread count; percentiles over its per-block means.
 
     cuda_graph (CUDA only): time replays of fn captured once in a CUDA graph, as a serving engine runs
@@ -148,8 +173,11 @@ def time_fn(fn: Callable[[], Any], device: torch.device | str, *, min_run_time: 
             graph_error = graph
         else:
             fn, method = graph.replay, "cuda graph"
-    import triton.testing   # lazily: importing the harness (and timing on CPU) must not need triton
-
+    try:
+        import triton.testing   # lazily: importing the harness (and timing on CPU) must not need triton
+    except ImportError:
+        timing = _time_cuda_events(fn, CUDA_WARMUP_MS, CUDA_REP_MS)
+        return Timing(timing.median_ms, timing.p20_ms, timing.p80_ms, timing.samples, method, graph_error)
     median, p20, p80 = triton.testing.do_bench(fn, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, quantiles=[0.5, 0.2, 0.8])
     return Timing(median, p20, p80, -1, method, graph_error)
 
