@@ -10,6 +10,8 @@ Importing this package never imports triton and never touches a GPU. It loads th
 lora_kernels._C when it is built (extension_status() says whether it serves, and why not).
 """
 
+import importlib
+
 from . import io, merging, reference  # noqa: F401  (namespaces: lora_kernels.io.read_adapter, ...)
 from ._backend import get_backend, set_backend, use_backend
 from ._deprecated import moved_attribute
@@ -67,4 +69,6 @@ _MOVED = {
 
 
 def __getattr__(name: str):
+    if name == "adapter_io":   # the 0.1 module (now lora_kernels.io): its names warn when used
+        return importlib.import_module("lora_kernels.adapter_io")
     return moved_attribute(__name__, name, _MOVED)

@@ -241,7 +241,7 @@ def test_safetensors_load_never_calls_torch_load(plain_dir, monkeypatch):
 # write_adapter -> PEFT
 
 
-def test_save_adapter_loads_in_peft_with_same_output(saved_by_peft, peft, tmp_path):
+def test_write_adapter_loads_in_peft_with_same_output(saved_by_peft, peft, tmp_path):
     model, path = saved_by_peft
     adapter = read_adapter(path)
     write_adapter(tmp_path / "ours", adapter)

@@ -186,7 +186,7 @@ def test_non_contiguous_inputs():
     assert torch.allclose(_product64(lora_a, lora_b), ref, rtol=0, atol=1e-10)
 
 
-def test_delta_weight():
+def test_dense_delta():
     (a, b, s), = _adapters((3,), 5, 4, dtype=torch.bfloat16, seed=2)
     out = dense_delta(a, b, s)
     assert out.shape == (5, 4) and out.dtype == torch.bfloat16
@@ -463,7 +463,7 @@ def test_bad_rank(rank, error, message):
         merge_svd(_good(), [1.0, 1.0], rank)
 
 
-def test_delta_weight_bad_input():
+def test_dense_delta_bad_input():
     with pytest.raises(ValueError, match=rf"lora_b \(shape {_shape(6, 3)}.*must have r=2 columns"):
         dense_delta(torch.ones(2, 8), torch.ones(6, 3))
     with pytest.raises(TypeError, match="scale must be a python float"):

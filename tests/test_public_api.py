@@ -4,6 +4,8 @@ still resolve, with a DeprecationWarning naming the new place (README, "Public A
 
 import importlib
 import io as stdlib_io
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -36,6 +38,7 @@ MOVED = {
     ("lora_kernels.adapter_io", "AdapterWeights"): ("lora_kernels.io", "AdapterWeights"),
     ("lora_kernels.adapter_io", "LayerAdapter"): ("lora_kernels.io", "LayerAdapter"),
     ("lora_kernels.adapter_io", "CONFIG_NAME"): ("lora_kernels.io", "CONFIG_NAME"),
+    ("lora_kernels.adapter_io", "lora_scaling"): ("lora_kernels.reference", "lora_scaling"),
 }
 
 
@@ -49,7 +52,7 @@ def test_namespaces_are_reachable_after_import_lora_kernels():
     assert lora_kernels.io.read_adapter is importlib.import_module("lora_kernels.io").read_adapter
     assert lora_kernels.merging.merge_svd is importlib.import_module("lora_kernels.merging").merge_svd
     assert lora_kernels.reference.lora_linear_reference is not None
-    assert lora_kernels.io is not stdlib_io and stdlib_io.BytesIO   # the package's io shadows nothing
+    assert sys.modules["io"] is stdlib_io and lora_kernels.io.__name__ == "lora_kernels.io"   # shadows nothing
 
 
 @pytest.mark.parametrize("old,new", list(MOVED.items()), ids=lambda v: ".".join(v))
@@ -86,3 +89,24 @@ def test_unknown_names_raise_attribute_error(module):
         getattr(importlib.import_module(module), "no_such_name")
     with pytest.raises(ImportError):
         exec(f"from {module} import no_such_name", {})
+
+
+def test_the_0_1_module_adapter_io_is_reachable_from_the_package_and_its_names_warn():
+    code = ("import warnings, lora_kernels; warnings.simplefilter('error'); shim = lora_kernels.adapter_io; "
+            "assert shim.__name__ == 'lora_kernels.adapter_io'")   # a fresh process: not imported before
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.warns(DeprecationWarning, match="use lora_kernels.io.read_adapter"):
+        assert lora_kernels.adapter_io.load_adapter is lora_kernels.io.read_adapter
+    namespace = {}
+    with pytest.warns(DeprecationWarning):
+        exec("from lora_kernels.adapter_io import *", namespace)
+    assert namespace["save_adapter"] is lora_kernels.io.write_adapter
+
+
+def test_configs_take_keywords_only():
+    from lora_kernels.tuning import MatmulConfig
+
+    config = MatmulConfig(block_m=16, block_n=32, block_k=64, block_r=16, group_m=8, num_warps=4, num_stages=3)
+    assert config.split_k == 1
+    with pytest.raises(TypeError):
+        MatmulConfig(16, 32, 64, 16, 8, 4, 3)
