@@ -93,3 +93,19 @@ def rows_config(p: int, q: int, fp32_dot: str | None = None, dropout: bool = Fal
     # up to 96 B unspecialized; 32 deep 126-182 registers, none
     block_m = 16 if fp32_dot == "ieee" else (32 if dropout else 64)
     return RowsConfig(block_p=block_p, block_q=block_q, block_m=block_m, num_warps=num_warps, num_stages=3)
+
+
+def base_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) · weight (N, K)ᵀ + bias: F.linear's own GEMM (cuBLAS on CUDA), the split strategy's base."""
+    return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+
+
+# Absent tensors (no bias, no t_sum, ...): the kernel's flag says so and never reads the pointer or stride.
+def or_stand_in(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """t, or a stand-in pointer the kernel never reads (its flag says t is absent)."""
+    return t if t is not None else stand_in
+
+
+def stride_or_zero(t: torch.Tensor | None, dim: int) -> int:
+    """t.stride(dim), or 0 for an absent t."""
+    return t.stride(dim) if t is not None else 0

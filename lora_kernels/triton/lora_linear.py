@@ -24,8 +24,8 @@ from triton.runtime.errors import OutOfResources
 
 from ..tuning import MatmulConfig, current_forced_plan, demote_to_split, plan_for
 from ._common import (
-    RowsConfig, dot_precision, fp32_dot, lora_precision, rank_block, rows_compute_dtype, rows_config,
-    split_reduction, sum_splits,
+    RowsConfig, base_gemm, dot_precision, fp32_dot, lora_precision, or_stand_in, rank_block, rows_compute_dtype,
+    rows_config, split_reduction, stride_or_zero, sum_splits,
 )
 from .kernels.lora_linear import (
     dropout_mask_kernel,
@@ -259,16 +259,16 @@ def fused_matmul_arguments(
     or, out being 3-d (SPLIT_K_PARTIALS), the fp32 partials of x·w over K ranges of k_per_split."""
     split_k_partials = out.dim() == 3
     return dict(
-        x_ptr=x, w_ptr=w, bias_ptr=bias if bias is not None else x, t_ptr=t_partials, v_ptr=v, out_ptr=out,
-        t_sum_ptr=t_sum if t_sum is not None else t_partials,
+        x_ptr=x, w_ptr=w, bias_ptr=or_stand_in(bias, x), t_ptr=t_partials, v_ptr=v, out_ptr=out,
+        t_sum_ptr=or_stand_in(t_sum, t_partials),
         M=x.shape[0], N=w.shape[1], K=x.shape[1], R=t_partials.shape[2], num_t_splits=t_partials.shape[0],
         k_per_split=k_per_split,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wk=w.stride(0), stride_wn=w.stride(1),
         stride_ts=t_partials.stride(0), stride_tm=t_partials.stride(1),
         stride_vr=v.stride(0), stride_vn=v.stride(1),
         stride_os=out.stride(0) if split_k_partials else 0, stride_om=out.stride(-2), stride_on=out.stride(-1),
-        stride_sm=t_sum.stride(0) if t_sum is not None else 0,
-        stride_bias=bias.stride(0) if bias is not None else 0,
+        stride_sm=stride_or_zero(t_sum, 0),
+        stride_bias=stride_or_zero(bias, 0),
         scale=scale, **_dropout_args(dropout_p, seed, x),
         HAS_BIAS=bias is not None, STORE_T_SUM=t_sum is not None, EPILOGUE_DROPOUT=dropout_p > 0.0,
         SPLIT_K_PARTIALS=split_k_partials,
@@ -288,16 +288,15 @@ def expand_arguments(
 ) -> dict:
     """lora_expand_kernel's arguments: out = base + bias + scale · (mask ⊙ ((Σ_s t_partials[s]) · v))."""
     return dict(
-        base_ptr=base if base is not None else out, bias_ptr=bias if bias is not None else out, t_ptr=t_partials,
-        v_ptr=v, out_ptr=out, t_sum_ptr=t_sum if t_sum is not None else t_partials,
+        base_ptr=or_stand_in(base, out), bias_ptr=or_stand_in(bias, out), t_ptr=t_partials,
+        v_ptr=v, out_ptr=out, t_sum_ptr=or_stand_in(t_sum, t_partials),
         M=out.shape[0], N=out.shape[1], R=t_partials.shape[2], num_t_splits=t_partials.shape[0],
-        stride_bs=base.stride(0) if base is not None else 0, stride_bm=base.stride(1) if base is not None else 0,
-        stride_bn=base.stride(2) if base is not None else 0,
+        stride_bs=stride_or_zero(base, 0), stride_bm=stride_or_zero(base, 1), stride_bn=stride_or_zero(base, 2),
         stride_ts=t_partials.stride(0), stride_tm=t_partials.stride(1),
         stride_vr=v.stride(0), stride_vn=v.stride(1),
         stride_om=out.stride(0), stride_on=out.stride(1),
-        stride_sm=t_sum.stride(0) if t_sum is not None else 0,
-        stride_bias=bias.stride(0) if bias is not None else 0,
+        stride_sm=stride_or_zero(t_sum, 0),
+        stride_bias=stride_or_zero(bias, 0),
         scale=scale, **_dropout_args(dropout_p, seed, out),
         HAS_BIAS=bias is not None, STORE_T_SUM=t_sum is not None, EPILOGUE_DROPOUT=dropout_p > 0.0,
         BASE_PARTIALS=base is not None, SPLIT_K=base.shape[0] if base is not None else 1,
@@ -475,7 +474,7 @@ def lora_linear_forward(
     t_partials = shrink(x, lora_a, dropout_p, seed)                       # (S, M, r)
 
     def split():
-        y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T   # torch's GEMM (cuBLAS)
+        y = base_gemm(x, weight, bias)   # (M, N)
         return y, expand(y, t_partials, lora_b.T, scale, store_t_sum=True)
 
     def fused(config):

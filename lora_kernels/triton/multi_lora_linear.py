@@ -28,8 +28,8 @@ from .kernels.multi_lora_linear import (
     segmented_shrink_kernel,
 )
 from ._common import (
-    MAX_SPLITS, RowsConfig, dot_precision, fp32_dot, lora_precision, rank_block, rows_compute_dtype, rows_config,
-    split_reduction, sum_splits,
+    MAX_SPLITS, RowsConfig, base_gemm, dot_precision, fp32_dot, lora_precision, or_stand_in, rank_block, rows_compute_dtype,
+    rows_config, split_reduction, stride_or_zero, sum_splits,
 )
 from ._device import on_device_of
 
@@ -76,11 +76,6 @@ def segmented_config(row_tile: int, rank: int, fp32_dot: str | None = None) -> S
                            block_n=64, num_warps=8, num_stages=2 if fp32_dot == "tf32" else 3, expand_stages=2)
 
 
-def _index_or(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
-    """t, or a stand-in pointer the kernel never reads (its flag says t is absent)."""
-    return t if t is not None else stand_in
-
-
 # The kernels' keyword arguments, one function per kernel, from the tensors of its launch: the launchers
 # below launch with them, and tests/test_aot_compile.py builds its compile signatures from them (with
 # meta tensors of its representative sizes), so both see an argument added or renamed.
@@ -98,7 +93,7 @@ def segmented_shrink_arguments(
     """segmented_shrink_kernel's arguments: partials[s][rows] = x[rows, k in split s] · a[j, :, k in split s]ᵀ."""
     return dict(
         x_ptr=x, a_ptr=a, out_ptr=partials, tiles_ptr=tiles, rows_ptr=rows, seg_starts_ptr=seg_starts,
-        seg_adapters_ptr=_index_or(seg_adapters, seg_starts), ranks_ptr=_index_or(ranks, seg_starts),
+        seg_adapters_ptr=or_stand_in(seg_adapters, seg_starts), ranks_ptr=or_stand_in(ranks, seg_starts),
         K=x.shape[1], R=a.shape[1], k_per_split=k_per_split,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_al=a.stride(0), stride_ar=a.stride(1),
         stride_ak=a.stride(2),
@@ -120,14 +115,14 @@ def segmented_expand_arguments(
 ) -> dict:
     """segmented_expand_kernel's arguments: out[rows] += scales[j] · (Σ_s t_partials[s][rows]) · v[j]."""
     return dict(
-        t_ptr=t_partials, v_ptr=v, out_ptr=out, t_sum_ptr=_index_or(t_sum, t_partials), tiles_ptr=tiles,
-        rows_ptr=rows, seg_starts_ptr=seg_starts, seg_adapters_ptr=_index_or(seg_adapters, seg_starts),
-        ranks_ptr=_index_or(ranks, seg_starts), scales_ptr=scales,
+        t_ptr=t_partials, v_ptr=v, out_ptr=out, t_sum_ptr=or_stand_in(t_sum, t_partials), tiles_ptr=tiles,
+        rows_ptr=rows, seg_starts_ptr=seg_starts, seg_adapters_ptr=or_stand_in(seg_adapters, seg_starts),
+        ranks_ptr=or_stand_in(ranks, seg_starts), scales_ptr=scales,
         N=out.shape[1], R=t_partials.shape[2],
         stride_ts=t_partials.stride(0), stride_tm=t_partials.stride(1),
         stride_vl=v.stride(0), stride_vr=v.stride(1), stride_vn=v.stride(2),
         stride_om=out.stride(0), stride_on=out.stride(1),
-        stride_sm=t_sum.stride(0) if t_sum is not None else 0,
+        stride_sm=stride_or_zero(t_sum, 0),
         SEGMENT_IS_ADAPTER=seg_adapters is None, HAS_RANKS=ranks is not None, STORE_T_SUM=t_sum is not None,
         NUM_T_SPLITS=t_partials.shape[0],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=EXPAND_BLOCK_R,
@@ -148,7 +143,7 @@ def segmented_rows_matmul_arguments(
     of adapter j = active[a] in split s, rank-masked on P (rank_on_p) or Q."""
     return dict(
         l_ptr=left, r_ptr=right, out_ptr=partials, active_ptr=active, rows_ptr=sorted_rows,
-        adapter_starts_ptr=adapter_starts, ranks_ptr=_index_or(ranks, adapter_starts), scales_ptr=scales,
+        adapter_starts_ptr=adapter_starts, ranks_ptr=or_stand_in(ranks, adapter_starts), scales_ptr=scales,
         P=left.shape[1], Q=right.shape[1], R=rank, num_splits=partials.shape[0],
         stride_lm=left.stride(0), stride_lp=left.stride(1), stride_rm=right.stride(0), stride_rq=right.stride(1),
         stride_os=partials.stride(0), stride_oa=partials.stride(1), stride_op=partials.stride(2),
@@ -247,11 +242,6 @@ def segmented_rows_matmul(
     return grad.index_copy_(0, active.to(torch.int64), sum_splits(partials).to(out_dtype))
 
 
-def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear's own GEMM: rows of no adapter keep exactly this value."""
-    return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-
-
 def _add_lora(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
               scales: torch.Tensor, batch: BatchTensors, store_hidden: bool) -> torch.Tensor | None:
     """multi_lora_add_ over the batch's segments; returns T (M, R) fp32 when store_hidden."""
@@ -279,7 +269,7 @@ def multi_lora_linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (M, N) and, when need_hidden, T = x A[j]ᵀ (M, R) fp32 for dB (else an empty (M, 0)).
     The forward walks the batch's segments (segment_tiles over segment_rows / segment_starts)."""
-    y = _base(x, weight, bias)                                                       # (M, N)
+    y = base_gemm(x, weight, bias)   # (M, N): rows of no adapter keep exactly this value
     hidden = _add_lora(y, x, lora_a, lora_b, scales, batch, store_hidden=need_hidden)
     return y, hidden if need_hidden else x.new_empty((x.shape[0], 0), dtype=torch.float32)
 
